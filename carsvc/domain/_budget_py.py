@@ -1,0 +1,252 @@
+"""Pure-Python coordination budget: the reference implementation.
+
+This module is the specification of the budget hot path. ``ext/_budget.pyx``
+(compiled as ``carsvc.domain._budget``) keeps the same counters in C atomics
+without a lock and must behave identically; the tests run on both and compare
+them on random operation sequences. Import :class:`CoordinationBudget` from
+:mod:`carsvc.domain.budget`, which picks the compiled twin unless
+``CARSVC_NO_EXTENSIONS`` is set.
+
+Semantics (DESIGN.md section 4, "Budget decisions"):
+
+* spend is self-reported and only ever added (:meth:`CoordinationBudget.record`);
+  cost is kept in integer micro-dollars;
+* a spend limit is *reached* when the running total is ``>=`` the limit;
+* :meth:`CoordinationBudget.begin_agent` is one atomic check-and-increment:
+  spend limits first (:class:`BudgetExhausted`), then ``max_agents``
+  (:class:`AgentLimitReached`); every denial counts in ``agents_denied``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Final, final
+
+from carsvc.domain.budget_types import (
+    MICROS_PER_USD,
+    UNBOUNDED,
+    AgentLimitReached,
+    BudgetExhausted,
+    BudgetLimits,
+    BudgetSnapshot,
+    usd_to_micros,
+)
+
+__all__ = ["CoordinationBudget"]
+
+# Counters are 64-bit signed integers in the compiled twin; both twins reject
+# inputs that could not be represented there.
+_INT64_MAX: Final = 2**63 - 1
+_INT64_MIN: Final = -(2**63)
+_NO_LIMIT: Final = -1
+
+
+def _limit_int(name: str, value: object) -> int:
+    if value is None:
+        return _NO_LIMIT
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
+    if value < 0 or value > _INT64_MAX:
+        raise ValueError(f"{name} must be between 0 and 2**63-1, got {value}")
+    return value
+
+
+def _limit_cost(value: object) -> int:
+    if value is None:
+        return _NO_LIMIT
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"max_cost_usd must be a float or None, not {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"max_cost_usd must be finite and >= 0, got {value!r}")
+    micros = usd_to_micros(value)
+    if micros > _INT64_MAX:
+        raise ValueError(f"max_cost_usd is too large: {value!r}")
+    return micros
+
+
+def _tokens(name: str, value: int) -> int:
+    # Same order of checks as the compiled twin's int64 conversion, then sign.
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if value > _INT64_MAX or value < _INT64_MIN:
+        raise OverflowError(f"{name} is out of range: {value}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _cost_micros(cost_usd: float) -> int:
+    if isinstance(cost_usd, float):
+        cost = cost_usd
+    elif isinstance(cost_usd, int):
+        cost = float(cost_usd)
+    else:
+        raise TypeError(f"cost_usd must be float, not {type(cost_usd).__name__}")
+    if not math.isfinite(cost):
+        raise ValueError(f"cost_usd must be finite, got {cost_usd!r}")
+    if cost < 0:
+        raise ValueError(f"cost_usd must be >= 0, got {cost_usd!r}")
+    micros = usd_to_micros(cost)
+    if micros > _INT64_MAX:
+        raise OverflowError(f"cost_usd is too large: {cost_usd!r}")
+    return micros
+
+
+def _micros_to_usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
+@final
+class CoordinationBudget:
+    """A shared ceiling on agents started and self-reported spend.
+
+    Thread-safe: every method takes one ``threading.Lock`` (the compiled twin
+    uses C atomics instead and is lock-free).
+    """
+
+    __slots__ = (
+        "_budget_id",
+        "_cost_micros",
+        "_denied",
+        "_has_spend_limit",
+        "_input",
+        "_limits",
+        "_lock",
+        "_max_agents",
+        "_max_cost_micros",
+        "_max_input",
+        "_max_output",
+        "_max_total",
+        "_output",
+        "_started",
+    )
+
+    def __init__(self, limits: BudgetLimits | None = None, budget_id: str = "") -> None:
+        if limits is None:
+            limits = UNBOUNDED
+        elif not isinstance(limits, BudgetLimits):
+            raise TypeError(f"limits must be BudgetLimits or None, not {type(limits).__name__}")
+        if not isinstance(budget_id, str):
+            raise TypeError(f"budget_id must be str, not {type(budget_id).__name__}")
+        self._limits = limits
+        self._budget_id = budget_id
+        self._max_input = _limit_int("max_input_tokens", limits.max_input_tokens)
+        self._max_output = _limit_int("max_output_tokens", limits.max_output_tokens)
+        self._max_total = _limit_int("max_total_tokens", limits.max_total_tokens)
+        self._max_cost_micros = _limit_cost(limits.max_cost_usd)
+        self._max_agents = _limit_int("max_agents", limits.max_agents)
+        self._has_spend_limit = (
+            self._max_input >= 0
+            or self._max_output >= 0
+            or self._max_total >= 0
+            or self._max_cost_micros >= 0
+        )
+        self._input = 0
+        self._output = 0
+        self._cost_micros = 0
+        self._started = 0
+        self._denied = 0
+        self._lock = threading.Lock()
+
+    # -- read-only configuration and counters ---------------------------------
+
+    @property
+    def limits(self) -> BudgetLimits:
+        return self._limits
+
+    @property
+    def budget_id(self) -> str:
+        return self._budget_id
+
+    @property
+    def agents_started(self) -> int:
+        return self._started
+
+    @property
+    def agents_denied(self) -> int:
+        return self._denied
+
+    def is_unbounded(self) -> bool:
+        return self._limits.is_unbounded()
+
+    # -- the hot path ---------------------------------------------------------
+
+    def begin_agent(self) -> None:
+        """Reserve one agent slot, or raise why not.
+
+        Raises :class:`BudgetExhausted` when a spend limit is reached, else
+        :class:`AgentLimitReached` when ``max_agents`` agents already started.
+        """
+        with self._lock:
+            if self._has_spend_limit:
+                reason = self._spend_reason(self._input, self._output, self._cost_micros)
+                if reason is not None:
+                    self._denied += 1
+                    snapshot = self._snapshot(
+                        self._input, self._output, self._cost_micros, self._started, self._denied
+                    )
+                    raise BudgetExhausted(reason, snapshot)
+            started = self._started
+            if 0 <= self._max_agents <= started:
+                self._denied += 1
+                raise AgentLimitReached(self._max_agents, started)
+            self._started = started + 1
+
+    def record(self, input_tokens: int, output_tokens: int, cost_usd: float) -> None:
+        """Add one agent's self-reported spend (cost in USD, kept as micro-dollars)."""
+        input_tokens = _tokens("input_tokens", input_tokens)
+        output_tokens = _tokens("output_tokens", output_tokens)
+        micros = _cost_micros(cost_usd)
+        with self._lock:
+            self._input += input_tokens
+            self._output += output_tokens
+            self._cost_micros += micros
+
+    def snapshot(self) -> BudgetSnapshot:
+        with self._lock:
+            return self._snapshot(
+                self._input, self._output, self._cost_micros, self._started, self._denied
+            )
+
+    # -- helpers (pure functions of the values passed in) ---------------------
+
+    def _spend_reason(self, input_tokens: int, output_tokens: int, cost_micros: int) -> str | None:
+        """Why a spend limit is reached, or None. Checked in a fixed order."""
+        if 0 <= self._max_input <= input_tokens:
+            return f"max_input_tokens reached: {input_tokens} of {self._max_input}"
+        if 0 <= self._max_output <= output_tokens:
+            return f"max_output_tokens reached: {output_tokens} of {self._max_output}"
+        total = input_tokens + output_tokens
+        if 0 <= self._max_total <= total:
+            return f"max_total_tokens reached: {total} of {self._max_total}"
+        if 0 <= self._max_cost_micros <= cost_micros:
+            return (
+                f"max_cost_usd reached: {_micros_to_usd(cost_micros)} "
+                f"of {_micros_to_usd(self._max_cost_micros)}"
+            )
+        return None
+
+    def _snapshot(
+        self, input_tokens: int, output_tokens: int, cost_micros: int, started: int, denied: int
+    ) -> BudgetSnapshot:
+        exhausted = self._has_spend_limit and (
+            self._spend_reason(input_tokens, output_tokens, cost_micros) is not None
+        )
+        return BudgetSnapshot(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            total_tokens=input_tokens + output_tokens,
+            cost_usd=_micros_to_usd(cost_micros),
+            agents_started=started,
+            limits=self._limits,
+            exhausted=exhausted,
+            agents_denied=denied,
+            budget_id=self._budget_id,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<CoordinationBudget id={self._budget_id!r} started={self._started} "
+            f"denied={self._denied} unbounded={self.is_unbounded()}>"
+        )
