@@ -25,6 +25,7 @@ Not thread-safe: one state scope belongs to one event loop.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
@@ -211,7 +212,7 @@ class _Layer:
 
     def transitions_since(self, index: int) -> list[StateTransition]:
         """Retained transitions whose ``index`` is greater than ``index``, oldest first."""
-        skip = index - (self._count - len(self._log))
+        skip = operator.index(index) - (self._count - len(self._log))
         if skip <= 0:
             return list(self._log)
         if skip >= len(self._log):
