@@ -29,7 +29,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/worker.proto\x12\x06\x63\x61r.v1\x1a\x15\x63\x61r/v1/patterns.proto\x1a\x12\x63\x61r/v1/types.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xa9\x01\n\x0e\x43onnectRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x13.car.v1.WorkerHello\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.car.v1.AssignmentResult\x12\"\n\x05\x63\x61lls\x18\x03 \x03(\x0b\x32\x13.car.v1.RuntimeCall\x12$\n\theartbeat\x18\x04 \x01(\x0b\x32\x11.car.v1.Heartbeat\"\xf9\x01\n\x0f\x43onnectResponse\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.car.v1.WorkerWelcome\x12\'\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x12.car.v1.Assignment\x12)\n\x07\x63\x61ncels\x18\x03 \x03(\x0b\x32\x18.car.v1.AssignmentCancel\x12(\n\x0c\x63\x61ll_results\x18\x04 \x03(\x0b\x32\x12.car.v1.CallResult\x12\x1c\n\x05\x64rain\x18\x05 \x01(\x0b\x32\r.car.v1.Drain\x12\"\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x12.car.v1.FrameError\"\xb4\x01\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.car.v1.WorkerHello.LabelsEntry\x12\x0b\n\x03sdk\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"t\n\rWorkerWelcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\"\x0b\n\tHeartbeat\"\xa0\x01\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x11\n\tthread_id\x18\x04 \x01(\t\x12\x1f\n\x04spec\x18\x05 \x01(\x0b\x32\x11.car.v1.AgentSpec\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\"_\n\x10\x41ssignmentResult\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x06output\x18\x03 \x01(\x0b\x32\x13.car.v1.AgentOutput\"9\n\x10\x41ssignmentCancel\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08grace_ms\x18\x02 \x01(\r\":\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xec\x04\n\x0bRuntimeCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12)\n\tstate_get\x18\n \x01(\x0b\x32\x14.car.v1.StateGetCallH\x00\x12)\n\tstate_set\x18\x0b \x01(\x0b\x32\x14.car.v1.StateSetCallH\x00\x12/\n\x0cstate_delete\x18\x0c \x01(\x0b\x32\x17.car.v1.StateDeleteCallH\x00\x12+\n\nstate_keys\x18\r \x01(\x0b\x32\x15.car.v1.StateKeysCallH\x00\x12/\n\x0cmailbox_send\x18\x0e \x01(\x0b\x32\x17.car.v1.MailboxSendCallH\x00\x12/\n\x0cmailbox_recv\x18\x0f \x01(\x0b\x32\x17.car.v1.MailboxRecvCallH\x00\x12%\n\x04\x65mit\x18\x10 \x01(\x0b\x32\x15.car.v1.EmitEventCallH\x00\x12(\n\x08progress\x18\x11 \x01(\x0b\x32\x14.car.v1.ProgressCallH\x00\x12(\n\x08\x64\x65legate\x18\x12 \x01(\x0b\x32\x14.car.v1.DelegateCallH\x00\x12\x31\n\rspawn_subtask\x18\x13 \x01(\x0b\x32\x18.car.v1.SpawnSubtaskCallH\x00\x12\x35\n\x0f\x63onsult_advisor\x18\x14 \x01(\x0b\x32\x1a.car.v1.ConsultAdvisorCallH\x00\x12\x34\n\x11suspend_tool_call\x18\x15 \x01(\x0b\x32\x17.car.v1.SuspendToolCallH\x00\x42\x04\n\x02op\"\x1b\n\x0cStateGetCall\x12\x0b\n\x03key\x18\x01 \x01(\t\"B\n\x0cStateSetCall\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\x1e\n\x0fStateDeleteCall\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1f\n\rStateKeysCall\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"F\n\x0fMailboxSendCall\x12 \n\x07message\x18\x01 \x01(\x0b\x32\x0f.car.v1.Message\x12\x11\n\tbroadcast\x18\x02 \x01(\x08\"%\n\x0fMailboxRecvCall\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\"F\n\rEmitEventCall\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x07payload\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"C\n\x0cProgressCall\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x15\n\x08\x66raction\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_fraction\"3\n\x0c\x44\x65legateCall\x12\x12\n\nspecialist\x18\x01 \x01(\t\x12\x0f\n\x07subtask\x18\x02 \x01(\t\"=\n\x10SpawnSubtaskCall\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05tools\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"$\n\x12\x43onsultAdvisorCall\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"\x89\x01\n\x0fSuspendToolCall\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12)\n\targuments\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xb3\x03\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.car.v1.CallErrorH\x00\x12+\n\tstate_get\x18\x03 \x01(\x0b\x32\x16.car.v1.StateGetResultH\x00\x12/\n\x0bstate_write\x18\x04 \x01(\x0b\x32\x18.car.v1.StateWriteResultH\x00\x12-\n\nstate_keys\x18\x05 \x01(\x0b\x32\x17.car.v1.StateKeysResultH\x00\x12%\n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\"\n\x07message\x18\x07 \x01(\x0b\x32\x0f.car.v1.MessageH\x00\x12+\n\x0c\x61gent_output\x18\x08 \x01(\x0b\x32\x13.car.v1.AgentOutputH\x00\x12\x33\n\x0c\x63onsultation\x18\t \x01(\x0b\x32\x1b.car.v1.AdvisorConsultationH\x00\x12,\n\x08\x64\x65\x63ision\x18\n \x01(\x0b\x32\x18.car.v1.ToolCallDecisionH\x00\x42\x08\n\x06result\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"F\n\x0eStateGetResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"2\n\x10StateWriteResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"\x1f\n\x0fStateKeysResult\x12\x0c\n\x04keys\x18\x01 \x03(\t2O\n\rWorkerService\x12>\n\x07\x43onnect\x12\x16.car.v1.ConnectRequest\x1a\x17.car.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/worker.proto\x12\x06\x63\x61r.v1\x1a\x15\x63\x61r/v1/patterns.proto\x1a\x12\x63\x61r/v1/types.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xa9\x01\n\x0e\x43onnectRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x13.car.v1.WorkerHello\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.car.v1.AssignmentResult\x12\"\n\x05\x63\x61lls\x18\x03 \x03(\x0b\x32\x13.car.v1.RuntimeCall\x12$\n\theartbeat\x18\x04 \x01(\x0b\x32\x11.car.v1.Heartbeat\"\xf9\x01\n\x0f\x43onnectResponse\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.car.v1.WorkerWelcome\x12\'\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x12.car.v1.Assignment\x12)\n\x07\x63\x61ncels\x18\x03 \x03(\x0b\x32\x18.car.v1.AssignmentCancel\x12(\n\x0c\x63\x61ll_results\x18\x04 \x03(\x0b\x32\x12.car.v1.CallResult\x12\x1c\n\x05\x64rain\x18\x05 \x01(\x0b\x32\r.car.v1.Drain\x12\"\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x12.car.v1.FrameError\"\xb4\x01\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.car.v1.WorkerHello.LabelsEntry\x12\x0b\n\x03sdk\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"t\n\rWorkerWelcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\"\x0b\n\tHeartbeat\"\xaf\x01\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x11\n\tthread_id\x18\x04 \x01(\t\x12\x1f\n\x04spec\x18\x05 \x01(\x0b\x32\x11.car.v1.AgentSpec\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\x12\r\n\x05\x61gent\x18\x08 \x01(\t\"_\n\x10\x41ssignmentResult\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x06output\x18\x03 \x01(\x0b\x32\x13.car.v1.AgentOutput\"9\n\x10\x41ssignmentCancel\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08grace_ms\x18\x02 \x01(\r\":\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xec\x04\n\x0bRuntimeCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12)\n\tstate_get\x18\n \x01(\x0b\x32\x14.car.v1.StateGetCallH\x00\x12)\n\tstate_set\x18\x0b \x01(\x0b\x32\x14.car.v1.StateSetCallH\x00\x12/\n\x0cstate_delete\x18\x0c \x01(\x0b\x32\x17.car.v1.StateDeleteCallH\x00\x12+\n\nstate_keys\x18\r \x01(\x0b\x32\x15.car.v1.StateKeysCallH\x00\x12/\n\x0cmailbox_send\x18\x0e \x01(\x0b\x32\x17.car.v1.MailboxSendCallH\x00\x12/\n\x0cmailbox_recv\x18\x0f \x01(\x0b\x32\x17.car.v1.MailboxRecvCallH\x00\x12%\n\x04\x65mit\x18\x10 \x01(\x0b\x32\x15.car.v1.EmitEventCallH\x00\x12(\n\x08progress\x18\x11 \x01(\x0b\x32\x14.car.v1.ProgressCallH\x00\x12(\n\x08\x64\x65legate\x18\x12 \x01(\x0b\x32\x14.car.v1.DelegateCallH\x00\x12\x31\n\rspawn_subtask\x18\x13 \x01(\x0b\x32\x18.car.v1.SpawnSubtaskCallH\x00\x12\x35\n\x0f\x63onsult_advisor\x18\x14 \x01(\x0b\x32\x1a.car.v1.ConsultAdvisorCallH\x00\x12\x34\n\x11suspend_tool_call\x18\x15 \x01(\x0b\x32\x17.car.v1.SuspendToolCallH\x00\x42\x04\n\x02op\"\x1b\n\x0cStateGetCall\x12\x0b\n\x03key\x18\x01 \x01(\t\"B\n\x0cStateSetCall\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\x1e\n\x0fStateDeleteCall\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1f\n\rStateKeysCall\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"F\n\x0fMailboxSendCall\x12 \n\x07message\x18\x01 \x01(\x0b\x32\x0f.car.v1.Message\x12\x11\n\tbroadcast\x18\x02 \x01(\x08\"%\n\x0fMailboxRecvCall\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\"F\n\rEmitEventCall\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x07payload\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"C\n\x0cProgressCall\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x15\n\x08\x66raction\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_fraction\"3\n\x0c\x44\x65legateCall\x12\x12\n\nspecialist\x18\x01 \x01(\t\x12\x0f\n\x07subtask\x18\x02 \x01(\t\"=\n\x10SpawnSubtaskCall\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05tools\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"$\n\x12\x43onsultAdvisorCall\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"\x89\x01\n\x0fSuspendToolCall\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12)\n\targuments\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"\xb3\x03\n\nCallResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.car.v1.CallErrorH\x00\x12+\n\tstate_get\x18\x03 \x01(\x0b\x32\x16.car.v1.StateGetResultH\x00\x12/\n\x0bstate_write\x18\x04 \x01(\x0b\x32\x18.car.v1.StateWriteResultH\x00\x12-\n\nstate_keys\x18\x05 \x01(\x0b\x32\x17.car.v1.StateKeysResultH\x00\x12%\n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\"\n\x07message\x18\x07 \x01(\x0b\x32\x0f.car.v1.MessageH\x00\x12+\n\x0c\x61gent_output\x18\x08 \x01(\x0b\x32\x13.car.v1.AgentOutputH\x00\x12\x33\n\x0c\x63onsultation\x18\t \x01(\x0b\x32\x1b.car.v1.AdvisorConsultationH\x00\x12,\n\x08\x64\x65\x63ision\x18\n \x01(\x0b\x32\x18.car.v1.ToolCallDecisionH\x00\x42\x08\n\x06result\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"F\n\x0eStateGetResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"2\n\x10StateWriteResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"\x1f\n\x0fStateKeysResult\x12\x0c\n\x04keys\x18\x01 \x03(\t2O\n\rWorkerService\x12>\n\x07\x43onnect\x12\x16.car.v1.ConnectRequest\x1a\x17.car.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,51 +51,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=858
   _globals['_HEARTBEAT']._serialized_end=869
   _globals['_ASSIGNMENT']._serialized_start=872
-  _globals['_ASSIGNMENT']._serialized_end=1032
-  _globals['_ASSIGNMENTRESULT']._serialized_start=1034
-  _globals['_ASSIGNMENTRESULT']._serialized_end=1129
-  _globals['_ASSIGNMENTCANCEL']._serialized_start=1131
-  _globals['_ASSIGNMENTCANCEL']._serialized_end=1188
-  _globals['_DRAIN']._serialized_start=1190
-  _globals['_DRAIN']._serialized_end=1231
-  _globals['_FRAMEERROR']._serialized_start=1233
-  _globals['_FRAMEERROR']._serialized_end=1291
-  _globals['_RUNTIMECALL']._serialized_start=1294
-  _globals['_RUNTIMECALL']._serialized_end=1914
-  _globals['_STATEGETCALL']._serialized_start=1916
-  _globals['_STATEGETCALL']._serialized_end=1943
-  _globals['_STATESETCALL']._serialized_start=1945
-  _globals['_STATESETCALL']._serialized_end=2011
-  _globals['_STATEDELETECALL']._serialized_start=2013
-  _globals['_STATEDELETECALL']._serialized_end=2043
-  _globals['_STATEKEYSCALL']._serialized_start=2045
-  _globals['_STATEKEYSCALL']._serialized_end=2076
-  _globals['_MAILBOXSENDCALL']._serialized_start=2078
-  _globals['_MAILBOXSENDCALL']._serialized_end=2148
-  _globals['_MAILBOXRECVCALL']._serialized_start=2150
-  _globals['_MAILBOXRECVCALL']._serialized_end=2187
-  _globals['_EMITEVENTCALL']._serialized_start=2189
-  _globals['_EMITEVENTCALL']._serialized_end=2259
-  _globals['_PROGRESSCALL']._serialized_start=2261
-  _globals['_PROGRESSCALL']._serialized_end=2328
-  _globals['_DELEGATECALL']._serialized_start=2330
-  _globals['_DELEGATECALL']._serialized_end=2381
-  _globals['_SPAWNSUBTASKCALL']._serialized_start=2383
-  _globals['_SPAWNSUBTASKCALL']._serialized_end=2444
-  _globals['_CONSULTADVISORCALL']._serialized_start=2446
-  _globals['_CONSULTADVISORCALL']._serialized_end=2482
-  _globals['_SUSPENDTOOLCALL']._serialized_start=2485
-  _globals['_SUSPENDTOOLCALL']._serialized_end=2622
-  _globals['_CALLRESULT']._serialized_start=2625
-  _globals['_CALLRESULT']._serialized_end=3060
-  _globals['_CALLERROR']._serialized_start=3062
-  _globals['_CALLERROR']._serialized_end=3104
-  _globals['_STATEGETRESULT']._serialized_start=3106
-  _globals['_STATEGETRESULT']._serialized_end=3176
-  _globals['_STATEWRITERESULT']._serialized_start=3178
-  _globals['_STATEWRITERESULT']._serialized_end=3228
-  _globals['_STATEKEYSRESULT']._serialized_start=3230
-  _globals['_STATEKEYSRESULT']._serialized_end=3261
-  _globals['_WORKERSERVICE']._serialized_start=3263
-  _globals['_WORKERSERVICE']._serialized_end=3342
+  _globals['_ASSIGNMENT']._serialized_end=1047
+  _globals['_ASSIGNMENTRESULT']._serialized_start=1049
+  _globals['_ASSIGNMENTRESULT']._serialized_end=1144
+  _globals['_ASSIGNMENTCANCEL']._serialized_start=1146
+  _globals['_ASSIGNMENTCANCEL']._serialized_end=1203
+  _globals['_DRAIN']._serialized_start=1205
+  _globals['_DRAIN']._serialized_end=1246
+  _globals['_FRAMEERROR']._serialized_start=1248
+  _globals['_FRAMEERROR']._serialized_end=1306
+  _globals['_RUNTIMECALL']._serialized_start=1309
+  _globals['_RUNTIMECALL']._serialized_end=1929
+  _globals['_STATEGETCALL']._serialized_start=1931
+  _globals['_STATEGETCALL']._serialized_end=1958
+  _globals['_STATESETCALL']._serialized_start=1960
+  _globals['_STATESETCALL']._serialized_end=2026
+  _globals['_STATEDELETECALL']._serialized_start=2028
+  _globals['_STATEDELETECALL']._serialized_end=2058
+  _globals['_STATEKEYSCALL']._serialized_start=2060
+  _globals['_STATEKEYSCALL']._serialized_end=2091
+  _globals['_MAILBOXSENDCALL']._serialized_start=2093
+  _globals['_MAILBOXSENDCALL']._serialized_end=2163
+  _globals['_MAILBOXRECVCALL']._serialized_start=2165
+  _globals['_MAILBOXRECVCALL']._serialized_end=2202
+  _globals['_EMITEVENTCALL']._serialized_start=2204
+  _globals['_EMITEVENTCALL']._serialized_end=2274
+  _globals['_PROGRESSCALL']._serialized_start=2276
+  _globals['_PROGRESSCALL']._serialized_end=2343
+  _globals['_DELEGATECALL']._serialized_start=2345
+  _globals['_DELEGATECALL']._serialized_end=2396
+  _globals['_SPAWNSUBTASKCALL']._serialized_start=2398
+  _globals['_SPAWNSUBTASKCALL']._serialized_end=2459
+  _globals['_CONSULTADVISORCALL']._serialized_start=2461
+  _globals['_CONSULTADVISORCALL']._serialized_end=2497
+  _globals['_SUSPENDTOOLCALL']._serialized_start=2500
+  _globals['_SUSPENDTOOLCALL']._serialized_end=2637
+  _globals['_CALLRESULT']._serialized_start=2640
+  _globals['_CALLRESULT']._serialized_end=3075
+  _globals['_CALLERROR']._serialized_start=3077
+  _globals['_CALLERROR']._serialized_end=3119
+  _globals['_STATEGETRESULT']._serialized_start=3121
+  _globals['_STATEGETRESULT']._serialized_end=3191
+  _globals['_STATEWRITERESULT']._serialized_start=3193
+  _globals['_STATEWRITERESULT']._serialized_end=3243
+  _globals['_STATEKEYSRESULT']._serialized_start=3245
+  _globals['_STATEKEYSRESULT']._serialized_end=3276
+  _globals['_WORKERSERVICE']._serialized_start=3278
+  _globals['_WORKERSERVICE']._serialized_end=3357
 # @@protoc_insertion_point(module_scope)

@@ -222,6 +222,7 @@ class Assignment(google.protobuf.message.Message):
     SPEC_FIELD_NUMBER: builtins.int
     TASK_FIELD_NUMBER: builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: builtins.int
+    AGENT_FIELD_NUMBER: builtins.int
     assignment_id: builtins.str
     """Stays the same across re-dispatches; with `attempt` it names one try."""
     attempt: builtins.int
@@ -231,6 +232,11 @@ class Assignment(google.protobuf.message.Message):
     task: builtins.str
     deadline_unix_ms: builtins.int
     """When the sidecar stops waiting, in Unix milliseconds (0: no deadline)."""
+    agent: builtins.str
+    """The agent name the worker was matched on. A pattern may rename the
+    instance (mapper `i` runs as `{mapper}_{i}` in `spec.name`); workers pick
+    their handler by this field.
+    """
     @property
     def spec(self) -> carsvc._proto.car.v1.types_pb2.AgentSpec: ...
     def __init__(
@@ -243,9 +249,10 @@ class Assignment(google.protobuf.message.Message):
         spec: carsvc._proto.car.v1.types_pb2.AgentSpec | None = ...,
         task: builtins.str = ...,
         deadline_unix_ms: builtins.int = ...,
+        agent: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["spec", b"spec"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["assignment_id", b"assignment_id", "attempt", b"attempt", "deadline_unix_ms", b"deadline_unix_ms", "run_id", b"run_id", "spec", b"spec", "task", b"task", "thread_id", b"thread_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent", b"agent", "assignment_id", b"assignment_id", "attempt", b"attempt", "deadline_unix_ms", b"deadline_unix_ms", "run_id", b"run_id", "spec", b"spec", "task", b"task", "thread_id", b"thread_id"]) -> None: ...
 
 global___Assignment = Assignment
 

@@ -1,0 +1,5 @@
+import sys
+
+from carsvc.cli import main
+
+sys.exit(main())

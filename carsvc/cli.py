@@ -1,0 +1,67 @@
+"""The `carsvc` command: serve, demo, version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from carsvc._version import __version__
+from carsvc.config import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carsvc", description="Multi-agent coordination sidecar (gRPC).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="run the sidecar", description="Run the sidecar. Every flag also reads CARSVC_<NAME>."
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, env CARSVC_HOST)")
+    serve.add_argument("--port", type=int, help="port to bind, 0 for any (default 50051, env CARSVC_PORT)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (default INFO)")
+    serve.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", help="seconds (default 10)")
+    serve.add_argument("--heartbeat-interval-ms", type=int, help="worker heartbeat interval (default 5000)")
+    serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 16 MiB)")
+    demo = commands.add_parser("demo", help="run a self-contained map-reduce demo and exit")
+    demo.add_argument("--items", type=int, default=12, help="items to map (default 12)")
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"carsvc {__version__}")
+        return 0
+    if args.command == "demo":
+        import asyncio
+
+        from carsvc.demo import demo
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return asyncio.run(demo(args.items))
+    try:
+        settings = Settings.from_env(
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            shutdown_grace_s=args.shutdown_grace_s,
+            heartbeat_interval_ms=args.heartbeat_interval_ms,
+            max_message_bytes=args.max_message_bytes,
+        )
+    except ValueError as err:
+        print(f"carsvc: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvloop
+
+    from carsvc.server import serve
+
+    try:
+        uvloop.run(serve(settings))
+    except OSError as err:
+        print(f"carsvc: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,97 @@
+"""Sidecar settings: defaults, overridden by CARSVC_* environment variables,
+overridden by command-line flags. No grpc imports."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "CARSVC_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every field can be set by the environment variable CARSVC_<FIELD> (upper case)."""
+
+    # Where to listen. Loopback by default: expose it on purpose.
+    host: str = "127.0.0.1"
+    port: int = 50051
+    log_level: str = "INFO"
+    # Largest gRPC message accepted or sent, in bytes.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Largest single text or value field (a task, an item, a state value), in bytes.
+    max_field_bytes: int = 1024 * 1024
+    # Largest map-reduce item list and agents per pattern.
+    max_items: int = 100_000
+    max_agents_per_pattern: int = 1_000
+    # Workers must send a frame at least this often; three missed intervals end
+    # the session and its assignments go to other workers.
+    heartbeat_interval_ms: int = 5_000
+    heartbeat_misses: int = 3
+    # Assignment attempts before an agent's output carries the error.
+    max_attempts: int = 3
+    # How long an assignment waits for a worker that serves its agent to connect.
+    unplaced_timeout_s: float = 30.0
+    # How long a cancelled assignment holds its worker slot without an answer.
+    cancel_ack_timeout_s: float = 10.0
+    # Events retained per run (older ones are dropped; replay starts later).
+    event_retention: int = 10_000
+    # Finished runs kept for GetRun/ListRuns.
+    finished_run_retention: int = 10_000
+    # Events a watcher may fall behind before it is ended (RESOURCE_EXHAUSTED).
+    watcher_buffer: int = 4_096
+    # Runs waiting behind an active run on one thread (on_busy = ENQUEUE).
+    max_queued_per_thread: int = 16
+    mailbox_depth: int = 1_024
+    mailbox_recv_timeout_s: float = 30.0
+    # On SIGTERM/SIGINT: how long in-flight runs get to finish.
+    shutdown_grace_s: float = 10.0
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        return self.heartbeat_interval_ms * self.heartbeat_misses / 1000
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then CARSVC_* variables, then `overrides` (None values ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            kind = type(getattr(cls(), f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = (
+            "max_message_bytes", "max_field_bytes", "max_items", "max_agents_per_pattern",
+            "heartbeat_interval_ms", "heartbeat_misses", "max_attempts", "event_retention",
+            "finished_run_retention", "watcher_buffer", "mailbox_depth",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be within 0..65535, not {self.port}")
+        if self.max_field_bytes > self.max_message_bytes:
+            raise ValueError("max_field_bytes must not exceed max_message_bytes")

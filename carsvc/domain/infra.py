@@ -1,0 +1,250 @@
+"""What the agents of one run share (car-multi's SharedInfra), and each agent's
+view of it while it runs on a worker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from carsvc._proto.car.v1 import events_pb2, types_pb2
+from carsvc.domain.budget import CoordinationBudget
+from carsvc.domain.budget_types import BudgetError, BudgetSnapshot
+from carsvc.domain.eventlog import RunEventLog
+from carsvc.domain.mailbox import Mailbox
+from carsvc.domain.overlay import Overlay, StateStore
+
+if TYPE_CHECKING:
+    from carsvc.domain.workers import Assignment, Dispatcher
+
+AgentOutput = types_pb2.AgentOutput
+AgentSpec = types_pb2.AgentSpec
+RunEvent = events_pb2.RunEvent
+log = logging.getLogger("carsvc.runs")
+
+BUDGET_SKIPPED_PREFIX = "coordination budget exhausted: "
+
+# A hook a pattern installs for a runtime call it supports (delegate, spawn, ...):
+# it receives the calling agent's context and the call's arguments.
+CallHook = Callable[..., Awaitable[Any]]
+
+
+def skipped_output(name: str, error: BudgetError) -> AgentOutput:
+    """The output of a load-bearing agent the budget refused: it never ran."""
+    return AgentOutput(name=name, error=f"{BUDGET_SKIPPED_PREFIX}{error}")
+
+
+def succeeded(output: AgentOutput) -> bool:
+    """car-multi's rule: no error and a non-empty answer."""
+    return not output.HasField("error") and bool(output.answer)
+
+
+def snapshot_to_proto(snap: BudgetSnapshot) -> types_pb2.BudgetSnapshot:
+    msg = types_pb2.BudgetSnapshot(
+        input_tokens=snap.input_tokens,
+        output_tokens=snap.output_tokens,
+        total_tokens=snap.total_tokens,
+        cost_usd=snap.cost_usd,
+        agents_started=snap.agents_started,
+        exhausted=snap.exhausted,
+        budget_id=snap.budget_id,
+        agents_denied=snap.agents_denied,
+    )
+    lim = snap.limits
+    if lim.max_input_tokens is not None:
+        msg.limits.max_input_tokens = lim.max_input_tokens
+    if lim.max_output_tokens is not None:
+        msg.limits.max_output_tokens = lim.max_output_tokens
+    if lim.max_total_tokens is not None:
+        msg.limits.max_total_tokens = lim.max_total_tokens
+    if lim.max_cost_usd is not None:
+        msg.limits.max_cost_usd = lim.max_cost_usd
+    if lim.max_agents is not None:
+        msg.limits.max_agents = lim.max_agents
+    return msg
+
+
+class RunInfra:
+    """The state scope, event log, budget, mailbox and worker pool of one run."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        thread_id: str,
+        state: StateStore,
+        budget: CoordinationBudget,
+        events: RunEventLog,
+        mailbox: Mailbox,
+        dispatcher: Dispatcher,
+        mailbox_recv_timeout: float = 30.0,
+    ) -> None:
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self.state = state
+        self.budget = budget
+        self.events = events
+        self.mailbox = mailbox
+        self.dispatcher = dispatcher
+        self.mailbox_recv_timeout = mailbox_recv_timeout
+        # Runtime-call hooks a pattern installs: "delegate", "spawn_subtask",
+        # "consult_advisor", "suspend_tool_call".
+        self.hooks: dict[str, CallHook] = {}
+
+    # -- events ------------------------------------------------------------------
+
+    def emit(self, event: RunEvent) -> RunEvent:
+        return self.events.append(event)
+
+    def budget_updated(self) -> None:
+        self.emit(
+            RunEvent(budget_updated=events_pb2.BudgetUpdated(budget=snapshot_to_proto(self.budget.snapshot())))
+        )
+
+    # -- the pattern skeleton: gate, run, record -------------------------------------
+
+    def admit(self, name: str, *, role: str, index: int = 0) -> AgentOutput | None:
+        """Reserves a budget slot for one agent. None means it may run; otherwise
+        the skipped output to put at its position (an AgentSkipped event is emitted)."""
+        try:
+            self.budget.begin_agent()
+        except BudgetError as denied:
+            out = skipped_output(name, denied)
+            self.emit(RunEvent(agent_skipped=events_pb2.AgentSkipped(output=out, role=role, index=index)))
+            self.budget_updated()
+            return out
+        self.budget_updated()
+        return None
+
+    def record(self, output: AgentOutput) -> None:
+        """Adds an output's self-reported spend to the budget."""
+        if output.HasField("tokens"):
+            t = output.tokens
+            try:
+                self.budget.record(t.input_tokens, t.output_tokens, t.cost_usd)
+            except ValueError as bad:
+                log.warning("run %s: ignored spend of %s: %s", self.run_id, output.name, bad)
+                return
+            self.budget_updated()
+
+    async def run_agent(
+        self,
+        spec: AgentSpec,
+        task: str,
+        *,
+        role: str,
+        index: int = 0,
+        agent: str = "",
+        isolated: bool = False,
+        parent_state: StateStore | Overlay | None = None,
+        timeout: float | None = None,
+    ) -> AgentOutput:
+        """Runs one admitted agent on a worker and records its spend.
+
+        With `isolated`, the agent writes to its own overlay, merged into the
+        parent state only when it succeeds."""
+        base: StateStore | Overlay = parent_state if parent_state is not None else self.state
+        view: StateStore | Overlay = Overlay(base, spec.name) if isolated else base
+        ctx = AgentContext(self, spec, view, role=role, index=index)
+        self.mailbox.register(spec.name)
+        if timeout is None:
+            timeout = spec_timeout(spec)
+        started = time.perf_counter()
+        try:
+            output = await self.dispatcher.execute(
+                spec,
+                task,
+                agent=agent or spec.name,
+                run_id=self.run_id,
+                thread_id=self.thread_id,
+                context=ctx,
+                timeout=timeout,
+            )
+        finally:
+            self.mailbox.unregister(spec.name)
+        if not output.duration_ms:
+            output.duration_ms = (time.perf_counter() - started) * 1000.0
+        if isinstance(view, Overlay):
+            if succeeded(output):
+                view.merge_to_parent()
+            else:
+                view.discard()
+        self.record(output)
+        self.emit(
+            RunEvent(
+                agent_finished=events_pb2.AgentFinished(
+                    assignment_id=ctx.assignment_id,
+                    output=output,
+                    worker_id=ctx.worker_id,
+                    attempt=ctx.attempt,
+                    role=role,
+                    index=index,
+                )
+            )
+        )
+        return output
+
+
+def spec_timeout(spec: AgentSpec) -> float | None:
+    """A per-agent deadline from `metadata.timeout_secs`, if the spec sets one."""
+    if spec.HasField("metadata"):
+        value = spec.metadata.fields.get("timeout_secs")
+        if value is not None and value.WhichOneof("kind") == "number_value" and value.number_value > 0:
+            return float(value.number_value)
+    return None
+
+
+class AgentContext:
+    """One running agent's view of its run: the state it reads and writes (an
+    overlay when isolated), its mailbox name, and the tools it may use."""
+
+    __slots__ = ("assignment_id", "attempt", "index", "infra", "name", "role", "spec", "state", "tools", "worker_id")
+
+    def __init__(
+        self,
+        infra: RunInfra,
+        spec: AgentSpec,
+        state: StateStore | Overlay,
+        *,
+        role: str,
+        index: int,
+    ) -> None:
+        self.infra = infra
+        self.spec = spec
+        self.name = spec.name
+        self.state = state
+        self.tools = frozenset(spec.tools)
+        self.role = role
+        self.index = index
+        self.assignment_id = ""
+        self.worker_id = ""
+        self.attempt = 1
+
+    def on_assigned(self, a: Assignment) -> None:
+        """Called by the dispatcher when the assignment exists (before placement)."""
+        self.assignment_id = a.assignment_id
+        self.infra.emit(
+            RunEvent(
+                agent_started=events_pb2.AgentStarted(
+                    agent=self.name, assignment_id=a.assignment_id, role=self.role, index=self.index
+                )
+            )
+        )
+
+    def on_placed(self, a: Assignment, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.attempt = a.attempt
+
+    def on_redispatch(self, a: Assignment, reason: str, previous_worker: str) -> None:
+        self.infra.emit(
+            RunEvent(
+                agent_redispatched=events_pb2.AgentRedispatched(
+                    agent=self.name,
+                    assignment_id=a.assignment_id,
+                    attempt=a.attempt,
+                    reason=reason,
+                    previous_worker_id=previous_worker,
+                )
+            )
+        )

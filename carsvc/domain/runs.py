@@ -1,0 +1,389 @@
+"""The run registry: one active run per thread, lookup by run and thread id,
+owner checks, the run lifecycle, and bounded retention of finished runs.
+
+PENDING -> RUNNING <-> WAITING -> SUCCEEDED | FAILED | CANCELLED. A run's life
+never depends on anyone watching it: it runs in its own task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
+from carsvc.domain.budget import CoordinationBudget
+from carsvc.domain.budget_types import BudgetLimits
+from carsvc.domain.clock import now_ms
+from carsvc.domain.errors import (
+    AlreadyExists,
+    CarError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from carsvc.domain.eventlog import RunEventLog
+from carsvc.domain.infra import RunInfra, snapshot_to_proto
+from carsvc.domain.mailbox import Mailbox
+from carsvc.domain.overlay import StateStore
+from carsvc.domain.workers import Dispatcher
+from carsvc.patterns.base import Pattern
+
+RunStatus = types_pb2.RunStatus
+RunEvent = events_pb2.RunEvent
+PENDING = types_pb2.RUN_STATUS_PENDING
+RUNNING = types_pb2.RUN_STATUS_RUNNING
+WAITING = types_pb2.RUN_STATUS_WAITING
+SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
+FAILED = types_pb2.RUN_STATUS_FAILED
+CANCELLED = types_pb2.RUN_STATUS_CANCELLED
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+ON_BUSY_REJECT = runs_pb2.ON_BUSY_REJECT
+ON_BUSY_INTERRUPT = runs_pb2.ON_BUSY_INTERRUPT
+ON_BUSY_ENQUEUE = runs_pb2.ON_BUSY_ENQUEUE
+
+log = logging.getLogger("carsvc.runs")
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    event_retention: int = 10_000
+    finished_run_retention: int = 10_000
+    max_queued_per_thread: int = 16
+    mailbox_depth: int = 1024
+    mailbox_recv_timeout: float = 30.0
+
+
+@dataclass(eq=False)
+class RunRecord:
+    run_id: str
+    thread_id: str
+    agent_id: str
+    pattern: Pattern
+    infra: RunInfra
+    state_scope: str
+    labels: dict[str, str]
+    timeout: float | None
+    ordinal: int
+    status: int = PENDING
+    termination_reason: str = ""
+    termination_detail: str = ""
+    created_ms: int = field(default_factory=now_ms)
+    started_ms: int = 0
+    finished_ms: int = 0
+    result: patterns_pb2.RunResult | None = None
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def events(self) -> RunEventLog:
+        return self.infra.events
+
+    def handle(self) -> types_pb2.RunHandle:
+        return types_pb2.RunHandle(
+            run_id=self.run_id, thread_id=self.thread_id, agent_id=self.agent_id, status=self.status
+        )  # type: ignore[arg-type]
+
+    def to_proto(self, *, include_result: bool = True) -> runs_pb2.Run:
+        msg = runs_pb2.Run(
+            run_id=self.run_id,
+            thread_id=self.thread_id,
+            agent_id=self.agent_id,
+            status=self.status,  # type: ignore[arg-type]
+            pattern=self.pattern.name,
+            termination_reason=self.termination_reason,
+            termination_detail=self.termination_detail,
+            created_unix_ms=self.created_ms,
+            started_unix_ms=self.started_ms,
+            finished_unix_ms=self.finished_ms,
+            budget=snapshot_to_proto(self.infra.budget.snapshot()),
+            last_seq=self.events.last_seq,
+            labels=self.labels,
+            state_scope=self.state_scope,
+        )
+        if include_result and self.result is not None:
+            msg.result.CopyFrom(self.result)
+        return msg
+
+    def check_owner(self, agent_id: str) -> None:
+        if agent_id != self.agent_id:
+            raise PermissionDenied(
+                f"run '{self.run_id}' belongs to agent_id '{self.agent_id}', not '{agent_id}'",
+                field="agent_id",
+            )
+
+
+class RunManager:
+    """Starts runs, keeps them reachable by run and thread id, and ends them."""
+
+    def __init__(self, dispatcher: Dispatcher, settings: RunSettings | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings or RunSettings()
+        self.runs: OrderedDict[str, RunRecord] = OrderedDict()
+        self._active_by_thread: dict[str, RunRecord] = {}
+        self._queued_by_thread: dict[str, deque[RunRecord]] = {}
+        self._finished_order: deque[str] = deque()
+        self.scopes: dict[str, StateStore] = {}
+        self.budgets: dict[str, CoordinationBudget] = {}
+        self._ordinal = 0
+
+    # -- shared resources -----------------------------------------------------------
+
+    def scope(self, name: str) -> StateStore:
+        store = self.scopes.get(name)
+        if store is None:
+            store = self.scopes[name] = StateStore()
+        return store
+
+    def create_budget(self, limits: BudgetLimits, budget_id: str = "") -> CoordinationBudget:
+        budget_id = budget_id or f"budget-{uuid.uuid4().hex}"
+        if budget_id in self.budgets:
+            raise AlreadyExists(f"budget '{budget_id}' already exists", field="budget_id")
+        budget = self.budgets[budget_id] = CoordinationBudget(limits, budget_id)
+        return budget
+
+    def budget(self, budget_id: str) -> CoordinationBudget:
+        budget = self.budgets.get(budget_id)
+        if budget is None:
+            raise NotFound(f"no budget '{budget_id}'", field="budget_id")
+        return budget
+
+    # -- starting -------------------------------------------------------------------------
+
+    def start(
+        self,
+        pattern: Pattern,
+        *,
+        thread_id: str = "",
+        agent_id: str = "",
+        run_id: str = "",
+        on_busy: int = ON_BUSY_REJECT,
+        limits: BudgetLimits | None = None,
+        budget_id: str = "",
+        state_scope: str = "",
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> RunRecord:
+        run_id = run_id or uuid.uuid4().hex
+        if run_id in self.runs:
+            raise AlreadyExists(f"run '{run_id}' already exists", field="run_id")
+        thread_id = thread_id or f"thread-{uuid.uuid4().hex}"
+        active = self._active_by_thread.get(thread_id)
+        if active is not None and on_busy == ON_BUSY_REJECT:
+            raise FailedPrecondition(
+                f"thread '{thread_id}' already has an active run '{active.run_id}' "
+                "(set on_busy to INTERRUPT or ENQUEUE to run after it)",
+                field="thread_id",
+            )
+        queue = self._queued_by_thread.get(thread_id)
+        if active is not None and len(queue or ()) >= self.settings.max_queued_per_thread:
+            raise ResourceExhausted(
+                f"thread '{thread_id}' already has {self.settings.max_queued_per_thread} queued "
+                "runs (max_queued_per_thread)",
+                field="thread_id",
+            )
+        budget = self.budget(budget_id) if budget_id else CoordinationBudget(limits)
+        state_scope = state_scope or thread_id
+        self._ordinal += 1
+        record = RunRecord(
+            run_id=run_id,
+            thread_id=thread_id,
+            agent_id=agent_id,
+            pattern=pattern,
+            infra=RunInfra(
+                run_id=run_id,
+                thread_id=thread_id,
+                state=self.scope(state_scope),
+                budget=budget,
+                events=RunEventLog(run_id, self.settings.event_retention),
+                mailbox=Mailbox(self.settings.mailbox_depth),
+                dispatcher=self.dispatcher,
+                mailbox_recv_timeout=self.settings.mailbox_recv_timeout,
+            ),
+            state_scope=state_scope,
+            labels=dict(labels or {}),
+            timeout=timeout,
+            ordinal=self._ordinal,
+        )
+        self.runs[run_id] = record
+        if active is None:
+            self._launch(record)
+            return record
+        if queue is None:
+            queue = self._queued_by_thread[thread_id] = deque()
+        if on_busy == ON_BUSY_INTERRUPT:
+            queue.appendleft(record)
+            self._request_cancel(active, f"interrupted by run '{run_id}'")
+        else:
+            queue.append(record)
+        return record
+
+    def _launch(self, record: RunRecord) -> None:
+        self._active_by_thread[record.thread_id] = record
+        record.status = RUNNING
+        record.started_ms = now_ms()
+        record.events.append(
+            RunEvent(
+                run_started=events_pb2.RunStarted(
+                    thread_id=record.thread_id, agent_id=record.agent_id, pattern=record.pattern.name
+                )
+            )
+        )
+        record.task = asyncio.get_running_loop().create_task(
+            self._drive(record), name=f"run-{record.run_id}"
+        )
+
+    async def _drive(self, record: RunRecord) -> None:
+        status, reason, detail = FAILED, "error", ""
+        try:
+            async with asyncio.timeout(record.timeout):
+                outcome = await record.pattern.run(record.infra)
+            record.result = outcome.result
+            status = FAILED if outcome.failed else SUCCEEDED
+            reason, detail = outcome.reason, outcome.detail
+        except asyncio.CancelledError:
+            status, reason = CANCELLED, "cancelled"
+            detail = record.cancel_reason or "cancelled"
+        except TimeoutError:
+            reason, detail = "timeout", f"the run did not finish within {record.timeout:g}s"
+        except CarError as err:
+            detail = str(err)
+        except Exception as err:
+            log.exception("run %s failed inside the sidecar", record.run_id)
+            detail = f"internal error: {err!r}"
+        self._finish(record, status, reason, detail)
+
+    def _finish(self, record: RunRecord, status: int, reason: str, detail: str) -> None:
+        record.status = status
+        record.termination_reason = reason
+        record.termination_detail = detail
+        record.finished_ms = now_ms()
+        finished = events_pb2.RunFinished(
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            detail=detail,
+            budget=snapshot_to_proto(record.infra.budget.snapshot()),
+        )
+        if record.result is not None:
+            finished.result.CopyFrom(record.result)
+        record.events.append(RunEvent(run_finished=finished))
+        record.events.close()
+        record.done.set()
+        log.info("run %s %s: %s %s", record.run_id, types_pb2.RunStatus.Name(status), reason, detail)
+        if self._active_by_thread.get(record.thread_id) is record:
+            del self._active_by_thread[record.thread_id]
+            self._start_next(record.thread_id)
+        self._retain(record)
+
+    def _start_next(self, thread_id: str) -> None:
+        queue = self._queued_by_thread.get(thread_id)
+        while queue:
+            nxt = queue.popleft()
+            if nxt.status == PENDING:
+                if not queue:
+                    del self._queued_by_thread[thread_id]
+                self._launch(nxt)
+                return
+        self._queued_by_thread.pop(thread_id, None)
+
+    def _retain(self, record: RunRecord) -> None:
+        self._finished_order.append(record.run_id)
+        while len(self._finished_order) > self.settings.finished_run_retention:
+            self.runs.pop(self._finished_order.popleft(), None)
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunRecord:
+        record = self.runs.get(run_id)
+        if record is None:
+            raise NotFound(f"no run '{run_id}' (unknown, or no longer retained)", field="run_id")
+        return record
+
+    def by_thread(self, thread_id: str) -> RunRecord:
+        """The thread's active run, else its newest queued or retained run."""
+        active = self._active_by_thread.get(thread_id)
+        if active is not None:
+            return active
+        for record in reversed(self.runs.values()):
+            if record.thread_id == thread_id:
+                return record
+        raise NotFound(f"no run on thread '{thread_id}'", field="thread_id")
+
+    def locate(self, run_id: str, thread_id: str) -> RunRecord:
+        """Exactly one of run_id and thread_id must be given."""
+        if run_id and thread_id:
+            raise InvalidArgument("give run_id or thread_id, not both", field="run_id")
+        if run_id:
+            return self.get(run_id)
+        if thread_id:
+            return self.by_thread(thread_id)
+        raise InvalidArgument("give run_id or thread_id", field="run_id")
+
+    def active_run(self, thread_id: str) -> RunRecord | None:
+        return self._active_by_thread.get(thread_id)
+
+    def list(
+        self, *, thread_id: str = "", status: int = 0, agent_id: str = "", before: int = 0
+    ) -> Iterator[RunRecord]:
+        """Runs newest first, optionally filtered; `before` is an ordinal cursor."""
+        for record in reversed(self.runs.values()):
+            if before and record.ordinal >= before:
+                continue
+            if thread_id and record.thread_id != thread_id:
+                continue
+            if status and record.status != status:
+                continue
+            if agent_id and record.agent_id != agent_id:
+                continue
+            yield record
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active_by_thread)
+
+    # -- control ------------------------------------------------------------------------
+
+    async def cancel(self, record: RunRecord, reason: str, *, wait: bool = False) -> bool:
+        """Cancels a run; returns False when it had already finished."""
+        if record.finished:
+            return False
+        self._request_cancel(record, reason)
+        if wait:
+            await record.done.wait()
+        return True
+
+    def _request_cancel(self, record: RunRecord, reason: str) -> None:
+        record.cancel_reason = reason or "cancelled by request"
+        if record.status == PENDING:
+            queue = self._queued_by_thread.get(record.thread_id)
+            if queue is not None and record in queue:
+                queue.remove(record)
+            self._finish(record, CANCELLED, "cancelled", record.cancel_reason)
+        elif record.task is not None and not record.task.done():
+            record.task.cancel(record.cancel_reason)
+
+    async def shutdown(self, grace: float) -> None:
+        """Lets active runs finish within `grace` seconds, then cancels the rest."""
+        active = [r for r in self.runs.values() if not r.finished]
+        if not active:
+            return
+        waiters = [asyncio.ensure_future(r.done.wait()) for r in active]
+        _, pending = await asyncio.wait(waiters, timeout=grace)
+        for w in pending:
+            w.cancel()
+        for r in active:
+            if not r.finished:
+                self._request_cancel(r, "the sidecar is shutting down")
+        remaining = [r.done.wait() for r in active if not r.finished]
+        if remaining:
+            await asyncio.wait([asyncio.ensure_future(c) for c in remaining], timeout=5.0)

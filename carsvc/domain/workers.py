@@ -1,0 +1,544 @@
+"""Worker sessions and the dispatcher that hands assignments to them.
+
+An assignment belongs to one worker session at a time (its lease) until the
+worker returns a result, the session ends, or its heartbeat lapses. Then it is
+handed to another worker with `attempt + 1`, up to `max_attempts`; a result
+from a superseded attempt is ignored. Each session holds at most
+`max_in_flight` unfinished assignments, and new work goes to the least-loaded
+session that serves the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import fnmatch
+import itertools
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from carsvc._proto.car.v1 import types_pb2
+from carsvc.domain.clock import now_ms
+from carsvc.domain.errors import InvalidArgument, Unavailable
+
+if TYPE_CHECKING:
+    from carsvc.domain.infra import AgentContext
+
+AgentOutput = types_pb2.AgentOutput
+AgentSpec = types_pb2.AgentSpec
+log = logging.getLogger("carsvc.workers")
+
+_FINISHED_MEMORY = 100_000  # finished assignment ids remembered to tell "late" from "unknown"
+
+
+class State(enum.IntEnum):
+    QUEUED = 0
+    RUNNING = 1
+    CANCELLING = 2  # cancel sent; the worker still holds a slot until it answers
+    DONE = 3
+
+
+class Verdict(enum.Enum):
+    """What became of a result a worker sent."""
+
+    ACCEPTED = "accepted"
+    CANCEL_ACKNOWLEDGED = "cancel_acknowledged"
+    SUPERSEDED = "superseded"  # a late result of an attempt that was handed out again
+    UNKNOWN = "unknown"
+
+
+class Assignment:
+    """One agent run handed to workers, possibly over several attempts."""
+
+    __slots__ = (
+        "ack_timer",
+        "agent",
+        "assignment_id",
+        "attempt",
+        "context",
+        "deadline_ms",
+        "future",
+        "run_id",
+        "session",
+        "spec",
+        "state",
+        "task",
+        "thread_id",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        assignment_id: str,
+        agent: str,
+        spec: AgentSpec,
+        task: str,
+        run_id: str,
+        thread_id: str,
+        context: AgentContext | None,
+        future: asyncio.Future[AgentOutput],
+    ) -> None:
+        self.assignment_id = assignment_id
+        self.agent = agent
+        self.spec = spec
+        self.task = task
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self.context = context
+        self.future = future
+        self.attempt = 1
+        self.state = State.QUEUED
+        self.session: WorkerSession | None = None
+        self.deadline_ms = 0
+        self.timer: asyncio.TimerHandle | None = None  # deadline or "no worker" timer
+        self.ack_timer: asyncio.TimerHandle | None = None  # waiting for a cancel's answer
+
+
+class WorkerSession:
+    """One connected worker stream and what it holds."""
+
+    __slots__ = (
+        "agents",
+        "closed",
+        "close_reason",
+        "completed",
+        "connected_ms",
+        "drain_notice",
+        "in_flight",
+        "labels",
+        "last_seen",
+        "last_seen_ms",
+        "max_in_flight",
+        "outbox_assignments",
+        "outbox_cancels",
+        "outbox_replies",
+        "sdk",
+        "session_id",
+        "wakeup",
+        "worker_id",
+        "_exact",
+        "_globs",
+        "_serves_cache",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        worker_id: str,
+        agents: list[str],
+        max_in_flight: int,
+        labels: dict[str, str],
+        sdk: str,
+    ) -> None:
+        self.session_id = session_id
+        self.worker_id = worker_id
+        self.agents = agents
+        self.max_in_flight = max_in_flight
+        self.labels = labels
+        self.sdk = sdk
+        self.in_flight: dict[str, Assignment] = {}
+        self.outbox_assignments: list[Assignment] = []
+        self.outbox_cancels: list[tuple[str, str]] = []
+        self.outbox_replies: list[object] = []
+        self.drain_notice: tuple[str, int] | None = None
+        self.wakeup = asyncio.Event()
+        self.closed = False
+        self.close_reason = ""
+        self.completed = 0
+        self.connected_ms = now_ms()
+        self.last_seen = time.monotonic()
+        self.last_seen_ms = self.connected_ms
+        self._exact = {a for a in agents if not _is_glob(a)}
+        self._globs = [a for a in agents if _is_glob(a)]
+        self._serves_cache: dict[str, bool] = {}
+
+    def serves(self, agent: str) -> bool:
+        hit = self._serves_cache.get(agent)
+        if hit is None:
+            hit = agent in self._exact or any(fnmatch.fnmatchcase(agent, g) for g in self._globs)
+            self._serves_cache[agent] = hit
+        return hit
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_notice is not None
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_in_flight - len(self.in_flight)
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+        self.last_seen_ms = now_ms()
+
+    def reply(self, item: object) -> None:
+        """Queues a call result or frame error for the next outgoing frame."""
+        self.outbox_replies.append(item)
+        self.wakeup.set()
+
+    def take_outbox(
+        self,
+    ) -> tuple[list[Assignment], list[tuple[str, str]], list[object]]:
+        out = (self.outbox_assignments, self.outbox_cancels, self.outbox_replies)
+        self.outbox_assignments, self.outbox_cancels, self.outbox_replies = [], [], []
+        return out
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def cancelled_output(name: str, reason: str) -> AgentOutput:
+    return AgentOutput(name=name, error=f"cancelled: {reason}")
+
+
+def timed_out_output(name: str, seconds: float) -> AgentOutput:
+    out = AgentOutput(name=name, error=f"timed out after {seconds:g}s")
+    out.outcome.status = types_pb2.OUTCOME_STATUS_TIMEOUT
+    out.outcome.summary = out.error
+    return out
+
+
+class Dispatcher:
+    """Places assignments on worker sessions and keeps their leases."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int = 3,
+        unplaced_timeout: float = 30.0,
+        heartbeat_timeout: float = 15.0,
+        cancel_ack_timeout: float = 10.0,
+        default_max_in_flight: int = 1,
+    ) -> None:
+        self.max_attempts = max_attempts
+        self.unplaced_timeout = unplaced_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.cancel_ack_timeout = cancel_ack_timeout
+        self.default_max_in_flight = default_max_in_flight
+        self.sessions: dict[str, WorkerSession] = {}
+        self._active: dict[str, Assignment] = {}
+        self._pending: dict[str, deque[Assignment]] = {}
+        self._serving: dict[str, list[WorkerSession]] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        prefix = os.urandom(3).hex()
+        self._ids = (f"{prefix}-{n:x}" for n in itertools.count(1))
+        self._session_ids = (f"s-{prefix}-{n:x}" for n in itertools.count(1))
+        self.accepting = True
+        # Counters for metrics and tests.
+        self.dispatched = 0
+        self.redispatched = 0
+        self.accepted = 0
+        self.superseded = 0
+
+    # -- sessions ---------------------------------------------------------------
+
+    def open_session(
+        self,
+        worker_id: str,
+        agents: Iterable[str],
+        max_in_flight: int,
+        labels: dict[str, str] | None = None,
+        sdk: str = "",
+    ) -> WorkerSession:
+        agents = list(agents)
+        if not worker_id:
+            raise InvalidArgument("must not be empty", field="hello.worker_id")
+        if not agents:
+            raise InvalidArgument("must name at least one agent or glob", field="hello.agents")
+        for i, agent in enumerate(agents):
+            if not agent or any(c.isspace() for c in agent):
+                raise InvalidArgument(
+                    f"'{agent}' is not an agent name or glob", field=f"hello.agents[{i}]"
+                )
+        if not self.accepting:
+            raise Unavailable("the sidecar is draining and takes no new workers")
+        session = WorkerSession(
+            next(self._session_ids),
+            worker_id,
+            agents,
+            max_in_flight or self.default_max_in_flight,
+            dict(labels or {}),
+            sdk,
+        )
+        self.sessions[session.session_id] = session
+        self._serving.clear()
+        self._pump(session)
+        log.info(
+            "worker %s connected as %s serving %s (max_in_flight=%d)",
+            worker_id, session.session_id, agents, session.max_in_flight,
+        )
+        return session
+
+    def close_session(self, session: WorkerSession, reason: str) -> None:
+        """Ends a session; what it held goes to other workers (or fails after
+        `max_attempts`)."""
+        if session.closed:
+            return
+        session.closed = True
+        session.close_reason = reason
+        session.wakeup.set()
+        self.sessions.pop(session.session_id, None)
+        self._serving.clear()
+        held = list(session.in_flight.values())
+        session.in_flight.clear()
+        if held:
+            log.warning(
+                "worker %s (%s) lost with %d assignment(s): %s",
+                session.worker_id, session.session_id, len(held), reason,
+            )
+        for a in held:
+            a.session = None
+            if a.state is State.CANCELLING:
+                self._retire(a)
+                continue
+            if a.attempt >= self.max_attempts:
+                self._retire(a)
+                self._resolve(
+                    a,
+                    AgentOutput(
+                        name=a.spec.name,
+                        error=(
+                            f"worker '{session.worker_id}' was lost ({reason}) on attempt "
+                            f"{a.attempt} of {self.max_attempts}; giving up"
+                        ),
+                    ),
+                )
+                continue
+            a.attempt += 1
+            a.state = State.QUEUED
+            self.redispatched += 1
+            if a.context is not None:
+                a.context.on_redispatch(a, reason, session.worker_id)
+            self._place(a, front=True)
+
+    def check_heartbeats(self) -> list[WorkerSession]:
+        """Closes sessions silent for longer than the heartbeat timeout."""
+        limit = time.monotonic() - self.heartbeat_timeout
+        lapsed = [s for s in self.sessions.values() if s.last_seen < limit]
+        for s in lapsed:
+            self.close_session(s, f"no frame for over {self.heartbeat_timeout:g}s (heartbeat lapsed)")
+        return lapsed
+
+    def drain(self, reason: str, grace_ms: int) -> None:
+        """Stops placing work; tells every worker to finish what it holds."""
+        self.accepting = False
+        for s in self.sessions.values():
+            s.drain_notice = (reason, grace_ms)
+            s.wakeup.set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(s.in_flight) for s in self.sessions.values())
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._pending.values())
+
+    # -- assignments --------------------------------------------------------------
+
+    async def execute(
+        self,
+        spec: AgentSpec,
+        task: str,
+        *,
+        agent: str = "",
+        run_id: str = "",
+        thread_id: str = "",
+        context: AgentContext | None = None,
+        timeout: float | None = None,
+    ) -> AgentOutput:
+        """Runs `spec` on `task` on some worker and returns its output.
+
+        Never raises for worker trouble: lost workers, timeouts and refusals
+        come back as an output with `error` set. Cancelling the caller cancels
+        the assignment on its worker."""
+        loop = asyncio.get_running_loop()
+        a = Assignment(
+            next(self._ids), agent or spec.name, spec, task, run_id, thread_id, context,
+            loop.create_future(),
+        )
+        self._active[a.assignment_id] = a
+        if context is not None:
+            context.on_assigned(a)
+        if timeout is not None and timeout > 0:
+            a.deadline_ms = now_ms() + int(timeout * 1000)
+            a.timer = loop.call_later(timeout, self._expire, a, timeout)
+        self._place(a)
+        try:
+            return await a.future
+        except asyncio.CancelledError:
+            self.cancel(a, "run cancelled")
+            raise
+        finally:
+            if a.timer is not None:
+                a.timer.cancel()
+                a.timer = None
+
+    def running(self, session: WorkerSession, assignment_id: str) -> Assignment | None:
+        """The assignment if `session` holds it now and it is still running."""
+        a = self._active.get(assignment_id)
+        if a is None or a.session is not session or a.state is not State.RUNNING:
+            return None
+        return a
+
+    def is_known(self, assignment_id: str) -> bool:
+        return assignment_id in self._active or assignment_id in self._finished
+
+    def complete(
+        self, session: WorkerSession, assignment_id: str, attempt: int, output: AgentOutput
+    ) -> Verdict:
+        a = self._active.get(assignment_id)
+        if a is None:
+            if assignment_id in self._finished:
+                self.superseded += 1
+                return Verdict.SUPERSEDED
+            return Verdict.UNKNOWN
+        if a.session is not session or a.attempt != attempt:
+            self.superseded += 1
+            return Verdict.SUPERSEDED
+        del session.in_flight[assignment_id]
+        a.session = None
+        if a.state is State.CANCELLING:
+            self._retire(a)
+            self._pump(session)
+            return Verdict.CANCEL_ACKNOWLEDGED
+        self._retire(a)
+        if not output.name:
+            output.name = a.spec.name
+        self._resolve(a, output)
+        session.completed += 1
+        self.accepted += 1
+        if self._pending:
+            self._pump(session)
+        return Verdict.ACCEPTED
+
+    def cancel(self, a: Assignment, reason: str) -> None:
+        """Stops an assignment wherever it is; its output says cancelled."""
+        if a.state is State.QUEUED:
+            self._retire(a)  # left in its pending queue; _pump skips retired ones
+        elif a.state is State.RUNNING and a.session is not None:
+            a.state = State.CANCELLING
+            session = a.session
+            session.outbox_cancels.append((a.assignment_id, reason))
+            session.wakeup.set()
+            a.ack_timer = asyncio.get_running_loop().call_later(
+                self.cancel_ack_timeout, self._ack_expired, a
+            )
+        self._resolve(a, cancelled_output(a.spec.name, reason))
+
+    # -- placement ---------------------------------------------------------------
+
+    def _serving_sessions(self, agent: str) -> list[WorkerSession]:
+        found = self._serving.get(agent)
+        if found is None:
+            found = [s for s in self.sessions.values() if s.serves(agent)]
+            self._serving[agent] = found
+        return found
+
+    def _place(self, a: Assignment, *, front: bool = False) -> None:
+        best: WorkerSession | None = None
+        best_load = 2.0
+        serving = self._serving_sessions(a.agent)
+        for s in serving:
+            if s.drain_notice is not None or len(s.in_flight) >= s.max_in_flight:
+                continue
+            load = len(s.in_flight) / s.max_in_flight
+            if load < best_load:
+                best, best_load = s, load
+        if best is not None:
+            self._send(best, a)
+            return
+        queue = self._pending.get(a.agent)
+        if queue is None:
+            queue = self._pending[a.agent] = deque()
+        if front:
+            queue.appendleft(a)
+        else:
+            queue.append(a)
+        if not serving and a.timer is None and self.unplaced_timeout > 0:
+            a.timer = asyncio.get_running_loop().call_later(
+                self.unplaced_timeout, self._unplaced_expired, a
+            )
+
+    def _send(self, session: WorkerSession, a: Assignment) -> None:
+        a.state = State.RUNNING
+        a.session = session
+        session.in_flight[a.assignment_id] = a
+        session.outbox_assignments.append(a)
+        session.wakeup.set()
+        self.dispatched += 1
+        if a.context is not None:
+            a.context.on_placed(a, session.worker_id)
+
+    def _pump(self, session: WorkerSession) -> None:
+        """Fills `session`'s free slots from the pending queues it serves."""
+        if session.drain_notice is not None or session.closed:
+            return
+        for agent in list(self._pending):
+            if session.free_slots <= 0:
+                return
+            if not session.serves(agent):
+                continue
+            queue = self._pending[agent]
+            while queue and session.free_slots > 0:
+                a = queue.popleft()
+                if a.state is State.QUEUED:
+                    if a.timer is not None and a.deadline_ms == 0:
+                        a.timer.cancel()  # the unplaced timer; deadlines stay armed
+                        a.timer = None
+                    self._send(session, a)
+            if not queue:
+                del self._pending[agent]
+
+    # -- endings -------------------------------------------------------------------
+
+    def _retire(self, a: Assignment) -> None:
+        a.state = State.DONE
+        if a.ack_timer is not None and a.session is None:
+            a.ack_timer.cancel()
+            a.ack_timer = None
+        if self._active.pop(a.assignment_id, None) is not None:
+            self._finished[a.assignment_id] = None
+            if len(self._finished) > _FINISHED_MEMORY:
+                self._finished.popitem(last=False)
+
+    @staticmethod
+    def _resolve(a: Assignment, output: AgentOutput) -> None:
+        if not a.future.done():
+            a.future.set_result(output)
+
+    def _expire(self, a: Assignment, seconds: float) -> None:
+        a.timer = None
+        if a.state in (State.QUEUED, State.RUNNING):
+            self._resolve(a, timed_out_output(a.spec.name, seconds))
+            self.cancel(a, f"timed out after {seconds:g}s")
+
+    def _unplaced_expired(self, a: Assignment) -> None:
+        a.timer = None
+        if a.state is State.QUEUED and not self._serving_sessions(a.agent):
+            self._retire(a)
+            self._resolve(
+                a,
+                AgentOutput(
+                    name=a.spec.name,
+                    error=(
+                        f"no connected worker serves agent '{a.agent}' "
+                        f"(waited {self.unplaced_timeout:g}s)"
+                    ),
+                ),
+            )
+
+    def _ack_expired(self, a: Assignment) -> None:
+        """A cancelled assignment whose worker never answered frees its slot."""
+        a.ack_timer = None
+        session = a.session
+        if a.state is State.CANCELLING and session is not None:
+            session.in_flight.pop(a.assignment_id, None)
+            a.session = None
+            self._retire(a)
+            self._pump(session)

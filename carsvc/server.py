@@ -1,0 +1,178 @@
+"""The sidecar process: builds the gRPC server with every service, health and
+reflection, and owns its lifecycle (start, drain, graceful stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from carsvc._proto.car.v1 import (
+    budget_pb2,
+    budget_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    runs_pb2,
+    runs_pb2_grpc,
+    state_pb2,
+    state_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from carsvc.config import Settings
+from carsvc.domain.registry import AgentRegistry
+from carsvc.domain.runs import RunManager, RunSettings
+from carsvc.domain.workers import Dispatcher
+from carsvc.patterns import Limits
+from carsvc.services.budget import BudgetService
+from carsvc.services.calls import CallHandler
+from carsvc.services.registry import RegistryService
+from carsvc.services.runs import EventService, RunService
+from carsvc.services.state import StateService
+from carsvc.services.worker import WorkerService
+
+log = logging.getLogger("carsvc")
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (worker_pb2, "WorkerService"),
+        (runs_pb2, "RunService"),
+        (registry_pb2, "RegistryService"),
+        (state_pb2, "StateService"),
+        (budget_pb2, "BudgetService"),
+        (events_pb2, "EventService"),
+    )
+)
+
+
+class Sidecar:
+    """One sidecar: the embedded in-memory backend plus its gRPC server."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = s = settings or Settings()
+        self.dispatcher = Dispatcher(
+            max_attempts=s.max_attempts,
+            unplaced_timeout=s.unplaced_timeout_s,
+            heartbeat_timeout=s.heartbeat_timeout_s,
+            cancel_ack_timeout=s.cancel_ack_timeout_s,
+        )
+        self.registry = AgentRegistry()
+        self.runs = RunManager(
+            self.dispatcher,
+            RunSettings(
+                event_retention=s.event_retention,
+                finished_run_retention=s.finished_run_retention,
+                max_queued_per_thread=s.max_queued_per_thread,
+                mailbox_depth=s.mailbox_depth,
+                mailbox_recv_timeout=s.mailbox_recv_timeout_s,
+            ),
+        )
+        limits = Limits(
+            max_field_bytes=s.max_field_bytes, max_items=s.max_items, max_agents=s.max_agents_per_pattern
+        )
+        self.health = health.aio.HealthServicer()
+        self.run_service = RunService(self.runs, self.registry, limits, s.watcher_buffer)
+        self._server: grpc.aio.Server | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Binds, starts serving and reports SERVING; returns the bound port."""
+        s = self.settings
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        calls = CallHandler(self.dispatcher, s.max_field_bytes)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerService(
+                self.dispatcher,
+                calls,
+                heartbeat_interval_ms=s.heartbeat_interval_ms,
+                max_message_bytes=s.max_message_bytes,
+            ),
+            server,
+        )
+        runs_pb2_grpc.add_RunServiceServicer_to_server(self.run_service, server)
+        events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.runs, s.watcher_buffer), server)
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryService(self.registry, self.dispatcher), server
+        )
+        state_pb2_grpc.add_StateServiceServicer_to_server(
+            StateService(self.runs, s.max_field_bytes, s.watcher_buffer), server
+        )
+        budget_pb2_grpc.add_BudgetServiceServicer_to_server(BudgetService(self.runs), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        try:
+            port = server.add_insecure_port(s.address)
+        except RuntimeError as err:
+            raise OSError(f"carsvc could not listen on {s.address}: {err}") from None
+        await server.start()
+        self._server = server
+        self.port = port
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
+        log.info("carsvc listening on %s:%d", s.host, port)
+        return port
+
+    async def _watch_heartbeats(self) -> None:
+        interval = self.settings.heartbeat_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            self.dispatcher.check_heartbeats()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, drain workers, let runs finish within the
+        grace period, cancel the rest, then close the server."""
+        if self._server is None:
+            return
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("carsvc draining (grace %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        self.dispatcher.drain("the sidecar is shutting down", int(grace * 1000))
+        await self.runs.shutdown(grace)
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        server, self._server = self._server, None
+        await server.stop(1.0)
+        log.info("carsvc stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Runs a sidecar until SIGINT or SIGTERM, then stops it gracefully."""
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        await sidecar.stop()

@@ -1,0 +1,203 @@
+"""Runtime calls a running agent makes through its worker's stream.
+
+Quick calls (state, emit, progress, mailbox send) are answered inline; calls
+that wait (mailbox receive, delegate, spawn, consult, suspend) run in their own
+task and answer when done. A failing call gets a CallError (or, without a
+call_id, a FrameError); it never ends the session or touches other runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from google.protobuf import empty_pb2, struct_pb2
+
+from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
+from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
+from carsvc.domain.infra import AgentContext
+from carsvc.domain.workers import Dispatcher, WorkerSession
+
+log = logging.getLogger("carsvc.calls")
+
+CallResult = worker_pb2.CallResult
+RuntimeCall = worker_pb2.RuntimeCall
+_ACK = empty_pb2.Empty()
+
+# Calls a pattern serves through RunInfra.hooks, with the tool the caller's
+# spec must list for the policy check.
+_HOOKED = {
+    "delegate": "delegate",
+    "spawn_subtask": "spawn_subtask",
+    "consult_advisor": "consult_advisor",
+    "suspend_tool_call": None,  # the suspended tool itself must be allowed
+}
+
+
+def _copy_value(value: struct_pb2.Value) -> struct_pb2.Value:
+    copy = struct_pb2.Value()
+    copy.CopyFrom(value)
+    return copy
+
+
+class CallHandler:
+    def __init__(self, dispatcher: Dispatcher, max_field_bytes: int) -> None:
+        self.dispatcher = dispatcher
+        self.max_field_bytes = max_field_bytes
+        self._tasks: dict[WorkerSession, set[asyncio.Task[None]]] = {}
+
+    def handle(self, session: WorkerSession, call: RuntimeCall, index: int) -> None:
+        field = f"calls[{index}]"
+        op = call.WhichOneof("op")
+        try:
+            if op is None:
+                raise InvalidArgument("must set one operation", field=f"{field}.op")
+            a = self.dispatcher.running(session, call.assignment_id)
+            if a is None or a.context is None:
+                raise FailedPrecondition(
+                    f"assignment '{call.assignment_id}' is not running on this worker session",
+                    field=f"{field}.assignment_id",
+                )
+            ctx = a.context
+            arg = getattr(call, op)
+            if op in _HOOKED:
+                self._spawn(session, call, field, self._hooked(ctx, op, arg, field))
+                return
+            if op == "mailbox_recv":
+                timeout = arg.timeout_ms / 1000 if arg.timeout_ms else ctx.infra.mailbox_recv_timeout
+                self._spawn(session, call, field, self._recv(ctx, timeout))
+                return
+            result = self._quick(ctx, op, arg, f"{field}.{op}")
+        except CarError as err:
+            self._fail(session, call, field, err)
+            return
+        if call.call_id:
+            result.call_id = call.call_id
+            session.reply(result)
+
+    def _quick(self, ctx: AgentContext, op: str, arg: Any, field: str) -> CallResult:
+        if op == "state_get":
+            self._key(arg.key, field)
+            value = ctx.state.get(arg.key)
+            if value is None:
+                return CallResult(state_get=worker_pb2.StateGetResult(found=False))
+            return CallResult(state_get=worker_pb2.StateGetResult(found=True, value=value))
+        if op == "state_set":
+            self._key(arg.key, field)
+            if not arg.HasField("value"):
+                raise InvalidArgument("is required", field=f"{field}.value")
+            self._size(arg.value.ByteSize(), f"{field}.value")
+            t = ctx.state.set(arg.key, _copy_value(arg.value), ctx.name)
+            return CallResult(state_write=worker_pb2.StateWriteResult(index=t.index, existed=t.old is not None))
+        if op == "state_delete":
+            self._key(arg.key, field)
+            t = ctx.state.delete(arg.key, ctx.name)
+            if t is None:
+                return CallResult(state_write=worker_pb2.StateWriteResult(existed=False))
+            return CallResult(state_write=worker_pb2.StateWriteResult(index=t.index, existed=True))
+        if op == "state_keys":
+            return CallResult(state_keys=worker_pb2.StateKeysResult(keys=ctx.state.keys(arg.prefix)))
+        if op == "mailbox_send":
+            message = types_pb2.Message()
+            message.CopyFrom(arg.message)
+            message.from_agent = ctx.name
+            self._size(message.payload.ByteSize(), f"{field}.message.payload")
+            if arg.broadcast:
+                ctx.infra.mailbox.broadcast(message)
+            else:
+                if not message.to_agent:
+                    raise InvalidArgument("must name the recipient", field=f"{field}.message.to_agent")
+                ctx.infra.mailbox.send(message)
+            return CallResult(ack=_ACK)
+        if op == "emit":
+            if not arg.kind:
+                raise InvalidArgument("must not be empty", field=f"{field}.kind")
+            self._size(arg.payload.ByteSize(), f"{field}.payload")
+            custom = events_pb2.CustomEvent(
+                agent=ctx.name, assignment_id=ctx.assignment_id, kind=arg.kind
+            )
+            if arg.HasField("payload"):
+                custom.payload.CopyFrom(arg.payload)
+            ctx.infra.emit(events_pb2.RunEvent(custom=custom))
+            return CallResult(ack=_ACK)
+        if op == "progress":
+            progress = events_pb2.AgentProgress(
+                agent=ctx.name, assignment_id=ctx.assignment_id, message=arg.message
+            )
+            if arg.HasField("fraction"):
+                if not 0.0 <= arg.fraction <= 1.0:
+                    raise InvalidArgument(f"must be within 0..1, not {arg.fraction}", field=f"{field}.fraction")
+                progress.fraction = arg.fraction
+            ctx.infra.emit(events_pb2.RunEvent(progress=progress))
+            return CallResult(ack=_ACK)
+        raise InvalidArgument(f"unsupported operation '{op}'", field=field)
+
+    async def _recv(self, ctx: AgentContext, timeout: float) -> CallResult:
+        message = await ctx.infra.mailbox.recv(ctx.name, timeout)
+        return CallResult(message=message)
+
+    async def _hooked(self, ctx: AgentContext, op: str, arg: Any, field: str) -> CallResult:
+        hook = ctx.infra.hooks.get(op)
+        if hook is None:
+            raise FailedPrecondition(
+                f"'{op}' is not available to agents of this run's pattern", field=f"{field}.{op}"
+            )
+        tool = _HOOKED[op] or getattr(arg, "tool_name", "")
+        if tool and tool not in ctx.tools:
+            raise FailedPrecondition(
+                f"agent '{ctx.name}' may not use tool '{tool}' (not in its spec's tools)",
+                field=f"{field}.{op}",
+                code=Code.PERMISSION_DENIED,
+            )
+        result: CallResult = await hook(ctx, arg)
+        return result
+
+    def _spawn(
+        self, session: WorkerSession, call: RuntimeCall, field: str, work: Awaitable[CallResult]
+    ) -> None:
+        tasks = self._tasks.setdefault(session, set())
+
+        async def run() -> None:
+            try:
+                result = await work
+            except CarError as err:
+                self._fail(session, call, field, err)
+                return
+            except Exception as err:
+                log.exception("runtime call %s failed", field)
+                self._fail(session, call, field, CarError(f"internal error: {err!r}", code=Code.INTERNAL))
+                return
+            if call.call_id and not session.closed:
+                result.call_id = call.call_id
+                session.reply(result)
+
+        task = asyncio.get_running_loop().create_task(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def session_closed(self, session: WorkerSession) -> None:
+        for task in self._tasks.pop(session, ()):
+            task.cancel()
+
+    @staticmethod
+    def _fail(session: WorkerSession, call: RuntimeCall, field: str, err: CarError) -> None:
+        if session.closed:
+            return
+        if call.call_id:
+            session.reply(
+                CallResult(call_id=call.call_id, error=worker_pb2.CallError(code=int(err.code), message=str(err)))
+            )
+        else:
+            session.reply(worker_pb2.FrameError(code=int(err.code), message=str(err), field=err.field or field))
+
+    @staticmethod
+    def _key(key: str, field: str) -> None:
+        if not key:
+            raise InvalidArgument("must not be empty", field=f"{field}.key")
+
+    def _size(self, size: int, field: str) -> None:
+        if size > self.max_field_bytes:
+            raise InvalidArgument(
+                f"is {size} bytes; the limit is {self.max_field_bytes} (max_field_bytes)", field=field
+            )

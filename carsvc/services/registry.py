@@ -1,0 +1,72 @@
+"""RegistryService: named agent specs and the connected workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from carsvc._proto.car.v1 import registry_pb2, registry_pb2_grpc
+from carsvc.domain.errors import InvalidArgument
+from carsvc.domain.registry import AgentRegistry
+from carsvc.domain.workers import Dispatcher
+from carsvc.patterns.base import check_spec
+from carsvc.services.errors import unary
+
+
+class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, registry: AgentRegistry, dispatcher: Dispatcher) -> None:
+        self.registry = registry
+        self.dispatcher = dispatcher
+
+    @unary
+    async def RegisterAgent(  # noqa: N802
+        self, request: registry_pb2.RegisterAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.RegisterAgentResponse:
+        if not request.HasField("agent"):
+            raise InvalidArgument("is required", field="agent")
+        check_spec(request.agent, "agent")
+        stored = self.registry.register(request.agent, replace=request.replace)
+        return registry_pb2.RegisterAgentResponse(agent=stored)
+
+    @unary
+    async def GetAgent(  # noqa: N802
+        self, request: registry_pb2.GetAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.GetAgentResponse:
+        return registry_pb2.GetAgentResponse(agent=self.registry.get(request.name))
+
+    @unary
+    async def ListAgents(  # noqa: N802
+        self, request: registry_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.ListAgentsResponse:
+        return registry_pb2.ListAgentsResponse(agents=self.registry.list())
+
+    @unary
+    async def UnregisterAgent(  # noqa: N802
+        self, request: registry_pb2.UnregisterAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.UnregisterAgentResponse:
+        if not request.name:
+            raise InvalidArgument("must not be empty", field="name")
+        return registry_pb2.UnregisterAgentResponse(existed=self.registry.unregister(request.name))
+
+    @unary
+    async def ListWorkers(  # noqa: N802
+        self, request: registry_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.ListWorkersResponse:
+        workers = [
+            registry_pb2.WorkerInfo(
+                worker_id=s.worker_id,
+                session_id=s.session_id,
+                agents=s.agents,
+                max_in_flight=s.max_in_flight,
+                in_flight=len(s.in_flight),
+                labels=s.labels,
+                sdk=s.sdk,
+                connected_unix_ms=s.connected_ms,
+                last_seen_unix_ms=s.last_seen_ms,
+                completed=s.completed,
+                draining=s.draining,
+            )
+            for s in sorted(self.dispatcher.sessions.values(), key=lambda s: (s.worker_id, s.session_id))
+        ]
+        return registry_pb2.ListWorkersResponse(workers=workers)

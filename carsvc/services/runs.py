@@ -1,0 +1,166 @@
+"""RunService and EventService: start, watch, inspect and cancel runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from carsvc._proto.car.v1 import (
+    events_pb2,
+    events_pb2_grpc,
+    patterns_pb2,
+    runs_pb2,
+    runs_pb2_grpc,
+    types_pb2,
+)
+from carsvc.domain.errors import CarError, Code, InvalidArgument
+from carsvc.domain.registry import AgentRegistry
+from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
+from carsvc.patterns import BUILDERS, Limits
+from carsvc.patterns.base import check_spec
+from carsvc.services.convert import limits_from_proto
+from carsvc.services.errors import streaming, unary
+
+MAX_ID_CHARS = 256
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_READ_BATCH = 500
+
+
+def _check_id(value: str, field: str) -> None:
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_ID_CHARS}", field=field)
+
+
+class RunService(runs_pb2_grpc.RunServiceServicer):
+    def __init__(
+        self, runs: RunManager, registry: AgentRegistry, limits: Limits, watcher_buffer: int
+    ) -> None:
+        self.runs = runs
+        self.registry = registry
+        self.limits = limits
+        self.watcher_buffer = watcher_buffer
+
+    def _resolve(self, ref: patterns_pb2.AgentRef, field: str) -> types_pb2.AgentSpec:
+        source = ref.WhichOneof("source")
+        if source == "spec":
+            check_spec(ref.spec, f"{field}.spec")
+            return ref.spec
+        if source == "registered_name":
+            return self.registry.get(ref.registered_name, field=f"{field}.registered_name")
+        raise InvalidArgument("must give an inline spec or a registered_name", field=field)
+
+    def start(self, request: runs_pb2.StartRunRequest) -> RunRecord:
+        """Checks a StartRunRequest and starts (or queues) its run."""
+        for name in ("thread_id", "agent_id", "run_id", "budget_id", "state_scope"):
+            _check_id(getattr(request, name), name)
+        which = request.WhichOneof("pattern")
+        if which is None:
+            raise InvalidArgument(
+                "exactly one pattern must be set (" + ", ".join(sorted(BUILDERS)) + ")",
+                field="pattern",
+            )
+        build = BUILDERS.get(which)
+        if build is None:
+            raise CarError(f"the '{which}' pattern is not available yet", field="pattern", code=Code.UNIMPLEMENTED)
+        pattern = build(getattr(request, which), self._resolve, self.limits)
+        limits = limits_from_proto(request.budget) if request.HasField("budget") else None
+        return self.runs.start(
+            pattern,
+            thread_id=request.thread_id,
+            agent_id=request.agent_id,
+            run_id=request.run_id,
+            on_busy=request.on_busy or ON_BUSY_REJECT,
+            limits=limits,
+            budget_id=request.budget_id,
+            state_scope=request.state_scope,
+            labels=dict(request.labels),
+            timeout=request.timeout_ms / 1000 if request.timeout_ms else None,
+        )
+
+    @unary
+    async def StartRun(  # noqa: N802
+        self, request: runs_pb2.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> runs_pb2.StartRunResponse:
+        return runs_pb2.StartRunResponse(run=self.start(request).handle())
+
+    @streaming
+    async def WatchRun(  # noqa: N802
+        self, request: runs_pb2.WatchRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[runs_pb2.WatchRunResponse]:
+        record = self.runs.get(request.run_id)
+        subscription = record.events.subscribe(request.after_seq, self.watcher_buffer)
+        async for batch in subscription.batches():
+            yield runs_pb2.WatchRunResponse(events=batch)
+
+    @unary
+    async def GetRun(  # noqa: N802
+        self, request: runs_pb2.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> runs_pb2.GetRunResponse:
+        record = self.runs.locate(request.run_id, request.thread_id)
+        return runs_pb2.GetRunResponse(run=record.to_proto())
+
+    @unary
+    async def ListRuns(  # noqa: N802
+        self, request: runs_pb2.ListRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> runs_pb2.ListRunsResponse:
+        if request.page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"must be at most {MAX_PAGE_SIZE}", field="page_size")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        before = 0
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise InvalidArgument("is not a token from a previous ListRuns", field="page_token")
+            before = int(request.page_token)
+        response = runs_pb2.ListRunsResponse()
+        last = None
+        for record in self.runs.list(
+            thread_id=request.thread_id, status=request.status, agent_id=request.agent_id, before=before
+        ):
+            if len(response.runs) == size:
+                response.next_page_token = str(last.ordinal) if last else ""
+                break
+            response.runs.append(record.to_proto(include_result=request.include_results))
+            last = record
+        return response
+
+    @unary
+    async def CancelRun(  # noqa: N802
+        self, request: runs_pb2.CancelRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> runs_pb2.CancelRunResponse:
+        record = self.runs.locate(request.run_id, request.thread_id)
+        record.check_owner(request.agent_id)
+        cancelled = await self.runs.cancel(record, request.reason, wait=request.wait)
+        return runs_pb2.CancelRunResponse(run=record.handle(), already_finished=not cancelled)
+
+
+class EventService(events_pb2_grpc.EventServiceServicer):
+    def __init__(self, runs: RunManager, watcher_buffer: int) -> None:
+        self.runs = runs
+        self.watcher_buffer = watcher_buffer
+
+    @streaming
+    async def ReadEvents(  # noqa: N802
+        self, request: events_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[events_pb2.ReadEventsResponse]:
+        known = set(events_pb2.RunEvent.DESCRIPTOR.oneofs_by_name["kind"].fields_by_name)
+        for i, kind in enumerate(request.kinds):
+            if kind not in known:
+                raise InvalidArgument(f"unknown event kind '{kind}'", field=f"kinds[{i}]")
+        kinds = frozenset(request.kinds)
+        record = self.runs.get(request.run_id)
+
+        def keep(events: list[events_pb2.RunEvent]) -> list[events_pb2.RunEvent]:
+            return [e for e in events if e.WhichOneof("kind") in kinds] if kinds else events
+
+        if request.follow:
+            async for batch in record.events.subscribe(request.after_seq, self.watcher_buffer).batches():
+                selected = keep(batch)
+                if selected:
+                    yield events_pb2.ReadEventsResponse(events=selected)
+            return
+        selected = keep(record.events.since(request.after_seq))
+        for start in range(0, len(selected), _READ_BATCH):
+            yield events_pb2.ReadEventsResponse(events=selected[start : start + _READ_BATCH])

@@ -1,0 +1,439 @@
+"""Write a carsvc worker in Python.
+
+    from carsvc.worker import Worker
+
+    worker = Worker("127.0.0.1:50051", max_in_flight=8)
+
+    @worker.agent("summarizer")
+    async def summarize(ctx):
+        await ctx.progress("reading")
+        seen = await ctx.state.get("seen") or 0
+        await ctx.state.set("seen", seen + 1)
+        return f"summary of {ctx.task!r}"
+
+    asyncio.run(worker.run())
+
+A handler gets an AgentContext and returns the answer (a str), a Result, or an
+AgentOutput. An exception becomes the output's error; cancellation by the
+sidecar cancels the handler's task. Heartbeats, batching of results and calls,
+and reconnecting after the sidecar restarts are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from carsvc._proto.car.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from carsvc._version import __version__
+from carsvc.values import from_value, to_value
+
+__all__ = ["AgentContext", "Result", "RuntimeCallError", "Worker"]
+
+log = logging.getLogger("carsvc.worker")
+
+AgentOutput = types_pb2.AgentOutput
+SDK = f"carsvc-python/{__version__}"
+
+
+@dataclass
+class Result:
+    """What a handler may return instead of a bare answer."""
+
+    answer: str = ""
+    error: str | None = None
+    turns: int = 1
+    tool_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    tools_used: list[str] = field(default_factory=list)
+
+    def to_output(self, name: str, duration_ms: float) -> AgentOutput:
+        out = AgentOutput(
+            name=name,
+            answer=self.answer,
+            turns=self.turns,
+            tool_calls=self.tool_calls,
+            duration_ms=duration_ms,
+            tools_used=self.tools_used,
+        )
+        if self.error is not None:
+            out.error = self.error
+        if self.input_tokens or self.output_tokens or self.cost_usd:
+            out.tokens.input_tokens = self.input_tokens
+            out.tokens.output_tokens = self.output_tokens
+            out.tokens.cost_usd = self.cost_usd
+        return out
+
+
+class RuntimeCallError(Exception):
+    """The sidecar refused a runtime call; `code` is a gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+Handler = Callable[["AgentContext"], Awaitable[Any]]
+
+
+class StateView:
+    """The running agent's state (its overlay when the pattern isolates it)."""
+
+    def __init__(self, ctx: AgentContext) -> None:
+        self._ctx = ctx
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        r = await self._ctx.call(worker_pb2.RuntimeCall(state_get=worker_pb2.StateGetCall(key=key)))
+        return from_value(r.state_get.value) if r.state_get.found else default
+
+    async def set(self, key: str, value: Any) -> int:
+        """Writes `key`; returns the transition index."""
+        r = await self._ctx.call(
+            worker_pb2.RuntimeCall(state_set=worker_pb2.StateSetCall(key=key, value=to_value(value)))
+        )
+        return r.state_write.index
+
+    async def delete(self, key: str) -> bool:
+        """Deletes `key`; returns whether it existed."""
+        r = await self._ctx.call(worker_pb2.RuntimeCall(state_delete=worker_pb2.StateDeleteCall(key=key)))
+        return r.state_write.existed
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        r = await self._ctx.call(worker_pb2.RuntimeCall(state_keys=worker_pb2.StateKeysCall(prefix=prefix)))
+        return list(r.state_keys.keys)
+
+
+class AgentContext:
+    """One assignment as its handler sees it."""
+
+    def __init__(self, link: _Link, assignment: worker_pb2.Assignment) -> None:
+        self._link = link
+        self.assignment = assignment
+        self.assignment_id = assignment.assignment_id
+        self.attempt = assignment.attempt
+        self.run_id = assignment.run_id
+        self.thread_id = assignment.thread_id
+        self.spec = assignment.spec
+        self.name = assignment.spec.name
+        self.agent = assignment.agent or assignment.spec.name
+        self.task = assignment.task
+        self.state = StateView(self)
+
+    async def call(self, call: worker_pb2.RuntimeCall) -> worker_pb2.CallResult:
+        """Makes a runtime call and waits for its result (raises RuntimeCallError)."""
+        call.assignment_id = self.assignment_id
+        return await self._link.call(call)
+
+    def _fire(self, call: worker_pb2.RuntimeCall) -> None:
+        call.assignment_id = self.assignment_id
+        self._link.outbox.add_call(call)
+
+    async def send(self, to: str, payload: Any, kind: int = types_pb2.MESSAGE_KIND_CUSTOM) -> None:
+        """Sends a message to another agent of the run."""
+        message = types_pb2.Message(to_agent=to, kind=kind, payload=to_value(payload))  # type: ignore[arg-type]
+        await self.call(worker_pb2.RuntimeCall(mailbox_send=worker_pb2.MailboxSendCall(message=message)))
+
+    async def broadcast(self, payload: Any, kind: int = types_pb2.MESSAGE_KIND_CUSTOM) -> None:
+        message = types_pb2.Message(kind=kind, payload=to_value(payload))  # type: ignore[arg-type]
+        await self.call(
+            worker_pb2.RuntimeCall(mailbox_send=worker_pb2.MailboxSendCall(message=message, broadcast=True))
+        )
+
+    async def recv(self, timeout: float | None = None) -> types_pb2.Message:
+        """Waits for the next message to this agent (the sidecar's default timeout
+        when None); raises RuntimeCallError(DEADLINE_EXCEEDED) on timeout."""
+        timeout_ms = int(timeout * 1000) if timeout else 0
+        r = await self.call(worker_pb2.RuntimeCall(mailbox_recv=worker_pb2.MailboxRecvCall(timeout_ms=timeout_ms)))
+        return r.message
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        """Appends a custom event to the run's stream (fire and forget)."""
+        call = worker_pb2.RuntimeCall(emit=worker_pb2.EmitEventCall(kind=kind))
+        if payload is not None:
+            call.emit.payload.CopyFrom(to_value(payload))
+        self._fire(call)
+
+    def progress(self, message: str, fraction: float | None = None) -> None:
+        """Reports progress to the run's watchers (fire and forget)."""
+        call = worker_pb2.RuntimeCall(progress=worker_pb2.ProgressCall(message=message))
+        if fraction is not None:
+            call.progress.fraction = fraction
+        self._fire(call)
+
+
+class _Outbox:
+    """Results and calls waiting for the next frame; one frame carries them all."""
+
+    def __init__(self) -> None:
+        self.results: list[worker_pb2.AssignmentResult] = []
+        self.calls: list[worker_pb2.RuntimeCall] = []
+        self.ready = asyncio.Event()
+        self.closed = False
+
+    def add_result(self, result: worker_pb2.AssignmentResult) -> None:
+        self.results.append(result)
+        self.ready.set()
+
+    def add_call(self, call: worker_pb2.RuntimeCall) -> None:
+        self.calls.append(call)
+        self.ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+    def take(self) -> worker_pb2.ConnectRequest:
+        frame = worker_pb2.ConnectRequest(results=self.results, calls=self.calls)
+        self.results, self.calls = [], []
+        return frame
+
+
+class _Link:
+    """One connected session: its outbox and the calls waiting for answers."""
+
+    def __init__(self) -> None:
+        self.outbox = _Outbox()
+        self.pending: dict[str, asyncio.Future[worker_pb2.CallResult]] = {}
+        self._ids = (str(n) for n in itertools.count(1))
+        self.heartbeat_s = 5.0
+        self.session_id = ""
+        self.draining = False
+
+    async def call(self, call: worker_pb2.RuntimeCall) -> worker_pb2.CallResult:
+        if self.outbox.closed:
+            raise ConnectionError("the worker's session with the sidecar has ended")
+        call.call_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[call.call_id] = future
+        self.outbox.add_call(call)
+        try:
+            result: worker_pb2.CallResult = await future
+        finally:
+            self.pending.pop(call.call_id, None)
+        if result.HasField("error"):
+            code = _CODES.get(result.error.code, grpc.StatusCode.UNKNOWN)
+            raise RuntimeCallError(code, result.error.message)
+        return result
+
+    def fail_pending(self, reason: str) -> None:
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(reason))
+        self.pending.clear()
+
+
+class Worker:
+    """A worker process's connection to the sidecar."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        worker_id: str | None = None,
+        max_in_flight: int = 1,
+        labels: dict[str, str] | None = None,
+        reconnect: bool = True,
+        reconnect_max_delay: float = 5.0,
+        channel_options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.target = target
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.max_in_flight = max_in_flight
+        self.labels = dict(labels or {})
+        self.reconnect = reconnect
+        self.reconnect_max_delay = reconnect_max_delay
+        self.channel_options = channel_options or []
+        self._handlers: dict[str, Handler] = {}
+        self._running: dict[str, tuple[asyncio.Task[None], AgentContext]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._stopping = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.session_id = ""
+        self.completed = 0
+
+    # -- registration ---------------------------------------------------------
+
+    def agent(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: serve agent `name` (an exact name or a glob like `mapper*`)."""
+
+        def register(handler: Handler) -> Handler:
+            self.add_agent(name, handler)
+            return handler
+
+        return register
+
+    def add_agent(self, name: str, handler: Handler) -> None:
+        if not name:
+            raise ValueError("an agent name or glob must not be empty")
+        self._handlers[name] = handler
+
+    def _handler_for(self, agent: str) -> Handler | None:
+        handler = self._handlers.get(agent)
+        if handler is None:
+            for pattern, candidate in self._handlers.items():
+                if fnmatch.fnmatchcase(agent, pattern):
+                    return candidate
+        return handler
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serves until stop(), a drain from the sidecar, or (without reconnect) a
+        lost connection. Reconnects with backoff after the sidecar restarts."""
+        if not self._handlers:
+            raise RuntimeError("register at least one agent before run()")
+        delay = 0.1
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            drained = False
+            try:
+                drained = await self._session()
+            except grpc.aio.AioRpcError as err:
+                log.warning("worker %s: session ended: %s %s", self.worker_id, err.code().name, err.details())
+            if drained or not self.reconnect or self._stopping.is_set():
+                return
+            if time.monotonic() - started > 10:
+                delay = 0.1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, self.reconnect_max_delay)
+
+    async def stop(self) -> None:
+        """Stops serving: running handlers are cancelled, the stream is closed."""
+        self._stopping.set()
+
+    async def _session(self) -> bool:
+        """One connection; returns True when the sidecar drained us."""
+        link = _Link()
+        drained = False
+        async with grpc.aio.insecure_channel(self.target, options=self.channel_options) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            call = stub.Connect(self._frames(link))
+            stopper = asyncio.get_running_loop().create_task(self._stopping.wait())
+            reader = asyncio.ensure_future(self._read(call, link))
+            try:
+                done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    drained = reader.result()
+            finally:
+                stopper.cancel()
+                link.outbox.close()
+                link.fail_pending("the worker's session with the sidecar has ended")
+                for task, _ in list(self._running.values()):
+                    task.cancel()
+                if self._running:
+                    await asyncio.wait([t for t, _ in self._running.values()], timeout=1.0)
+                if not reader.done():
+                    call.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await reader
+                self.connected.clear()
+        return drained
+
+    async def _frames(self, link: _Link) -> AsyncIterator[worker_pb2.ConnectRequest]:
+        yield worker_pb2.ConnectRequest(
+            hello=worker_pb2.WorkerHello(
+                worker_id=self.worker_id,
+                agents=list(self._handlers),
+                max_in_flight=self.max_in_flight,
+                labels=self.labels,
+                sdk=SDK,
+            )
+        )
+        outbox = link.outbox
+        while True:
+            if not (outbox.results or outbox.calls or outbox.closed):
+                try:
+                    await asyncio.wait_for(outbox.ready.wait(), link.heartbeat_s)
+                except TimeoutError:
+                    yield worker_pb2.ConnectRequest(heartbeat=worker_pb2.Heartbeat())
+                    continue
+            outbox.ready.clear()
+            if outbox.results or outbox.calls:
+                yield outbox.take()
+            if outbox.closed:
+                return
+
+    async def _read(self, call: Any, link: _Link) -> bool:
+        async for frame in call:
+            if frame.HasField("welcome"):
+                link.session_id = self.session_id = frame.welcome.session_id
+                if frame.welcome.heartbeat_interval_ms:
+                    # Send well within the interval so one slow frame never lapses us.
+                    link.heartbeat_s = frame.welcome.heartbeat_interval_ms / 1000 / 2
+                self.connected.set()
+            for assignment in frame.assignments:
+                self._start(link, assignment)
+            for cancel in frame.cancels:
+                entry = self._running.get(cancel.assignment_id)
+                if entry is not None:
+                    self._cancel_reasons[cancel.assignment_id] = cancel.reason
+                    entry[0].cancel()
+            for result in frame.call_results:
+                future = link.pending.get(result.call_id)
+                if future is not None and not future.done():
+                    future.set_result(result)
+            for error in frame.errors:
+                log.warning("worker %s: sidecar refused %s: %s", self.worker_id, error.field, error.message)
+            if frame.HasField("drain"):
+                link.draining = True
+                log.info("worker %s: draining (%s)", self.worker_id, frame.drain.reason)
+                if not self._running:
+                    link.outbox.close()
+        return link.draining
+
+    def _start(self, link: _Link, assignment: worker_pb2.Assignment) -> None:
+        ctx = AgentContext(link, assignment)
+        task = asyncio.get_running_loop().create_task(self._execute(link, ctx))
+        self._running[assignment.assignment_id] = (task, ctx)
+
+    async def _execute(self, link: _Link, ctx: AgentContext) -> None:
+        started = time.perf_counter()
+        handler = self._handler_for(ctx.agent)
+        try:
+            if handler is None:
+                raise LookupError(f"this worker has no handler for agent '{ctx.agent}'")
+            value = await handler(ctx)
+            output = _to_output(value, ctx.name, (time.perf_counter() - started) * 1000)
+        except asyncio.CancelledError:
+            reason = self._cancel_reasons.pop(ctx.assignment_id, "cancelled by the worker")
+            output = AgentOutput(name=ctx.name, error=f"cancelled: {reason}")
+        except Exception as err:
+            output = AgentOutput(name=ctx.name, error=f"{type(err).__name__}: {err}")
+            output.duration_ms = (time.perf_counter() - started) * 1000
+        finally:
+            self._running.pop(ctx.assignment_id, None)
+        self.completed += 1
+        if not link.outbox.closed:
+            link.outbox.add_result(
+                worker_pb2.AssignmentResult(assignment_id=ctx.assignment_id, attempt=ctx.attempt, output=output)
+            )
+            if link.draining and not self._running:
+                link.outbox.close()
+
+
+def _to_output(value: Any, name: str, duration_ms: float) -> AgentOutput:
+    if isinstance(value, AgentOutput):
+        if not value.name:
+            value.name = name
+        return value
+    if isinstance(value, Result):
+        return value.to_output(name, duration_ms)
+    if isinstance(value, str):
+        return AgentOutput(name=name, answer=value, turns=1, duration_ms=duration_ms)
+    raise TypeError(f"a handler must return str, Result or AgentOutput, not {type(value).__name__}")
