@@ -149,6 +149,9 @@ class CoordinationBudget:
         self._denied = 0
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
     # -- read-only configuration and counters ---------------------------------
 
     @property

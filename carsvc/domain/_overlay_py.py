@@ -113,6 +113,9 @@ class StateTransition:
     def __hash__(self) -> int:
         return hash(self._astuple())
 
+    def __reduce__(self) -> tuple[type[StateTransition], tuple[object, ...]]:
+        return (StateTransition, self._astuple())
+
     def __repr__(self) -> str:
         return (
             f"StateTransition(index={self.index!r}, key={self.key!r}, old={self.old!r}, "
@@ -172,6 +175,9 @@ class _Layer:
         self._count = 0
         self._max_transitions = max_transitions
         self._listeners = ()
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
     # -- transition log ------------------------------------------------------
 
