@@ -30,6 +30,7 @@ class CarError(Exception):
     def __init__(self, message: str, *, field: str = "", code: Code | None = None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
+        self.detail = message
         if code is not None:
             self.code = code
 

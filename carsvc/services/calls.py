@@ -189,7 +189,7 @@ class CallHandler:
                 CallResult(call_id=call.call_id, error=worker_pb2.CallError(code=int(err.code), message=str(err)))
             )
         else:
-            session.reply(worker_pb2.FrameError(code=int(err.code), message=str(err), field=err.field or field))
+            session.reply(worker_pb2.FrameError(code=int(err.code), message=err.detail, field=err.field or field))
 
     @staticmethod
     def _key(key: str, field: str) -> None:

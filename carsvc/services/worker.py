@@ -108,10 +108,12 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     message="hello may only be sent in the first frame; it was ignored",
                 )
             )
-        for i, result in enumerate(frame.results):
-            self._result(session, result, i)
+        # Calls first: an agent's last calls travel in the frame that carries its
+        # result, and must be served while its assignment is still running.
         for i, call in enumerate(frame.calls):
             self.calls.handle(session, call, i)
+        for i, result in enumerate(frame.results):
+            self._result(session, result, i)
 
     def _result(self, session: WorkerSession, result: worker_pb2.AssignmentResult, i: int) -> None:
         if result.attempt == 0:

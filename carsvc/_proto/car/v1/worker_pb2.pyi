@@ -19,9 +19,9 @@ DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
 @typing.final
 class ConnectRequest(google.protobuf.message.Message):
-    """A worker frame. Any combination of fields may be set; the sidecar handles
-    them in field order (hello, results, calls), so one frame can batch many
-    results and calls.
+    """A worker frame. Any combination of fields may be set, so one frame can
+    batch many results and calls. The sidecar handles hello first, then calls,
+    then results: an agent's last calls may travel with its result.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor

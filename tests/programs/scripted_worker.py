@@ -1,0 +1,53 @@
+"""A scripted worker process for tests that need a real process boundary.
+
+    python -m tests.programs.scripted_worker ADDRESS --agent NAME [--sleep S]
+        [--worker-id ID] [--max-in-flight N] [--answer TEXT]
+
+Each assignment sleeps S seconds (the stand-in for a model call), then answers
+"<answer> from <worker-id>: <task>". It prints "started <assignment_id>" for
+every assignment it receives, so a test can kill it mid-assignment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import uvloop
+
+from carsvc.worker import AgentContext, Worker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("address")
+    parser.add_argument("--agent", action="append", required=True)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--worker-id", default="scripted")
+    parser.add_argument("--max-in-flight", type=int, default=1)
+    parser.add_argument("--answer", default="answer")
+    args = parser.parse_args()
+
+    worker = Worker(args.address, worker_id=args.worker_id, max_in_flight=args.max_in_flight)
+
+    async def handle(ctx: AgentContext) -> str:
+        print(f"started {ctx.assignment_id} {ctx.name}", flush=True)
+        await asyncio.sleep(args.sleep)
+        return f"{args.answer} from {args.worker_id}: {ctx.task}"
+
+    for agent in args.agent:
+        worker.add_agent(agent, handle)
+
+    async def run() -> None:
+        serving = asyncio.create_task(worker.run())
+        await worker.connected.wait()
+        print("ready", flush=True)
+        await serving
+
+    uvloop.run(run())
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
