@@ -42,6 +42,7 @@ RunEvent = Any  # carsvc._proto.car.v1.events_pb2.RunEvent
 _PATTERN_FIELDS = {
     f.message_type.full_name: f.name
     for f in runs_pb2.StartRunRequest.DESCRIPTOR.oneofs_by_name["pattern"].fields
+    if f.message_type is not None
 }
 _ON_BUSY = {
     "reject": runs_pb2.ON_BUSY_REJECT,

@@ -54,10 +54,10 @@ async def demo(items: int = 12, out: TextIO = sys.stdout) -> int:
             done = 0
             async for event in client.watch(handle.run_id):
                 kind = event.WhichOneof("kind")
-                if kind in ("agent_finished", "agent_skipped") and event.agent_finished.role != "reducer":
-                    if kind == "agent_skipped" or event.agent_finished.role == "mapper":
-                        done += 1
-                        print(f"\r{_bar(done, items)}", end="", file=out, flush=True)
+                role = event.agent_finished.role if kind == "agent_finished" else event.agent_skipped.role
+                if kind in ("agent_finished", "agent_skipped") and role == "mapper":
+                    done += 1
+                    print(f"\r{_bar(done, items)}", end="", file=out, flush=True)
             run = await client.get_run(handle.run_id)
         print(file=out)
         result = run.result.map_reduce

@@ -123,7 +123,7 @@ class Sidecar:
             server,
         )
         try:
-            port = server.add_insecure_port(s.address)
+            port: int = server.add_insecure_port(s.address)
         except RuntimeError as err:
             raise OSError(f"carsvc could not listen on {s.address}: {err}") from None
         await server.start()

@@ -28,7 +28,7 @@ _QUALIFIED = re.compile(r"(?<![\w.])car\.v1\.")
 
 
 def _protoc(out: Path) -> None:
-    import grpc_tools
+    import grpc_tools  # type: ignore[import-untyped]
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))

@@ -176,9 +176,9 @@ async def test_wrong_owner_cannot_cancel(client: Client, workers: Workers) -> No
 
     await workers.start({"a": slow})
     handle = await client.start_run(single(agent("a"), "t"), agent_id="alice", thread_id="t-owned")
-    for kwargs in ({"run_id": handle.run_id}, {"thread_id": "t-owned"}):
+    for run_id, thread_id in ((handle.run_id, ""), ("", "t-owned")):
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.cancel(agent_id="mallory", **kwargs)
+            await client.cancel(run_id, thread_id=thread_id, agent_id="mallory")
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     release.set()
     assert (await client.wait(handle.run_id)).status == SUCCEEDED

@@ -8,7 +8,7 @@ from carsvc._proto.car.v1 import types_pb2
 from carsvc.client import Client, agent, map_reduce, registered, single
 from carsvc.patterns.prompts import MAP_ITEM_TASK, REDUCE_TASK
 from carsvc.server import Sidecar
-from carsvc.worker import AgentContext, Result
+from carsvc.worker import AgentContext
 from tests.conftest import Workers
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED

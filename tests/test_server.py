@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from carsvc._proto.car.v1 import types_pb2
+from carsvc._proto.car.v1 import events_pb2, types_pb2
 from carsvc.client import Client, agent, map_reduce, single
 from carsvc.config import Settings
 from carsvc.server import SERVICE_NAMES, Sidecar
@@ -60,7 +60,7 @@ async def test_agents_talk_through_the_mailbox_and_share_state(client: Client, w
         return "sent"
 
     async def reducer(ctx: AgentContext) -> str:
-        return await ctx.state.get("heard", "nobody")
+        return str(await ctx.state.get("heard", "nobody"))
 
     await workers.start({"m": mapper, "r": reducer}, max_in_flight=4)
     run = await client.run(map_reduce(agent("m"), agent("r"), "t", ["a", "b"], max_concurrent=2), thread_id="mail")
@@ -114,7 +114,7 @@ async def test_graceful_shutdown_drains_workers_and_finishes_runs(settings: Sett
     assert collected[-1].run_finished.result.single.output.answer == "finished in time"
 
 
-async def _collect(client: Client, run_id: str) -> list[types_pb2.RunHandle]:
+async def _collect(client: Client, run_id: str) -> list[events_pb2.RunEvent]:
     return [e async for e in client.watch(run_id)]
 
 

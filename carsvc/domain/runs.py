@@ -91,8 +91,11 @@ class RunRecord:
 
     def handle(self) -> types_pb2.RunHandle:
         return types_pb2.RunHandle(
-            run_id=self.run_id, thread_id=self.thread_id, agent_id=self.agent_id, status=self.status
-        )  # type: ignore[arg-type]
+            run_id=self.run_id,
+            thread_id=self.thread_id,
+            agent_id=self.agent_id,
+            status=types_pb2.RunStatus.ValueType(self.status),
+        )
 
     def to_proto(self, *, include_result: bool = True) -> runs_pb2.Run:
         msg = runs_pb2.Run(
@@ -279,7 +282,7 @@ class RunManager:
         record.events.append(RunEvent(run_finished=finished))
         record.events.close()
         record.done.set()
-        log.info("run %s %s: %s %s", record.run_id, types_pb2.RunStatus.Name(status), reason, detail)
+        log.info("run %s %s: %s %s", record.run_id, types_pb2.RunStatus.Name(RunStatus.ValueType(status)), reason, detail)
         if self._active_by_thread.get(record.thread_id) is record:
             del self._active_by_thread[record.thread_id]
             self._start_next(record.thread_id)

@@ -102,9 +102,12 @@ class WorkerSession:
     """One connected worker stream and what it holds."""
 
     __slots__ = (
+        "_exact",
+        "_globs",
+        "_serves_cache",
         "agents",
-        "closed",
         "close_reason",
+        "closed",
         "completed",
         "connected_ms",
         "drain_notice",
@@ -120,9 +123,6 @@ class WorkerSession:
         "session_id",
         "wakeup",
         "worker_id",
-        "_exact",
-        "_globs",
-        "_serves_cache",
     )
 
     def __init__(

@@ -21,7 +21,7 @@ class BudgetService(budget_pb2_grpc.BudgetServiceServicer):
         self.runs = runs
 
     @unary
-    async def CreateBudget(  # noqa: N802
+    async def CreateBudget(
         self, request: budget_pb2.CreateBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> budget_pb2.CreateBudgetResponse:
         if len(request.budget_id) > MAX_ID_CHARS:
@@ -30,7 +30,7 @@ class BudgetService(budget_pb2_grpc.BudgetServiceServicer):
         return budget_pb2.CreateBudgetResponse(budget=snapshot_to_proto(budget.snapshot()))
 
     @unary
-    async def GetBudget(  # noqa: N802
+    async def GetBudget(
         self, request: budget_pb2.GetBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> budget_pb2.GetBudgetResponse:
         if not request.budget_id:

@@ -80,7 +80,7 @@ class CallHandler:
         if op == "state_get":
             self._key(arg.key, field)
             value = ctx.state.get(arg.key)
-            if value is None:
+            if not isinstance(value, struct_pb2.Value):
                 return CallResult(state_get=worker_pb2.StateGetResult(found=False))
             return CallResult(state_get=worker_pb2.StateGetResult(found=True, value=value))
         if op == "state_set":
@@ -92,10 +92,10 @@ class CallHandler:
             return CallResult(state_write=worker_pb2.StateWriteResult(index=t.index, existed=t.old is not None))
         if op == "state_delete":
             self._key(arg.key, field)
-            t = ctx.state.delete(arg.key, ctx.name)
-            if t is None:
+            deleted = ctx.state.delete(arg.key, ctx.name)
+            if deleted is None:
                 return CallResult(state_write=worker_pb2.StateWriteResult(existed=False))
-            return CallResult(state_write=worker_pb2.StateWriteResult(index=t.index, existed=True))
+            return CallResult(state_write=worker_pb2.StateWriteResult(index=deleted.index, existed=True))
         if op == "state_keys":
             return CallResult(state_keys=worker_pb2.StateKeysResult(keys=ctx.state.keys(arg.prefix)))
         if op == "mailbox_send":

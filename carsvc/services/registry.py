@@ -20,7 +20,7 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         self.dispatcher = dispatcher
 
     @unary
-    async def RegisterAgent(  # noqa: N802
+    async def RegisterAgent(
         self, request: registry_pb2.RegisterAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.RegisterAgentResponse:
         if not request.HasField("agent"):
@@ -30,19 +30,19 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.RegisterAgentResponse(agent=stored)
 
     @unary
-    async def GetAgent(  # noqa: N802
+    async def GetAgent(
         self, request: registry_pb2.GetAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.GetAgentResponse:
         return registry_pb2.GetAgentResponse(agent=self.registry.get(request.name))
 
     @unary
-    async def ListAgents(  # noqa: N802
+    async def ListAgents(
         self, request: registry_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.ListAgentsResponse:
         return registry_pb2.ListAgentsResponse(agents=self.registry.list())
 
     @unary
-    async def UnregisterAgent(  # noqa: N802
+    async def UnregisterAgent(
         self, request: registry_pb2.UnregisterAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.UnregisterAgentResponse:
         if not request.name:
@@ -50,7 +50,7 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.UnregisterAgentResponse(existed=self.registry.unregister(request.name))
 
     @unary
-    async def ListWorkers(  # noqa: N802
+    async def ListWorkers(
         self, request: registry_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.ListWorkersResponse:
         workers = [

@@ -81,13 +81,13 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         )
 
     @unary
-    async def StartRun(  # noqa: N802
+    async def StartRun(
         self, request: runs_pb2.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.StartRunResponse:
         return runs_pb2.StartRunResponse(run=self.start(request).handle())
 
     @streaming
-    async def WatchRun(  # noqa: N802
+    async def WatchRun(
         self, request: runs_pb2.WatchRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[runs_pb2.WatchRunResponse]:
         record = self.runs.get(request.run_id)
@@ -96,14 +96,14 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             yield runs_pb2.WatchRunResponse(events=batch)
 
     @unary
-    async def GetRun(  # noqa: N802
+    async def GetRun(
         self, request: runs_pb2.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.GetRunResponse:
         record = self.runs.locate(request.run_id, request.thread_id)
         return runs_pb2.GetRunResponse(run=record.to_proto())
 
     @unary
-    async def ListRuns(  # noqa: N802
+    async def ListRuns(
         self, request: runs_pb2.ListRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.ListRunsResponse:
         if request.page_size > MAX_PAGE_SIZE:
@@ -127,7 +127,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         return response
 
     @unary
-    async def CancelRun(  # noqa: N802
+    async def CancelRun(
         self, request: runs_pb2.CancelRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.CancelRunResponse:
         record = self.runs.locate(request.run_id, request.thread_id)
@@ -142,10 +142,10 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         self.watcher_buffer = watcher_buffer
 
     @streaming
-    async def ReadEvents(  # noqa: N802
+    async def ReadEvents(
         self, request: events_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[events_pb2.ReadEventsResponse]:
-        known = set(events_pb2.RunEvent.DESCRIPTOR.oneofs_by_name["kind"].fields_by_name)
+        known = {f.name for f in events_pb2.RunEvent.DESCRIPTOR.oneofs_by_name["kind"].fields}
         for i, kind in enumerate(request.kinds):
             if kind not in known:
                 raise InvalidArgument(f"unknown event kind '{kind}'", field=f"kinds[{i}]")

@@ -41,7 +41,7 @@ class StateService(state_pb2_grpc.StateServiceServicer):
             raise InvalidArgument("must not be empty", field="key")
 
     @unary
-    async def Get(  # noqa: N802
+    async def Get(
         self, request: state_pb2.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> state_pb2.GetResponse:
         self._scope_key(request.scope, request.key)
@@ -52,7 +52,7 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         return state_pb2.GetResponse(found=True, value=value, writer=store.writer_of(request.key) or "")
 
     @unary
-    async def Set(  # noqa: N802
+    async def Set(
         self, request: state_pb2.SetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> state_pb2.SetResponse:
         self._scope_key(request.scope, request.key)
@@ -67,7 +67,7 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         return state_pb2.SetResponse(index=t.index)
 
     @unary
-    async def Delete(  # noqa: N802
+    async def Delete(
         self, request: state_pb2.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> state_pb2.DeleteResponse:
         self._scope_key(request.scope, request.key)
@@ -78,7 +78,7 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         return state_pb2.DeleteResponse(existed=True, index=t.index)
 
     @unary
-    async def ListKeys(  # noqa: N802
+    async def ListKeys(
         self, request: state_pb2.ListKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> state_pb2.ListKeysResponse:
         self._scope_key(request.scope, None)
@@ -86,7 +86,7 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         return state_pb2.ListKeysResponse(keys=store.keys(request.prefix) if store is not None else [])
 
     @streaming
-    async def Watch(  # noqa: N802
+    async def Watch(
         self, request: state_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[state_pb2.WatchResponse]:
         self._scope_key(request.scope, None)

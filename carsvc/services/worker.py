@@ -35,7 +35,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.max_message_bytes = max_message_bytes
 
-    async def Connect(  # noqa: N802 (gRPC method name)
+    async def Connect(
         self,
         request_iterator: AsyncIterator[ConnectRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -46,7 +46,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         except StopAsyncIteration:
             return
         if not first.HasField("hello"):
-            await abort(context, CarError("the first frame must carry hello", field="hello", code=Code.INVALID_ARGUMENT))
+            await abort(
+                context, CarError("the first frame must carry hello", field="hello", code=Code.INVALID_ARGUMENT)
+            )
         hello = first.hello
         try:
             session = self.dispatcher.open_session(
@@ -153,7 +155,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         for item in replies:
             if isinstance(item, worker_pb2.CallResult):
                 frame.call_results.append(item)
-            else:
+            elif isinstance(item, worker_pb2.FrameError):
                 frame.errors.append(item)
         return frame
 
