@@ -10,3 +10,4 @@ cdef extern from "carsvc_atomic.h" nogil:
     void carsvc_atomic_store(int64_t *p, int64_t value)
     int64_t carsvc_atomic_fetch_add(int64_t *p, int64_t delta)
     bint carsvc_atomic_cas_weak(int64_t *p, int64_t *expected, int64_t desired)
+    void carsvc_spin_yield()

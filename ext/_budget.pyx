@@ -24,6 +24,7 @@ from _atomic cimport (
     carsvc_atomic_cas_weak,
     carsvc_atomic_fetch_add,
     carsvc_atomic_load,
+    carsvc_spin_yield,
 )
 
 from carsvc.domain.budget_types import (
@@ -294,19 +295,47 @@ cdef class CoordinationBudget:
         )
 
 
+# -- test hooks -----------------------------------------------------------------
+
+
+@cython.final
+cdef class _StartGate:
+    """Test hook: lets several _hammer_nogil threads start at the same moment.
+
+    Each thread arrives without the GIL and spins until all ``parties`` have
+    arrived, so the hammering loops really overlap (a Python-level barrier
+    does not guarantee that: the GIL hand-off staggers the threads).
+    """
+
+    cdef int64_t _arrived
+    cdef int64_t _parties
+
+    def __cinit__(self, int64_t parties):
+        self._arrived = 0
+        self._parties = parties
+
+    cdef void wait(self) noexcept nogil:
+        carsvc_atomic_fetch_add(&self._arrived, 1)
+        while carsvc_atomic_load(&self._arrived) < self._parties:
+            carsvc_spin_yield()
+
+
 def _hammer_nogil(CoordinationBudget budget not None, Py_ssize_t iterations,
-                  int64_t input_tokens=0, int64_t output_tokens=0, int64_t cost_micros=0):
+                  int64_t input_tokens=0, int64_t output_tokens=0, int64_t cost_micros=0,
+                  _StartGate gate=None):
     """Test hook: call begin_agent's core, then record's core on admission,
     ``iterations`` times without the GIL. Returns (admitted, denied).
 
-    Several threads calling this at once contend on the counters for real,
-    which Python-level calls (serialised by the GIL) cannot do.
+    Several threads calling this at once (behind one ``gate``) contend on the
+    counters for real, which Python-level calls (serialised by the GIL) cannot.
     """
     cdef Py_ssize_t k
     cdef Py_ssize_t admitted = 0
     cdef Py_ssize_t denied = 0
     cdef Observed seen
     with nogil:
+        if gate is not None:
+            gate.wait()
         for k in range(iterations):
             if budget._try_begin(&seen) == ADMITTED:
                 admitted += 1

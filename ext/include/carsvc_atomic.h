@@ -12,6 +12,7 @@
 #ifndef CARSVC_ATOMIC_H
 #define CARSVC_ATOMIC_H
 
+#include <sched.h>
 #include <stdint.h>
 
 #if !defined(__GNUC__) && !defined(__clang__)
@@ -45,6 +46,13 @@ carsvc_atomic_cas_weak(int64_t *p, int64_t *expected, int64_t desired)
 {
     return __atomic_compare_exchange_n(p, expected, desired, 1,
                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
+/* Give the CPU away inside a spin-wait (test hooks only). */
+static inline void
+carsvc_spin_yield(void)
+{
+    sched_yield();
 }
 
 #endif /* CARSVC_ATOMIC_H */
