@@ -21,6 +21,7 @@ from libc.math cimport isfinite, nearbyint
 from libc.stdint cimport INT64_MAX, int64_t
 
 from _atomic cimport (
+    carsvc_atomic_add_saturating,
     carsvc_atomic_cas_weak,
     carsvc_atomic_fetch_add,
     carsvc_atomic_load,
@@ -97,6 +98,13 @@ cdef int64_t _cost_micros(object cost_usd) except? -1:
     if micros >= _INT64_LIMIT_AS_DOUBLE:
         raise OverflowError(f"cost_usd is too large: {cost_usd!r}")
     return <int64_t>micros
+
+
+cdef inline int64_t _total(int64_t input_tokens, int64_t output_tokens) noexcept nogil:
+    # Both are >= 0; saturate like the counters.
+    if input_tokens > INT64_MAX - output_tokens:
+        return INT64_MAX
+    return input_tokens + output_tokens
 
 
 cdef inline object _micros_to_usd(int64_t micros):
@@ -177,7 +185,7 @@ cdef class CoordinationBudget:
         return (
             (0 <= self._max_input <= input_tokens)
             or (0 <= self._max_output <= output_tokens)
-            or (0 <= self._max_total <= input_tokens + output_tokens)
+            or (0 <= self._max_total <= _total(input_tokens, output_tokens))
             or (0 <= self._max_cost_micros <= cost_micros)
         )
 
@@ -205,12 +213,13 @@ cdef class CoordinationBudget:
 
     cdef void _add(self, int64_t input_tokens, int64_t output_tokens,
                    int64_t cost_micros) noexcept nogil:
+        # Spend totals saturate at INT64_MAX rather than wrap.
         if input_tokens:
-            carsvc_atomic_fetch_add(&self._input, input_tokens)
+            carsvc_atomic_add_saturating(&self._input, input_tokens)
         if output_tokens:
-            carsvc_atomic_fetch_add(&self._output, output_tokens)
+            carsvc_atomic_add_saturating(&self._output, output_tokens)
         if cost_micros:
-            carsvc_atomic_fetch_add(&self._cost_micros, cost_micros)
+            carsvc_atomic_add_saturating(&self._cost_micros, cost_micros)
 
     # -- the hot path -----------------------------------------------------------
 
@@ -258,7 +267,7 @@ cdef class CoordinationBudget:
     cdef str _spend_reason(self, int64_t input_tokens, int64_t output_tokens,
                            int64_t cost_micros):
         """Why a spend limit is reached. Same order and wording as the pure twin."""
-        cdef int64_t total = input_tokens + output_tokens
+        cdef int64_t total = _total(input_tokens, output_tokens)
         if 0 <= self._max_input <= input_tokens:
             return f"max_input_tokens reached: {input_tokens} of {self._max_input}"
         if 0 <= self._max_output <= output_tokens:
@@ -278,7 +287,7 @@ cdef class CoordinationBudget:
         return BudgetSnapshot(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            total_tokens=input_tokens + output_tokens,
+            total_tokens=_total(input_tokens, output_tokens),
             cost_usd=_micros_to_usd(cost_micros),
             agents_started=started,
             limits=self._limits,

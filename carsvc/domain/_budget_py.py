@@ -202,9 +202,10 @@ class CoordinationBudget:
         output_tokens = _tokens("output_tokens", output_tokens)
         micros = _cost_micros(cost_usd)
         with self._lock:
-            self._input += input_tokens
-            self._output += output_tokens
-            self._cost_micros += micros
+            # Totals saturate at 2**63-1 (the compiled twin's int64 counters).
+            self._input = min(self._input + input_tokens, _INT64_MAX)
+            self._output = min(self._output + output_tokens, _INT64_MAX)
+            self._cost_micros = min(self._cost_micros + micros, _INT64_MAX)
 
     def snapshot(self) -> BudgetSnapshot:
         with self._lock:
@@ -220,7 +221,7 @@ class CoordinationBudget:
             return f"max_input_tokens reached: {input_tokens} of {self._max_input}"
         if 0 <= self._max_output <= output_tokens:
             return f"max_output_tokens reached: {output_tokens} of {self._max_output}"
-        total = input_tokens + output_tokens
+        total = min(input_tokens + output_tokens, _INT64_MAX)
         if 0 <= self._max_total <= total:
             return f"max_total_tokens reached: {total} of {self._max_total}"
         if 0 <= self._max_cost_micros <= cost_micros:
@@ -239,7 +240,7 @@ class CoordinationBudget:
         return BudgetSnapshot(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            total_tokens=input_tokens + output_tokens,
+            total_tokens=min(input_tokens + output_tokens, _INT64_MAX),
             cost_usd=_micros_to_usd(cost_micros),
             agents_started=started,
             limits=self._limits,

@@ -48,6 +48,21 @@ carsvc_atomic_cas_weak(int64_t *p, int64_t *expected, int64_t desired)
                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
 }
 
+/* Adds delta (>= 0) but never past INT64_MAX: the counter saturates instead
+ * of wrapping. A compare-exchange loop; uncontended it costs one locked
+ * instruction, like a fetch-add. Returns the value before the addition. */
+static inline int64_t
+carsvc_atomic_add_saturating(int64_t *p, int64_t delta)
+{
+    int64_t current = __atomic_load_n(p, __ATOMIC_RELAXED);
+    int64_t next;
+    do {
+        next = (current > INT64_MAX - delta) ? INT64_MAX : current + delta;
+    } while (!__atomic_compare_exchange_n(p, &current, next, 1,
+                                          __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return current;
+}
+
 /* Give the CPU away inside a spin-wait (test hooks only). */
 static inline void
 carsvc_spin_yield(void)
