@@ -39,7 +39,11 @@ __all__ = ["CoordinationBudget"]
 # inputs that could not be represented there.
 _INT64_MAX: Final = 2**63 - 1
 _INT64_MIN: Final = -(2**63)
-_NO_LIMIT: Final = -1
+# "No limit": above every value a counter, or the sum of two counters, can
+# take (they saturate at _INT64_MAX), so ``counter >= limit`` never fires.
+_NO_LIMIT: Final = 2**64
+# Costs below this convert to micro-dollars without overflowing an int64.
+_FAST_COST_MAX: Final = 9e12
 
 
 def _limit_int(name: str, value: object) -> int:
@@ -137,10 +141,10 @@ class CoordinationBudget:
         self._max_cost_micros = _limit_cost(limits.max_cost_usd)
         self._max_agents = _limit_int("max_agents", limits.max_agents)
         self._has_spend_limit = (
-            self._max_input >= 0
-            or self._max_output >= 0
-            or self._max_total >= 0
-            or self._max_cost_micros >= 0
+            self._max_input != _NO_LIMIT
+            or self._max_output != _NO_LIMIT
+            or self._max_total != _NO_LIMIT
+            or self._max_cost_micros != _NO_LIMIT
         )
         self._input = 0
         self._output = 0
@@ -183,29 +187,46 @@ class CoordinationBudget:
         """
         with self._lock:
             if self._has_spend_limit:
-                reason = self._spend_reason(self._input, self._output, self._cost_micros)
-                if reason is not None:
+                spent_in = self._input
+                spent_out = self._output
+                if (
+                    spent_in >= self._max_input
+                    or spent_out >= self._max_output
+                    or spent_in + spent_out >= self._max_total
+                    or self._cost_micros >= self._max_cost_micros
+                ):
                     self._denied += 1
+                    reason = self._spend_reason(spent_in, spent_out, self._cost_micros)
                     snapshot = self._snapshot(
-                        self._input, self._output, self._cost_micros, self._started, self._denied
+                        spent_in, spent_out, self._cost_micros, self._started, self._denied
                     )
+                    assert reason is not None  # one of the checks above matched
                     raise BudgetExhausted(reason, snapshot)
             started = self._started
-            if 0 <= self._max_agents <= started:
+            if started >= self._max_agents:
                 self._denied += 1
                 raise AgentLimitReached(self._max_agents, started)
             self._started = started + 1
 
     def record(self, input_tokens: int, output_tokens: int, cost_usd: float) -> None:
         """Add one agent's self-reported spend (cost in USD, kept as micro-dollars)."""
-        input_tokens = _tokens("input_tokens", input_tokens)
-        output_tokens = _tokens("output_tokens", output_tokens)
-        micros = _cost_micros(cost_usd)
+        # Fast paths for the common types; the helpers give the exact errors.
+        if not (type(input_tokens) is int and 0 <= input_tokens <= _INT64_MAX):
+            input_tokens = _tokens("input_tokens", input_tokens)
+        if not (type(output_tokens) is int and 0 <= output_tokens <= _INT64_MAX):
+            output_tokens = _tokens("output_tokens", output_tokens)
+        if type(cost_usd) is float and 0.0 <= cost_usd <= _FAST_COST_MAX:
+            micros = usd_to_micros(cost_usd)
+        else:
+            micros = _cost_micros(cost_usd)
         with self._lock:
             # Totals saturate at 2**63-1 (the compiled twin's int64 counters).
-            self._input = min(self._input + input_tokens, _INT64_MAX)
-            self._output = min(self._output + output_tokens, _INT64_MAX)
-            self._cost_micros = min(self._cost_micros + micros, _INT64_MAX)
+            total = self._input + input_tokens
+            self._input = total if total <= _INT64_MAX else _INT64_MAX
+            total = self._output + output_tokens
+            self._output = total if total <= _INT64_MAX else _INT64_MAX
+            total = self._cost_micros + micros
+            self._cost_micros = total if total <= _INT64_MAX else _INT64_MAX
 
     def snapshot(self) -> BudgetSnapshot:
         with self._lock:
@@ -217,14 +238,14 @@ class CoordinationBudget:
 
     def _spend_reason(self, input_tokens: int, output_tokens: int, cost_micros: int) -> str | None:
         """Why a spend limit is reached, or None. Checked in a fixed order."""
-        if 0 <= self._max_input <= input_tokens:
+        if input_tokens >= self._max_input:
             return f"max_input_tokens reached: {input_tokens} of {self._max_input}"
-        if 0 <= self._max_output <= output_tokens:
+        if output_tokens >= self._max_output:
             return f"max_output_tokens reached: {output_tokens} of {self._max_output}"
         total = min(input_tokens + output_tokens, _INT64_MAX)
-        if 0 <= self._max_total <= total:
+        if total >= self._max_total:
             return f"max_total_tokens reached: {total} of {self._max_total}"
-        if 0 <= self._max_cost_micros <= cost_micros:
+        if cost_micros >= self._max_cost_micros:
             return (
                 f"max_cost_usd reached: {_micros_to_usd(cost_micros)} "
                 f"of {_micros_to_usd(self._max_cost_micros)}"

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
-from typing import Final, final
+from typing import Final, cast, final
 
 __all__ = ["Overlay", "StateStore", "StateTransition"]
 
@@ -65,14 +65,8 @@ class StateTransition:
     the layer that recorded it); ``new`` is ``None`` for a delete.
     """
 
-    __slots__ = ("index", "key", "new", "old", "time_unix_ms", "writer")
-
-    index: int
-    key: str
-    old: object | None
-    new: object | None
-    writer: str
-    time_unix_ms: int
+    # Read-only properties over private slots: immutable, and cheap to build.
+    __slots__ = ("_index", "_key", "_new", "_old", "_time_unix_ms", "_writer")
 
     def __init__(
         self,
@@ -83,22 +77,40 @@ class StateTransition:
         writer: str,
         time_unix_ms: int,
     ) -> None:
-        _set = object.__setattr__
-        _set(self, "index", index)
-        _set(self, "key", key)
-        _set(self, "old", old)
-        _set(self, "new", new)
-        _set(self, "writer", writer)
-        _set(self, "time_unix_ms", time_unix_ms)
+        self._index = index
+        self._key = key
+        self._old = old
+        self._new = new
+        self._writer = writer
+        self._time_unix_ms = time_unix_ms
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"StateTransition is immutable (cannot set {name!r})")
+    @property
+    def index(self) -> int:
+        """1-based position in the log of the layer that recorded it."""
+        return self._index
 
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"StateTransition is immutable (cannot delete {name!r})")
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def old(self) -> object | None:
+        return self._old
+
+    @property
+    def new(self) -> object | None:
+        return self._new
+
+    @property
+    def writer(self) -> str:
+        return self._writer
+
+    @property
+    def time_unix_ms(self) -> int:
+        return self._time_unix_ms
 
     def _astuple(self) -> tuple[int, str, object | None, object | None, str, int]:
-        return (self.index, self.key, self.old, self.new, self.writer, self.time_unix_ms)
+        return (self._index, self._key, self._old, self._new, self._writer, self._time_unix_ms)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, StateTransition):
@@ -118,13 +130,12 @@ class StateTransition:
 
     def __repr__(self) -> str:
         return (
-            f"StateTransition(index={self.index!r}, key={self.key!r}, old={self.old!r}, "
-            f"new={self.new!r}, writer={self.writer!r}, time_unix_ms={self.time_unix_ms!r})"
+            f"StateTransition(index={self._index!r}, key={self._key!r}, old={self._old!r}, "
+            f"new={self._new!r}, writer={self._writer!r}, time_unix_ms={self._time_unix_ms!r})"
         )
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+_time_ns = time.time_ns
 
 
 def _check_key(key: object) -> str:
@@ -157,6 +168,7 @@ class _Layer:
         "_listeners",
         "_log",
         "_max_transitions",
+        "_parent",
         "_values",
         "_writers",
     )
@@ -167,8 +179,11 @@ class _Layer:
     _count: int
     _max_transitions: int
     _listeners: tuple[Listener, ...]
+    # None for the root store.
+    _parent: _Layer | None
 
-    def _init_layer(self, max_transitions: int) -> None:
+    def _init_layer(self, max_transitions: int, parent: _Layer | None) -> None:
+        self._parent = parent
         self._values = {}
         self._writers = {}
         self._log = deque(maxlen=max_transitions)
@@ -185,7 +200,9 @@ class _Layer:
         self, key: str, old: object | None, new: object | None, writer: str
     ) -> StateTransition:
         self._count += 1
-        transition = StateTransition(self._count, key, old, new, writer, _now_ms())
+        transition = StateTransition(
+            self._count, key, old, new, writer, _time_ns() // 1_000_000
+        )
         self._log.append(transition)
         if self._listeners:
             self._notify(transition)
@@ -244,7 +261,34 @@ class _Layer:
                 self._listeners = tuple(listeners)
                 return
 
-    # -- reads shared by both layers -------------------------------------------
+    # -- reads: this layer first, then the parent chain -----------------------
+
+    def get(self, key: str, default: object = None) -> object:
+        layer: _Layer | None = self
+        while layer is not None:
+            value = layer._values.get(key, _MISSING)
+            if value is not _MISSING:
+                return default if value is _TOMBSTONE else value
+            layer = layer._parent
+        return default
+
+    def __contains__(self, key: object) -> bool:
+        layer: _Layer | None = self
+        while layer is not None:
+            value = layer._values.get(key, _MISSING)  # type: ignore[call-overload]
+            if value is not _MISSING:
+                return value is not _TOMBSTONE
+            layer = layer._parent
+        return False
+
+    def writer_of(self, key: str) -> str | None:
+        layer: _Layer | None = self
+        while layer is not None:
+            value = layer._values.get(key, _MISSING)
+            if value is not _MISSING:
+                return None if value is _TOMBSTONE else layer._writers[key]
+            layer = layer._parent
+        return None
 
     def _visible(self) -> dict[str, object]:
         raise NotImplementedError
@@ -272,7 +316,7 @@ class StateStore(_Layer):
             raise TypeError("max_transitions must be int")
         if max_transitions < 0:
             raise ValueError("max_transitions must be >= 0")
-        self._init_layer(max_transitions)
+        self._init_layer(max_transitions, None)
 
     @property
     def depth(self) -> int:
@@ -282,6 +326,7 @@ class StateStore(_Layer):
     def owner(self) -> str:
         return ""
 
+    # The root has no tombstones and no parent: one dict lookup.
     def get(self, key: str, default: object = None) -> object:
         return self._values.get(key, default)
 
@@ -331,9 +376,8 @@ class StateStore(_Layer):
 class Overlay(_Layer):
     """One agent's isolated layer over ``parent`` (a store or another overlay)."""
 
-    __slots__ = ("_depth", "_owner", "_parent")
+    __slots__ = ("_depth", "_owner")
 
-    _parent: StateStore | Overlay
     _owner: str
     _depth: int
 
@@ -345,14 +389,13 @@ class Overlay(_Layer):
             )
         if not isinstance(owner, str):
             raise TypeError(f"owner must be str, not {type(owner).__name__}")
-        self._init_layer(parent._max_transitions)
-        self._parent = parent
+        self._init_layer(parent._max_transitions, parent)
         self._owner = owner
         self._depth = parent.depth + 1
 
     @property
     def parent(self) -> StateStore | Overlay:
-        return self._parent
+        return cast("StateStore | Overlay", self._parent)
 
     @property
     def owner(self) -> str:
@@ -362,35 +405,25 @@ class Overlay(_Layer):
     def depth(self) -> int:
         return self._depth
 
-    # -- reads: local layer first, then the parent chain ----------------------
-
     def get(self, key: str, default: object = None) -> object:
+        # The hottest read: own layer first, then a loop (no call per level).
         value = self._values.get(key, _MISSING)
         if value is _MISSING:
-            return self._parent.get(key, default)
-        if value is _TOMBSTONE:
-            return default
-        return value
-
-    def __contains__(self, key: object) -> bool:
-        value = self._values.get(key, _MISSING)  # type: ignore[call-overload]
-        if value is _MISSING:
-            return key in self._parent
-        return value is not _TOMBSTONE
-
-    def writer_of(self, key: str) -> str | None:
-        value = self._values.get(key, _MISSING)
-        if value is _MISSING:
-            return self._parent.writer_of(key)
-        if value is _TOMBSTONE:
-            return None
-        return self._writers[key]
+            layer = self._parent
+            while layer is not None:
+                value = layer._values.get(key, _MISSING)
+                if value is not _MISSING:
+                    break
+                layer = layer._parent
+            else:
+                return default
+        return default if value is _TOMBSTONE else value
 
     def __len__(self) -> int:
         return len(self._visible())
 
     def _visible(self) -> dict[str, object]:
-        visible = self._parent._visible()
+        visible = self.parent._visible()
         for key, value in self._values.items():
             if value is _TOMBSTONE:
                 visible.pop(key, None)
@@ -446,7 +479,7 @@ class Overlay(_Layer):
         # overlay sees the merged state, and a re-entrant merge is a no-op.
         self._values = {}
         self._writers = {}
-        parent = self._parent
+        parent = self.parent
         for key, value in values.items():
             if value is _TOMBSTONE:
                 parent.delete(key, writers[key])

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print measurements (``python -m bench.<name>``), not tests."""
