@@ -3,13 +3,15 @@
 Environment switches (any non-empty value other than "0" turns one on):
 
 * ``CARSVC_NO_EXTENSIONS``: build nothing; a pure-Python install.
-* ``CARSVC_DEBUG_BUILD``: ``-O0 -g``, Cython line tracing (``linetrace``,
+* ``CARSVC_DEBUG_BUILD``: ``-O0 -g3``, Cython line tracing (``linetrace``,
   ``CYTHON_TRACE``/``CYTHON_TRACE_NOGIL``, for coverage and profilers) and an
-  annotated HTML next to the generated C under ``build/cython-debug/``.
+  annotated HTML beside the generated C, in ``build/cython-debug/ext/``.
 
-Generated C goes to ``build/cython-{release,debug}/`` (one directory per mode,
-so switching modes always regenerates it) and is never committed.
-See docs/hot-paths.md.
+Works with ``pip install .`` (build isolation brings setuptools and Cython),
+``pip install -e .`` and ``python setup.py build_ext --inplace``. Cython runs
+inside ``build_ext`` only, so metadata hooks never need it. Generated C goes
+to ``build/cython-{release,debug}/`` (one directory per mode, so switching
+modes always regenerates it) and is never committed. See docs/hot-paths.md.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import os
 import platform
 import shutil
 import sys
+from typing import Any
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
 
 CYTHON_MIN = (3, 1)
-# ext/<stem>.pyx (+ ext/<stem>.pxd) -> carsvc.domain.<stem>
+# ext/<stem>.pyx + ext/<stem>.pxd -> module carsvc.domain.<stem>
 MODULES = {"_overlay": "carsvc.domain._overlay", "_budget": "carsvc.domain._budget"}
+SHARED_DEPENDS = ["ext/_atomic.pxd", "ext/include/carsvc_atomic.h"]
 
 
 def _env_flag(name: str) -> bool:
@@ -34,16 +39,22 @@ def _banner(text: str) -> None:
     print(f"*** carsvc: {text} ***", flush=True)
 
 
-def _stage_own_pxds(build_dir: str) -> str:
+NO_EXTENSIONS = _env_flag("CARSVC_NO_EXTENSIONS")
+DEBUG_BUILD = _env_flag("CARSVC_DEBUG_BUILD")
+MODE = "debug" if DEBUG_BUILD else "release"
+BUILD_DIR = os.path.join("build", f"cython-{MODE}")
+
+
+def _stage_own_pxds() -> str:
     """Make ext/<stem>.pxd findable as the .pxd of module carsvc.domain.<stem>.
 
     Cython pairs a module with its own .pxd by qualified name: it looks for
     carsvc/domain/<stem>.pxd on the include path, never for ext/<stem>.pxd.
     Copy (keeping mtimes, so Cython's dependency check still works) each one
-    to <build_dir>/pxd/carsvc/domain/ and put that on the include path. The
+    to <build dir>/pxd/carsvc/domain/ and put that on the include path. The
     sources stay in ext/; edit those, never the copies.
     """
-    root = os.path.join(build_dir, "pxd")
+    root = os.path.join(BUILD_DIR, "pxd")
     for stem, module in MODULES.items():
         target = os.path.join(root, *module.split(".")[:-1], f"{stem}.pxd")
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -51,58 +62,78 @@ def _stage_own_pxds(build_dir: str) -> str:
     return root
 
 
+class build_ext(_build_ext):
+    """Cythonizes ext/*.pyx when it runs, then compiles as usual.
+
+    Not in finalize_options: sdist calls that too, and must ship the .pyx.
+    """
+
+    @staticmethod
+    def _cythonize(extensions: list[Extension]) -> Any:
+        try:
+            import Cython
+            from Cython.Build import cythonize
+        except ImportError:
+            sys.exit(
+                "carsvc: building the extensions needs Cython>=3.1 "
+                "(or set CARSVC_NO_EXTENSIONS=1 for a pure-Python install)"
+            )
+        version = tuple(int(p) for p in Cython.__version__.split(".")[:2] if p.isdigit())
+        if version < CYTHON_MIN:
+            sys.exit(f"carsvc: Cython>=3.1 is required, found {Cython.__version__}")
+        directives: dict[str, object] = {"language_level": 3, "embedsignature": True}
+        if DEBUG_BUILD:
+            directives["linetrace"] = True
+        return cythonize(
+            extensions,
+            include_path=["ext", _stage_own_pxds()],
+            build_dir=BUILD_DIR,
+            compiler_directives=directives,
+            annotate=DEBUG_BUILD,
+            quiet=True,
+        )
+
+    def run(self) -> None:
+        if self.extensions and any(
+            source.endswith(".pyx") for ext in self.extensions for source in ext.sources
+        ):
+            # Keep setuptools' finalized Extension objects; take only the
+            # generated C sources from cythonize's copies.
+            generated = {ext.name: ext.sources for ext in self._cythonize(self.extensions)}
+            for ext in self.extensions:
+                ext.sources = generated[ext.name]
+            import Cython
+
+            modules = ", ".join(MODULES.values())
+            _banner(f"accelerated {MODE} build (Cython {Cython.__version__}: {modules})")
+        super().run()
+
+
 def _extensions() -> list[Extension]:
-    if _env_flag("CARSVC_NO_EXTENSIONS"):
+    if NO_EXTENSIONS:
         _banner("pure-Python build (CARSVC_NO_EXTENSIONS is set; no extensions compiled)")
         return []
     if platform.python_implementation() != "CPython":
         _banner(f"pure-Python build ({platform.python_implementation()} is not CPython)")
         return []
-
-    try:
-        import Cython
-        from Cython.Build import cythonize
-    except ImportError:
-        sys.exit(
-            "carsvc: building the extensions needs Cython>=3.1 "
-            "(or set CARSVC_NO_EXTENSIONS=1 for a pure-Python install)"
-        )
-    version = tuple(int(part) for part in Cython.__version__.split(".")[:2] if part.isdigit())
-    if version < CYTHON_MIN:
-        sys.exit(f"carsvc: Cython>=3.1 is required, found {Cython.__version__}")
-
-    debug = _env_flag("CARSVC_DEBUG_BUILD")
-    directives: dict[str, object] = {"language_level": 3, "embedsignature": True}
     macros: list[tuple[str, str | None]] = []
-    if debug:
-        directives["linetrace"] = True
+    if DEBUG_BUILD:
         macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
         cflags = ["-O0", "-g3", "-UNDEBUG"]
     else:
-        cflags = []  # the interpreter's own optimisation flags (-O3 -DNDEBUG here)
-
-    mode = "debug" if debug else "release"
-    build_dir = os.path.join("build", f"cython-{mode}")
-    common = {
-        "include_dirs": ["ext/include"],
-        "define_macros": macros,
-        "extra_compile_args": cflags,
-        "depends": ["ext/include/carsvc_atomic.h", "ext/_atomic.pxd"],
-    }
-    extensions = [
-        Extension(module, [f"ext/{stem}.pyx"], **common)  # type: ignore[arg-type]
+        cflags = []  # the interpreter's own optimisation flags (-O3 -DNDEBUG on CPython)
+    return [
+        Extension(
+            module,
+            [f"ext/{stem}.pyx"],
+            include_dirs=["ext/include"],
+            define_macros=macros,
+            extra_compile_args=cflags,
+            # Listed so that they are rebuilt on change and shipped in the sdist.
+            depends=[f"ext/{stem}.pxd", *SHARED_DEPENDS],
+        )
         for stem, module in MODULES.items()
     ]
-    modules = ", ".join(MODULES.values())
-    _banner(f"accelerated {mode} build (Cython {Cython.__version__}: {modules})")
-    return cythonize(
-        extensions,
-        include_path=["ext", _stage_own_pxds(build_dir)],
-        build_dir=build_dir,
-        compiler_directives=directives,
-        annotate=debug,
-        quiet=True,
-    )
 
 
-setup(ext_modules=_extensions())
+setup(ext_modules=_extensions(), cmdclass={"build_ext": build_ext})
