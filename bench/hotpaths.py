@@ -15,6 +15,8 @@ several repeats. This is a command, not a test: nothing here asserts timing.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -24,17 +26,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from types import ModuleType
 from typing import Any
 
 from carsvc.domain import _budget_py, _overlay_py
 from carsvc.domain.budget_types import BudgetLimits
 
-try:
-    from carsvc.domain import _budget as _budget_c
-    from carsvc.domain import _overlay as _overlay_c
-except ImportError:  # pragma: no cover - reported in the output
-    _overlay_c = None  # type: ignore[assignment]
-    _budget_c = None  # type: ignore[assignment]
+
+def _compiled(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"carsvc.domain.{name}")
+    except ImportError:  # reported in the output
+        return None
+
+
+_overlay_c = _compiled("_overlay")
+_budget_c = _compiled("_budget")
 
 UNROLL = 10
 TARGET_SECONDS = 0.05  # per repeat
@@ -105,7 +112,7 @@ def _loop(fn: Callable[..., object], args: tuple[object, ...]) -> Callable[[int]
     namespace: dict[str, Any] = {}
     exec(source, namespace)
     run = namespace["run"]
-    return lambda n: run(n, fn, args, time.perf_counter)  # type: ignore[no-any-return]
+    return lambda n: float(run(n, fn, args, time.perf_counter))
 
 
 def _calibrate(timed: Callable[[int], float]) -> int:
@@ -247,14 +254,18 @@ def run(repeats: int) -> tuple[list[Row], dict[str, float]]:
         baseline_ns=counter[1], target_ns=30)
     add("begin_agent, unbounded", per_impl(begin_unbounded), baseline=counter[0],
         baseline_ns=counter[1], target_ns=30)
+    def begin_threads(threads: int) -> Callable[[Any, Any], float]:
+        def case(o: Any, b: Any) -> float:
+            return measure_threads(
+                lambda: b.CoordinationBudget(BIG_LIMITS).begin_agent, threads, repeats
+            )
+
+        return case
+
     for threads in (2, 4):
         add(
             f"begin_agent, {threads} threads",
-            per_impl(
-                lambda o, b, t=threads: measure_threads(
-                    lambda: b.CoordinationBudget(BIG_LIMITS).begin_agent, t, repeats
-                )
-            ),
+            per_impl(begin_threads(threads)),
             baseline=counter[0],
             baseline_ns=counter[1],
             notes=["wall-clock ns per call, all threads together (GIL build)"],
@@ -285,10 +296,8 @@ def _cpu_model() -> str:
 
 def environment() -> dict[str, str]:
     try:
-        import Cython  # optional: only to report its version
-
-        cython_version = Cython.__version__
-    except ImportError:
+        cython_version = importlib.metadata.version("Cython")
+    except importlib.metadata.PackageNotFoundError:
         cython_version = "not installed"
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {
