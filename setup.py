@@ -106,7 +106,20 @@ class build_ext(_build_ext):
 
             modules = ", ".join(MODULES.values())
             _banner(f"accelerated {MODE} build (Cython {Cython.__version__}: {modules})")
+        # Each mode keeps its own up-to-date C, so timestamps alone would not
+        # rebuild the .so after a switch between release and debug.
+        stamp = os.path.join("build", "cython-last-mode")
+        try:
+            with open(stamp, encoding="utf-8") as f:
+                last_mode = f.read().strip()
+        except OSError:
+            last_mode = ""
+        if last_mode != MODE:
+            self.force = True
         super().run()
+        os.makedirs("build", exist_ok=True)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(MODE)
 
 
 def _extensions() -> list[Extension]:

@@ -1,6 +1,6 @@
 """Micro-benchmark of the two hot paths, compiled twin against pure-Python twin.
 
-    python -m bench.hotpaths            # full run (about half a minute)
+    python -m bench.hotpaths            # full run (about 12 s)
     python -m bench.hotpaths --quick    # fewer repeats
     python -m bench.hotpaths --json out.json
 
