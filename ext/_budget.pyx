@@ -68,14 +68,15 @@ cdef int64_t _limit_cost(object value) except? -2:
 
 
 cdef int64_t _tokens(str name, object value) except? -1:
-    # Same order of checks as the pure twin: type, int64 range, sign.
+    # Same checks, order and exception types as the pure twin: type
+    # (TypeError), int64 range, sign (ValueError).
     if not isinstance(value, int):
         raise TypeError(f"{name} must be int, not {type(value).__name__}")
     cdef int64_t n
     try:
         n = value
     except OverflowError:
-        raise OverflowError(f"{name} is out of range: {value}") from None
+        raise ValueError(f"{name} is out of range: {value}") from None
     if n < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return n
@@ -86,7 +87,10 @@ cdef int64_t _cost_micros(object cost_usd) except? -1:
     if isinstance(cost_usd, float):
         cost = cost_usd
     elif isinstance(cost_usd, int):
-        cost = float(cost_usd)
+        try:
+            cost = float(cost_usd)
+        except OverflowError:
+            raise ValueError(f"cost_usd is too large: {cost_usd!r}") from None
     else:
         raise TypeError(f"cost_usd must be float, not {type(cost_usd).__name__}")
     if not isfinite(cost):
@@ -96,7 +100,7 @@ cdef int64_t _cost_micros(object cost_usd) except? -1:
     # round-half-to-even of the same double, exactly like usd_to_micros().
     cdef double micros = nearbyint(cost * MICROS_PER_USD)
     if micros >= _INT64_LIMIT_AS_DOUBLE:
-        raise OverflowError(f"cost_usd is too large: {cost_usd!r}")
+        raise ValueError(f"cost_usd is too large: {cost_usd!r}")
     return <int64_t>micros
 
 

@@ -70,11 +70,12 @@ def _limit_cost(value: object) -> int:
 
 
 def _tokens(name: str, value: int) -> int:
-    # Same order of checks as the compiled twin's int64 conversion, then sign.
+    # TypeError for a wrong type, ValueError for any bad value (so a caller
+    # handling untrusted, self-reported spend needs one except clause).
     if not isinstance(value, int):
         raise TypeError(f"{name} must be int, not {type(value).__name__}")
     if value > _INT64_MAX or value < _INT64_MIN:
-        raise OverflowError(f"{name} is out of range: {value}")
+        raise ValueError(f"{name} is out of range: {value}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return int(value)
@@ -84,7 +85,10 @@ def _cost_micros(cost_usd: float) -> int:
     if isinstance(cost_usd, float):
         cost = cost_usd
     elif isinstance(cost_usd, int):
-        cost = float(cost_usd)
+        try:
+            cost = float(cost_usd)
+        except OverflowError:
+            raise ValueError(f"cost_usd is too large: {cost_usd!r}") from None
     else:
         raise TypeError(f"cost_usd must be float, not {type(cost_usd).__name__}")
     if not math.isfinite(cost):
@@ -93,7 +97,7 @@ def _cost_micros(cost_usd: float) -> int:
         raise ValueError(f"cost_usd must be >= 0, got {cost_usd!r}")
     micros = usd_to_micros(cost)
     if micros > _INT64_MAX:
-        raise OverflowError(f"cost_usd is too large: {cost_usd!r}")
+        raise ValueError(f"cost_usd is too large: {cost_usd!r}")
     return micros
 
 
