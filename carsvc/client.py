@@ -8,13 +8,16 @@
         )
         print(run.result.map_reduce.reduced_answer)
 
-The pattern builders (`agent`, `registered`, `single`, `map_reduce`) return
-the generated protobuf messages, so anything the contract offers can also be
-set on them directly.
+The pattern builders (`agent`, `registered`, and one per pattern: `single`,
+`swarm`, `pipeline`, `supervisor`, `delegator`, `spawn_subtask`, `map_reduce`,
+`vote`, `fleet`, `adversarial_review`, `tournament`, `advisor`) return the
+generated protobuf messages, so anything the contract offers can also be set on
+them directly. docs/patterns/ describes each pattern.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -34,7 +37,7 @@ from carsvc._proto.car.v1 import (
 )
 from carsvc.values import from_value, to_value
 
-__all__ = ["Client", "agent", "map_reduce", "registered", "single"]
+__all__ = ["Client", "RunSession", "agent", "deny", "map_reduce", "registered", "resume", "single"]
 
 RunEvent = Any  # carsvc._proto.car.v1.events_pb2.RunEvent
 
@@ -89,6 +92,182 @@ def map_reduce(
     return msg
 
 
+def resume(target_id: str, result: Any = None, *, decision_id: str = "") -> types_pb2.ToolCallDecision:
+    """Approve a suspended tool call; `result` is handed to the waiting agent."""
+    decision = types_pb2.ToolCallDecision(
+        target_id=target_id, decision_id=decision_id, action=types_pb2.DECISION_ACTION_RESUME
+    )
+    if result is not None:
+        decision.result.CopyFrom(to_value(result))
+    return decision
+
+
+def deny(target_id: str, reason: str = "", *, decision_id: str = "") -> types_pb2.ToolCallDecision:
+    """Refuse a suspended tool call."""
+    return types_pb2.ToolCallDecision(
+        target_id=target_id, decision_id=decision_id, action=types_pb2.DECISION_ACTION_CANCEL, reason=reason
+    )
+
+
+class RunSession:
+    """One run on one RunService.Session stream: its events, decisions and cancel."""
+
+    def __init__(self, call: Any, outgoing: asyncio.Queue[runs_pb2.SessionRequest | None]) -> None:
+        self._call = call
+        self._outgoing = outgoing
+        self.handle: types_pb2.RunHandle = types_pb2.RunHandle()
+        self._replies: asyncio.Queue[Any] = asyncio.Queue()
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _open(self, start: runs_pb2.StartRunRequest) -> None:
+        await self._outgoing.put(runs_pb2.SessionRequest(start=start))
+        first = await self._call.read()
+        self.handle = first.started
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while (reply := await self._call.read()) is not grpc.aio.EOF:
+                kind = reply.WhichOneof("reply")
+                if kind == "events":
+                    for event in reply.events.events:
+                        self._events.put_nowait(event)
+                else:
+                    self._replies.put_nowait(reply)
+        finally:
+            self._events.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[RunEvent]:
+        """The run's events, ending with run_finished."""
+        while (event := await self._events.get()) is not None:
+            yield event
+
+    async def _request(self, message: runs_pb2.SessionRequest) -> Any:
+        await self._outgoing.put(message)
+        reply = await self._replies.get()
+        if reply.WhichOneof("reply") == "error":
+            raise ValueError(f"{reply.error.field}: {reply.error.message}")
+        return getattr(reply, reply.WhichOneof("reply"))
+
+    async def decide(self, *decisions: types_pb2.ToolCallDecision) -> runs_pb2.SubmitDecisionsResponse:
+        response: runs_pb2.SubmitDecisionsResponse = await self._request(
+            runs_pb2.SessionRequest(decisions=runs_pb2.SubmitDecisionsRequest(decisions=decisions))
+        )
+        return response
+
+    async def cancel(self, reason: str = "", *, wait: bool = False) -> runs_pb2.CancelRunResponse:
+        response: runs_pb2.CancelRunResponse = await self._request(
+            runs_pb2.SessionRequest(cancel=runs_pb2.CancelRunRequest(reason=reason, wait=wait))
+        )
+        return response
+
+    async def close(self) -> None:
+        await self._outgoing.put(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        self._call.cancel()
+
+
+_SWARM_MODES = {
+    "parallel": patterns_pb2.SWARM_MODE_PARALLEL,
+    "sequential": patterns_pb2.SWARM_MODE_SEQUENTIAL,
+    "debate": patterns_pb2.SWARM_MODE_DEBATE,
+}
+
+
+def swarm(
+    agents: Iterable[patterns_pb2.AgentRef],
+    task: str,
+    *,
+    mode: str = "parallel",
+    synthesizer: patterns_pb2.AgentRef | None = None,
+    isolated: bool = False,
+) -> patterns_pb2.SwarmRun:
+    """`mode` is "parallel", "sequential" or "debate" (the synthesizer judges a debate)."""
+    if mode not in _SWARM_MODES:
+        raise ValueError(f"mode must be one of {sorted(_SWARM_MODES)}, not {mode!r}")
+    msg = patterns_pb2.SwarmRun(agents=list(agents), mode=_SWARM_MODES[mode], task=task, isolated=isolated)
+    if synthesizer is not None:
+        msg.synthesizer.CopyFrom(synthesizer)
+    return msg
+
+
+def pipeline(stages: Iterable[patterns_pb2.AgentRef], task: str) -> patterns_pb2.PipelineRun:
+    return patterns_pb2.PipelineRun(stages=list(stages), task=task)
+
+
+def supervisor(
+    workers: Iterable[patterns_pb2.AgentRef],
+    supervisor_ref: patterns_pb2.AgentRef,
+    task: str,
+    *,
+    max_rounds: int | None = None,
+) -> patterns_pb2.SupervisorRun:
+    msg = patterns_pb2.SupervisorRun(workers=list(workers), supervisor=supervisor_ref, task=task)
+    if max_rounds is not None:
+        msg.max_rounds = max_rounds
+    return msg
+
+
+def delegator(
+    main: patterns_pb2.AgentRef, specialists: Iterable[patterns_pb2.AgentRef], task: str
+) -> patterns_pb2.DelegatorRun:
+    return patterns_pb2.DelegatorRun(main=main, specialists=list(specialists), task=task)
+
+
+def spawn_subtask(main: patterns_pb2.AgentRef, task: str) -> patterns_pb2.SpawnSubtaskRun:
+    return patterns_pb2.SpawnSubtaskRun(main=main, task=task)
+
+
+def vote(
+    agents: Iterable[patterns_pb2.AgentRef], task: str, *, synthesizer: patterns_pb2.AgentRef | None = None
+) -> patterns_pb2.VoteRun:
+    msg = patterns_pb2.VoteRun(agents=list(agents), task=task)
+    if synthesizer is not None:
+        msg.synthesizer.CopyFrom(synthesizer)
+    return msg
+
+
+def fleet(
+    agents: Iterable[patterns_pb2.AgentRef], task: str = "", *, agent_timeout_secs: float | None = None
+) -> patterns_pb2.FleetRun:
+    """Empty `task`: each agent works on its own system prompt (its mission)."""
+    msg = patterns_pb2.FleetRun(agents=list(agents), task=task)
+    if agent_timeout_secs is not None:
+        msg.agent_timeout_secs = agent_timeout_secs
+    return msg
+
+
+def adversarial_review(
+    reviewer: patterns_pb2.AgentRef,
+    work_output: str,
+    criteria: Iterable[str],
+    *,
+    author: str = "",
+    fail_on_blockers: bool | None = None,
+) -> patterns_pb2.AdversarialReviewRun:
+    msg = patterns_pb2.AdversarialReviewRun(
+        reviewer=reviewer, author=author, work_output=work_output, criteria=list(criteria)
+    )
+    if fail_on_blockers is not None:
+        msg.fail_on_blockers = fail_on_blockers
+    return msg
+
+
+def tournament(
+    competitors: Iterable[patterns_pb2.AgentRef], judge: patterns_pb2.AgentRef, task: str
+) -> patterns_pb2.TournamentRun:
+    return patterns_pb2.TournamentRun(competitors=list(competitors), judge=judge, task=task)
+
+
+def advisor(
+    agent_ref: patterns_pb2.AgentRef, advisor_ref: patterns_pb2.AgentRef, task: str, *, max_uses: int
+) -> patterns_pb2.AdvisorRun:
+    """`agent_ref` runs `task` and may consult `advisor_ref` up to `max_uses` times."""
+    return patterns_pb2.AdvisorRun(agent=agent_ref, advisor=advisor_ref, task=task, max_uses=max_uses)
+
+
 class Client:
     """An asyncio client for the run, registry and state services."""
 
@@ -119,6 +298,66 @@ class Client:
 
     # -- runs ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _start_request(
+        pattern: Message,
+        *,
+        thread_id: str = "",
+        agent_id: str = "",
+        run_id: str = "",
+        on_busy: str = "reject",
+        budget: types_pb2.BudgetLimits | None = None,
+        budget_id: str = "",
+        state_scope: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        initial_decisions: Iterable[types_pb2.ToolCallDecision] = (),
+    ) -> runs_pb2.StartRunRequest:
+        field = _PATTERN_FIELDS.get(pattern.DESCRIPTOR.full_name)
+        if field is None:
+            raise TypeError(f"{pattern.DESCRIPTOR.full_name} is not a run pattern")
+        request = runs_pb2.StartRunRequest(
+            thread_id=thread_id,
+            agent_id=agent_id,
+            run_id=run_id,
+            on_busy=_ON_BUSY[on_busy],
+            budget_id=budget_id,
+            state_scope=state_scope,
+            labels=dict(labels or {}),
+            timeout_ms=int(timeout * 1000) if timeout else 0,
+            initial_decisions=list(initial_decisions),
+        )
+        getattr(request, field).CopyFrom(pattern)
+        if budget is not None:
+            request.budget.CopyFrom(budget)
+        return request
+
+    async def session(self, pattern: Message, **options: Any) -> RunSession:
+        """Starts a run on a RunService.Session stream (same options as start_run)."""
+        outgoing: asyncio.Queue[runs_pb2.SessionRequest | None] = asyncio.Queue()
+
+        async def frames() -> AsyncIterator[runs_pb2.SessionRequest]:
+            while (message := await outgoing.get()) is not None:
+                yield message
+
+        session = RunSession(self.runs.Session(frames()), outgoing)
+        await session._open(self._start_request(pattern, **options))
+        return session
+
+    async def submit_decisions(
+        self,
+        *decisions: types_pb2.ToolCallDecision,
+        run_id: str = "",
+        thread_id: str = "",
+        agent_id: str = "",
+    ) -> runs_pb2.SubmitDecisionsResponse:
+        response: runs_pb2.SubmitDecisionsResponse = await self.runs.SubmitDecisions(
+            runs_pb2.SubmitDecisionsRequest(
+                run_id=run_id, thread_id=thread_id, agent_id=agent_id, decisions=decisions
+            )
+        )
+        return response
+
     async def start_run(
         self,
         pattern: Message,
@@ -132,24 +371,23 @@ class Client:
         state_scope: str = "",
         labels: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        initial_decisions: Iterable[types_pb2.ToolCallDecision] = (),
     ) -> types_pb2.RunHandle:
-        """Starts a run of `pattern` (a SingleRun, MapReduceRun, ... message)."""
-        field = _PATTERN_FIELDS.get(pattern.DESCRIPTOR.full_name)
-        if field is None:
-            raise TypeError(f"{pattern.DESCRIPTOR.full_name} is not a run pattern")
-        request = runs_pb2.StartRunRequest(
+        """Starts a run of `pattern` (a SingleRun, MapReduceRun, ... message).
+        `on_busy` is "reject", "interrupt" or "enqueue"."""
+        request = self._start_request(
+            pattern,
             thread_id=thread_id,
             agent_id=agent_id,
             run_id=run_id,
-            on_busy=_ON_BUSY[on_busy],
+            on_busy=on_busy,
+            budget=budget,
             budget_id=budget_id,
             state_scope=state_scope,
-            labels=dict(labels or {}),
-            timeout_ms=int(timeout * 1000) if timeout else 0,
+            labels=labels,
+            timeout=timeout,
+            initial_decisions=initial_decisions,
         )
-        getattr(request, field).CopyFrom(pattern)
-        if budget is not None:
-            request.budget.CopyFrom(budget)
         response: runs_pb2.StartRunResponse = await self.runs.StartRun(request)
         return response.run
 

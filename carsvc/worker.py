@@ -29,17 +29,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from carsvc._proto.car.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2, worker_pb2_grpc
 from carsvc._version import __version__
 from carsvc.values import from_value, to_value
 
-__all__ = ["AgentContext", "Result", "RuntimeCallError", "Worker"]
+__all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "Worker"]
 
 log = logging.getLogger("carsvc.worker")
 
@@ -76,6 +76,25 @@ class Result:
             out.tokens.output_tokens = self.output_tokens
             out.tokens.cost_usd = self.cost_usd
         return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A client's answer to a suspended tool call."""
+
+    approved: bool  # resume (True) or cancel (False)
+    result: Any  # the value a resume carries
+    reason: str
+    decision_id: str
+
+    @classmethod
+    def from_proto(cls, msg: types_pb2.ToolCallDecision) -> Decision:
+        return cls(
+            approved=msg.action == types_pb2.DECISION_ACTION_RESUME,
+            result=from_value(msg.result) if msg.HasField("result") else None,
+            reason=msg.reason,
+            decision_id=msg.decision_id,
+        )
 
 
 class RuntimeCallError(Exception):
@@ -161,6 +180,31 @@ class AgentContext:
         r = await self.call(worker_pb2.RuntimeCall(mailbox_recv=worker_pb2.MailboxRecvCall(timeout_ms=timeout_ms)))
         return r.message
 
+    async def suspend_tool_call(
+        self,
+        tool_call_id: str,
+        tool_name: str,
+        arguments: Any = None,
+        *,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> Decision:
+        """Suspends a tool call until a client approves or denies it (human in
+        the loop). The tool must be in the agent's spec. The run is WAITING
+        meanwhile; after `timeout` (default: the sidecar's) the call is cancelled."""
+        call = worker_pb2.RuntimeCall(
+            suspend_tool_call=worker_pb2.SuspendToolCall(
+                tool_call_id=tool_call_id,
+                tool_name=tool_name,
+                reason=reason,
+                timeout_ms=int(timeout * 1000) if timeout else 0,
+            )
+        )
+        if arguments is not None:
+            call.suspend_tool_call.arguments.CopyFrom(to_value(arguments))
+        r = await self.call(call)
+        return Decision.from_proto(r.decision)
+
     def emit(self, kind: str, payload: Any = None) -> None:
         """Appends a custom event to the run's stream (fire and forget)."""
         call = worker_pb2.RuntimeCall(emit=worker_pb2.EmitEventCall(kind=kind))
@@ -174,6 +218,37 @@ class AgentContext:
         if fraction is not None:
             call.progress.fraction = fraction
         self._fire(call)
+
+    # -- pattern tools: the sidecar runs the other agent and answers ------------------
+
+    async def delegate(self, specialist: str, subtask: str) -> AgentOutput:
+        """Hands `subtask` to a named specialist (delegator pattern) and returns
+        its output. An unknown specialist raises RuntimeCallError(NOT_FOUND); a
+        specialist that failed, or that the budget refused, is an output with
+        `error` set."""
+        r = await self.call(
+            worker_pb2.RuntimeCall(delegate=worker_pb2.DelegateCall(specialist=specialist, subtask=subtask))
+        )
+        return r.agent_output
+
+    async def spawn_subtask(self, task: str, tools: Iterable[str] = (), name: str = "") -> AgentOutput:
+        """Spawns an ephemeral sub-agent with a subset of this agent's tools
+        (spawn_subtask pattern) and returns its output. A tool this agent does
+        not have raises RuntimeCallError(PERMISSION_DENIED)."""
+        r = await self.call(
+            worker_pb2.RuntimeCall(
+                spawn_subtask=worker_pb2.SpawnSubtaskCall(task=task, tools=list(tools), name=name)
+            )
+        )
+        return r.agent_output
+
+    async def consult_advisor(self, prompt: str) -> patterns_pb2.AdvisorConsultation:
+        """Asks the run's advisor (advisor pattern) for a verdict. Past the
+        allowance raises RuntimeCallError(RESOURCE_EXHAUSTED, "advisor exhausted: ...")."""
+        r = await self.call(
+            worker_pb2.RuntimeCall(consult_advisor=worker_pb2.ConsultAdvisorCall(prompt=prompt))
+        )
+        return r.consultation
 
 
 class _Outbox:

@@ -3,14 +3,16 @@ view of it while it runs on a worker."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from carsvc._proto.car.v1 import events_pb2, types_pb2
+from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
 from carsvc.domain.budget import CoordinationBudget
 from carsvc.domain.budget_types import BudgetError, BudgetSnapshot
+from carsvc.domain.decisions import DecisionBox
 from carsvc.domain.eventlog import RunEventLog
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import Overlay, StateStore
@@ -79,6 +81,8 @@ class RunInfra:
         mailbox: Mailbox,
         dispatcher: Dispatcher,
         mailbox_recv_timeout: float = 30.0,
+        suspension_timeout: float = 3600.0,
+        max_unmatched_decisions: int = 256,
     ) -> None:
         self.run_id = run_id
         self.thread_id = thread_id
@@ -88,9 +92,31 @@ class RunInfra:
         self.mailbox = mailbox
         self.dispatcher = dispatcher
         self.mailbox_recv_timeout = mailbox_recv_timeout
-        # Runtime-call hooks a pattern installs: "delegate", "spawn_subtask",
-        # "consult_advisor", "suspend_tool_call".
-        self.hooks: dict[str, CallHook] = {}
+        self.decisions = DecisionBox(
+            self.emit, max_unmatched=max_unmatched_decisions, default_timeout=suspension_timeout
+        )
+        # Runtime-call hooks: every run serves "suspend_tool_call"; a pattern adds
+        # "delegate", "spawn_subtask" or "consult_advisor" when it offers them.
+        self.hooks: dict[str, CallHook] = {"suspend_tool_call": self._suspend_tool_call}
+        # Work started on behalf of the run outside its own task (runtime calls
+        # that run agents or wait); cancelled when the run ends.
+        self._children: set[asyncio.Task[Any]] = set()
+
+    async def _suspend_tool_call(self, ctx: AgentContext, call: worker_pb2.SuspendToolCall) -> worker_pb2.CallResult:
+        decision = await self.decisions.suspend(ctx.name, ctx.assignment_id, call)
+        return worker_pb2.CallResult(decision=decision)
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Ties `task` to the run: it is cancelled when the run ends."""
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+
+    def end(self) -> None:
+        """The run is over: waiting tool calls are cancelled, and so is every
+        child task (delegated or spawned agents still running on workers)."""
+        self.decisions.close()
+        for task in list(self._children):
+            task.cancel()
 
     # -- events ------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
 from carsvc.domain.budget import CoordinationBudget
 from carsvc.domain.budget_types import BudgetLimits
 from carsvc.domain.clock import now_ms
+from carsvc.domain.decisions import Outcome, check_decisions
 from carsvc.domain.errors import (
     AlreadyExists,
     CarError,
@@ -50,6 +51,10 @@ ON_BUSY_ENQUEUE = runs_pb2.ON_BUSY_ENQUEUE
 log = logging.getLogger("carsvc.runs")
 
 
+def status_name(status: int) -> str:
+    return types_pb2.RunStatus.Name(types_pb2.RunStatus.ValueType(status))
+
+
 @dataclass(frozen=True, slots=True)
 class RunSettings:
     event_retention: int = 10_000
@@ -57,6 +62,9 @@ class RunSettings:
     max_queued_per_thread: int = 16
     mailbox_depth: int = 1024
     mailbox_recv_timeout: float = 30.0
+    suspension_timeout: float = 3600.0
+    max_unmatched_decisions: int = 256
+    cancel_ack_timeout: float = 10.0
 
 
 @dataclass(eq=False)
@@ -176,6 +184,7 @@ class RunManager:
         state_scope: str = "",
         labels: dict[str, str] | None = None,
         timeout: float | None = None,
+        initial_decisions: list[types_pb2.ToolCallDecision] | None = None,
     ) -> RunRecord:
         run_id = run_id or uuid.uuid4().hex
         if run_id in self.runs:
@@ -212,12 +221,18 @@ class RunManager:
                 mailbox=Mailbox(self.settings.mailbox_depth),
                 dispatcher=self.dispatcher,
                 mailbox_recv_timeout=self.settings.mailbox_recv_timeout,
+                suspension_timeout=self.settings.suspension_timeout,
+                max_unmatched_decisions=self.settings.max_unmatched_decisions,
             ),
             state_scope=state_scope,
             labels=dict(labels or {}),
             timeout=timeout,
             ordinal=self._ordinal,
         )
+        record.infra.decisions.on_waiting = lambda waiting: self._set_waiting(record, waiting)
+        if initial_decisions:
+            check_decisions(initial_decisions, "initial_decisions")
+            record.infra.decisions.submit(initial_decisions)
         self.runs[run_id] = record
         if active is None:
             self._launch(record)
@@ -245,6 +260,12 @@ class RunManager:
         record.task = asyncio.get_running_loop().create_task(
             self._drive(record), name=f"run-{record.run_id}"
         )
+        record.task.add_done_callback(lambda _: self._ensure_finished(record))
+
+    def _ensure_finished(self, record: RunRecord) -> None:
+        # A task cancelled before its first step never runs _drive's handlers.
+        if not record.finished:
+            self._finish(record, CANCELLED, "cancelled", record.cancel_reason or "cancelled")
 
     async def _drive(self, record: RunRecord) -> None:
         status, reason, detail = FAILED, "error", ""
@@ -266,7 +287,21 @@ class RunManager:
             detail = f"internal error: {err!r}"
         self._finish(record, status, reason, detail)
 
+    def _set_waiting(self, record: RunRecord, waiting: bool) -> None:
+        if record.finished:
+            return
+        record.status = WAITING if waiting else RUNNING
+        record.events.append(
+            RunEvent(
+                status_changed=events_pb2.RunStatusChanged(
+                    status=types_pb2.RunStatus.ValueType(record.status),
+                    reason="a tool call waits for a decision" if waiting else "every tool call has its decision",
+                )
+            )
+        )
+
     def _finish(self, record: RunRecord, status: int, reason: str, detail: str) -> None:
+        record.infra.end()
         record.status = status
         record.termination_reason = reason
         record.termination_detail = detail
@@ -282,22 +317,36 @@ class RunManager:
         record.events.append(RunEvent(run_finished=finished))
         record.events.close()
         record.done.set()
-        log.info("run %s %s: %s %s", record.run_id, types_pb2.RunStatus.Name(RunStatus.ValueType(status)), reason, detail)
+        log.info("run %s %s: %s %s", record.run_id, status_name(status), reason, detail)
         if self._active_by_thread.get(record.thread_id) is record:
             del self._active_by_thread[record.thread_id]
-            self._start_next(record.thread_id)
+            self._start_next(record)
         self._retain(record)
 
-    def _start_next(self, thread_id: str) -> None:
+    def _start_next(self, previous: RunRecord) -> None:
+        """Starts the next queued run of `previous`'s thread. If workers still
+        owe answers to `previous`'s cancels, the next run holds the thread and
+        starts once they have answered (or the ack timeout passed)."""
+        thread_id = previous.thread_id
         queue = self._queued_by_thread.get(thread_id)
         while queue:
             nxt = queue.popleft()
-            if nxt.status == PENDING:
-                if not queue:
-                    del self._queued_by_thread[thread_id]
+            if nxt.status != PENDING:
+                continue
+            if not queue:
+                del self._queued_by_thread[thread_id]
+            if not self.dispatcher.awaiting_acknowledgement(previous.run_id):
                 self._launch(nxt)
                 return
+            self._active_by_thread[thread_id] = nxt
+            asyncio.get_running_loop().create_task(self._launch_after_acks(previous.run_id, nxt))
+            return
         self._queued_by_thread.pop(thread_id, None)
+
+    async def _launch_after_acks(self, previous_run_id: str, nxt: RunRecord) -> None:
+        await self.dispatcher.wait_acknowledged(previous_run_id, self.settings.cancel_ack_timeout)
+        if nxt.status == PENDING and self._active_by_thread.get(nxt.thread_id) is nxt:
+            self._launch(nxt)
 
     def _retain(self, record: RunRecord) -> None:
         self._finished_order.append(record.run_id)
@@ -335,7 +384,7 @@ class RunManager:
     def active_run(self, thread_id: str) -> RunRecord | None:
         return self._active_by_thread.get(thread_id)
 
-    def list(
+    def select(
         self, *, thread_id: str = "", status: int = 0, agent_id: str = "", before: int = 0
     ) -> Iterator[RunRecord]:
         """Runs newest first, optionally filtered; `before` is an ordinal cursor."""
@@ -363,7 +412,20 @@ class RunManager:
         self._request_cancel(record, reason)
         if wait:
             await record.done.wait()
+            await self.dispatcher.wait_acknowledged(record.run_id, self.settings.cancel_ack_timeout)
         return True
+
+    def submit_decisions(
+        self, record: RunRecord, decisions: list[types_pb2.ToolCallDecision]
+    ) -> Outcome:
+        check_decisions(decisions)
+        if record.finished:
+            raise FailedPrecondition(
+                f"run '{record.run_id}' has finished ({status_name(record.status)}); "
+                "no tool call waits for a decision",
+                field="run_id",
+            )
+        return record.infra.decisions.submit(decisions)
 
     def _request_cancel(self, record: RunRecord, reason: str) -> None:
         record.cancel_reason = reason or "cancelled by request"
@@ -371,6 +433,8 @@ class RunManager:
             queue = self._queued_by_thread.get(record.thread_id)
             if queue is not None and record in queue:
                 queue.remove(record)
+                if not queue:
+                    del self._queued_by_thread[record.thread_id]
             self._finish(record, CANCELLED, "cancelled", record.cancel_reason)
         elif record.task is not None and not record.task.done():
             record.task.cancel(record.cancel_reason)

@@ -229,6 +229,9 @@ class Dispatcher:
         self._ids = (f"{prefix}-{n:x}" for n in itertools.count(1))
         self._session_ids = (f"s-{prefix}-{n:x}" for n in itertools.count(1))
         self.accepting = True
+        # Cancelled assignments whose workers have not answered yet, by run.
+        self._cancelling: dict[str, set[Assignment]] = {}
+        self._acknowledged: dict[str, asyncio.Event] = {}
         # Counters for metrics and tests.
         self.dispatched = 0
         self.redispatched = 0
@@ -379,6 +382,22 @@ class Dispatcher:
                 a.timer.cancel()
                 a.timer = None
 
+    def awaiting_acknowledgement(self, run_id: str) -> int:
+        """Cancelled assignments of a run whose workers have not answered yet."""
+        return len(self._cancelling.get(run_id, ()))
+
+    async def wait_acknowledged(self, run_id: str, timeout: float) -> bool:
+        """Waits until every worker has answered the cancels of `run_id`'s
+        assignments (or lost its lease); False if `timeout` passed first."""
+        if run_id not in self._cancelling:
+            return True
+        done = self._acknowledged.setdefault(run_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def running(self, session: WorkerSession, assignment_id: str) -> Assignment | None:
         """The assignment if `session` holds it now and it is still running."""
         a = self._active.get(assignment_id)
@@ -423,6 +442,7 @@ class Dispatcher:
             self._retire(a)  # left in its pending queue; _pump skips retired ones
         elif a.state is State.RUNNING and a.session is not None:
             a.state = State.CANCELLING
+            self._cancelling.setdefault(a.run_id, set()).add(a)
             session = a.session
             session.outbox_cancels.append((a.assignment_id, reason))
             session.wakeup.set()
@@ -498,6 +518,15 @@ class Dispatcher:
     # -- endings -------------------------------------------------------------------
 
     def _retire(self, a: Assignment) -> None:
+        if a.state is State.CANCELLING:
+            waiting = self._cancelling.get(a.run_id)
+            if waiting is not None:
+                waiting.discard(a)
+                if not waiting:
+                    del self._cancelling[a.run_id]
+                    done = self._acknowledged.pop(a.run_id, None)
+                    if done is not None:
+                        done.set()
         a.state = State.DONE
         if a.ack_timer is not None and a.session is None:
             a.ack_timer.cancel()

@@ -62,11 +62,11 @@ class CallHandler:
             ctx = a.context
             arg = getattr(call, op)
             if op in _HOOKED:
-                self._spawn(session, call, field, self._hooked(ctx, op, arg, field))
+                self._spawn(session, call, field, self._hooked(ctx, op, arg, field), ctx)
                 return
             if op == "mailbox_recv":
                 timeout = arg.timeout_ms / 1000 if arg.timeout_ms else ctx.infra.mailbox_recv_timeout
-                self._spawn(session, call, field, self._recv(ctx, timeout))
+                self._spawn(session, call, field, self._recv(ctx, timeout), ctx)
                 return
             result = self._quick(ctx, op, arg, f"{field}.{op}")
         except CarError as err:
@@ -154,7 +154,12 @@ class CallHandler:
         return result
 
     def _spawn(
-        self, session: WorkerSession, call: RuntimeCall, field: str, work: Awaitable[CallResult]
+        self,
+        session: WorkerSession,
+        call: RuntimeCall,
+        field: str,
+        work: Awaitable[CallResult],
+        ctx: AgentContext,
     ) -> None:
         tasks = self._tasks.setdefault(session, set())
 
@@ -175,6 +180,7 @@ class CallHandler:
         task = asyncio.get_running_loop().create_task(run())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        ctx.infra.track(task)
 
     def session_closed(self, session: WorkerSession) -> None:
         for task in self._tasks.pop(session, ()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +16,7 @@ from carsvc._proto.car.v1 import (
     runs_pb2,
     runs_pb2_grpc,
     types_pb2,
+    worker_pb2,
 )
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.registry import AgentRegistry
@@ -21,7 +24,7 @@ from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
 from carsvc.patterns import BUILDERS, Limits
 from carsvc.patterns.base import check_spec
 from carsvc.services.convert import limits_from_proto
-from carsvc.services.errors import streaming, unary
+from carsvc.services.errors import abort, streaming, unary
 
 MAX_ID_CHARS = 256
 DEFAULT_PAGE_SIZE = 100
@@ -78,6 +81,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             state_scope=request.state_scope,
             labels=dict(request.labels),
             timeout=request.timeout_ms / 1000 if request.timeout_ms else None,
+            initial_decisions=list(request.initial_decisions),
         )
 
     @unary
@@ -116,7 +120,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             before = int(request.page_token)
         response = runs_pb2.ListRunsResponse()
         last = None
-        for record in self.runs.list(
+        for record in self.runs.select(
             thread_id=request.thread_id, status=request.status, agent_id=request.agent_id, before=before
         ):
             if len(response.runs) == size:
@@ -134,6 +138,96 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         record.check_owner(request.agent_id)
         cancelled = await self.runs.cancel(record, request.reason, wait=request.wait)
         return runs_pb2.CancelRunResponse(run=record.handle(), already_finished=not cancelled)
+
+    def _decide(self, record: RunRecord, request: runs_pb2.SubmitDecisionsRequest) -> runs_pb2.SubmitDecisionsResponse:
+        record.check_owner(request.agent_id)
+        outcome = self.runs.submit_decisions(record, list(request.decisions))
+        return runs_pb2.SubmitDecisionsResponse(
+            run=record.handle(),
+            applied_decision_ids=outcome.applied,
+            queued_decision_ids=outcome.queued,
+            duplicate_decision_ids=outcome.duplicates,
+        )
+
+    @unary
+    async def SubmitDecisions(
+        self, request: runs_pb2.SubmitDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> runs_pb2.SubmitDecisionsResponse:
+        return self._decide(self.runs.locate(request.run_id, request.thread_id), request)
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[runs_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[runs_pb2.SessionResponse]:
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("action") != "start":
+            await abort(context, InvalidArgument("the first message must be start", field="action"))
+        try:
+            record = self.start(first.start)
+        except CarError as err:
+            await abort(context, err)
+        yield runs_pb2.SessionResponse(started=record.handle())
+        replies: asyncio.Queue[runs_pb2.SessionResponse | None] = asyncio.Queue()
+        reader = asyncio.get_running_loop().create_task(self._session_requests(record, requests, replies))
+        pump = asyncio.get_running_loop().create_task(self._session_events(record, replies))
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _session_events(
+        self, record: RunRecord, replies: asyncio.Queue[runs_pb2.SessionResponse | None]
+    ) -> None:
+        subscription = record.events.subscribe(0, self.watcher_buffer)
+        try:
+            async for batch in subscription.batches():
+                replies.put_nowait(runs_pb2.SessionResponse(events=runs_pb2.WatchRunResponse(events=batch)))
+        except CarError as err:
+            replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, "events")))
+        replies.put_nowait(None)
+
+    async def _session_requests(
+        self,
+        record: RunRecord,
+        requests: AsyncIterator[runs_pb2.SessionRequest],
+        replies: asyncio.Queue[runs_pb2.SessionResponse | None],
+    ) -> None:
+        async for message in requests:
+            action = message.WhichOneof("action")
+            try:
+                if action == "decisions":
+                    decisions = message.decisions
+                    if not decisions.agent_id:
+                        decisions.agent_id = record.agent_id
+                    replies.put_nowait(runs_pb2.SessionResponse(decisions=self._decide(record, decisions)))
+                elif action == "cancel":
+                    cancel = message.cancel
+                    record.check_owner(cancel.agent_id or record.agent_id)
+                    cancelled = await self.runs.cancel(record, cancel.reason, wait=cancel.wait)
+                    replies.put_nowait(
+                        runs_pb2.SessionResponse(
+                            cancelled=runs_pb2.CancelRunResponse(run=record.handle(), already_finished=not cancelled)
+                        )
+                    )
+                elif action == "start":
+                    raise InvalidArgument("a session runs one run; start another session", field="start")
+                else:
+                    raise InvalidArgument("must set decisions or cancel", field="action")
+            except CarError as err:
+                replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, action or "action")))
+
+
+def _frame_error(err: CarError, field: str) -> worker_pb2.FrameError:
+    return worker_pb2.FrameError(code=int(err.code), message=err.detail, field=err.field or field)
 
 
 class EventService(events_pb2_grpc.EventServiceServicer):

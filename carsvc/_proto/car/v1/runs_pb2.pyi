@@ -8,6 +8,7 @@ import builtins
 import carsvc._proto.car.v1.events_pb2
 import carsvc._proto.car.v1.patterns_pb2
 import carsvc._proto.car.v1.types_pb2
+import carsvc._proto.car.v1.worker_pb2
 import collections.abc
 import google.protobuf.descriptor
 import google.protobuf.internal.containers
@@ -569,7 +570,9 @@ global___SessionRequest = SessionRequest
 
 @typing.final
 class SessionResponse(google.protobuf.message.Message):
-    """A sidecar frame on a Session stream."""
+    """A sidecar frame on a Session stream. The stream ends after the batch that
+    carries the run's `run_finished` event.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -577,14 +580,29 @@ class SessionResponse(google.protobuf.message.Message):
     EVENTS_FIELD_NUMBER: builtins.int
     DECISIONS_FIELD_NUMBER: builtins.int
     CANCELLED_FIELD_NUMBER: builtins.int
+    ERROR_FIELD_NUMBER: builtins.int
     @property
-    def started(self) -> carsvc._proto.car.v1.types_pb2.RunHandle: ...
+    def started(self) -> carsvc._proto.car.v1.types_pb2.RunHandle:
+        """The answer to `start`."""
+
     @property
-    def events(self) -> global___WatchRunResponse: ...
+    def events(self) -> global___WatchRunResponse:
+        """The run's events, from the first."""
+
     @property
-    def decisions(self) -> global___SubmitDecisionsResponse: ...
+    def decisions(self) -> global___SubmitDecisionsResponse:
+        """The answer to `decisions`."""
+
     @property
-    def cancelled(self) -> global___CancelRunResponse: ...
+    def cancelled(self) -> global___CancelRunResponse:
+        """The answer to `cancel`."""
+
+    @property
+    def error(self) -> carsvc._proto.car.v1.worker_pb2.FrameError:
+        """A refused `decisions` or `cancel` (or a second `start`); the session
+        stays open.
+        """
+
     def __init__(
         self,
         *,
@@ -592,9 +610,10 @@ class SessionResponse(google.protobuf.message.Message):
         events: global___WatchRunResponse | None = ...,
         decisions: global___SubmitDecisionsResponse | None = ...,
         cancelled: global___CancelRunResponse | None = ...,
+        error: carsvc._proto.car.v1.worker_pb2.FrameError | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["cancelled", b"cancelled", "decisions", b"decisions", "events", b"events", "reply", b"reply", "started", b"started"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cancelled", b"cancelled", "decisions", b"decisions", "events", b"events", "reply", b"reply", "started", b"started"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["reply", b"reply"]) -> typing.Literal["started", "events", "decisions", "cancelled"] | None: ...
+    def HasField(self, field_name: typing.Literal["cancelled", b"cancelled", "decisions", b"decisions", "error", b"error", "events", b"events", "reply", b"reply", "started", b"started"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["cancelled", b"cancelled", "decisions", b"decisions", "error", b"error", "events", b"events", "reply", b"reply", "started", b"started"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["reply", b"reply"]) -> typing.Literal["started", "events", "decisions", "cancelled", "error"] | None: ...
 
 global___SessionResponse = SessionResponse
