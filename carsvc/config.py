@@ -47,6 +47,10 @@ class Settings:
     max_queued_per_thread: int = 16
     mailbox_depth: int = 1_024
     mailbox_recv_timeout_s: float = 30.0
+    # How long a suspended tool call waits for a decision before it is cancelled.
+    suspension_timeout_s: float = 3600.0
+    # Decisions kept per run for tool calls that have not suspended yet.
+    max_unmatched_decisions: int = 256
     # On SIGTERM/SIGINT: how long in-flight runs get to finish.
     shutdown_grace_s: float = 10.0
 
@@ -86,7 +90,7 @@ class Settings:
         positive = (
             "max_message_bytes", "max_field_bytes", "max_items", "max_agents_per_pattern",
             "heartbeat_interval_ms", "heartbeat_misses", "max_attempts", "event_retention",
-            "finished_run_retention", "watcher_buffer", "mailbox_depth",
+            "finished_run_retention", "watcher_buffer", "mailbox_depth", "max_unmatched_decisions",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -73,6 +73,9 @@ class Sidecar:
                 max_queued_per_thread=s.max_queued_per_thread,
                 mailbox_depth=s.mailbox_depth,
                 mailbox_recv_timeout=s.mailbox_recv_timeout_s,
+                suspension_timeout=s.suspension_timeout_s,
+                max_unmatched_decisions=s.max_unmatched_decisions,
+                cancel_ack_timeout=s.cancel_ack_timeout_s,
             ),
         )
         limits = Limits(
