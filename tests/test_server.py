@@ -222,3 +222,14 @@ async def test_port_zero_binds_a_free_port(sidecar: Sidecar) -> None:
         await other.start()
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 5)
+
+
+@pytest.mark.skipif(
+    os.environ.get("CARSVC_NO_EXTENSIONS", "") not in ("", "0"), reason="the compiled twins are switched off"
+)
+async def test_a_running_sidecar_uses_the_compiled_hot_paths(client: Client, sidecar: Sidecar) -> None:
+    handle = await client.start_run(single(agent("nobody"), "t"), thread_id="compiled")
+    record = sidecar.runs.get(handle.run_id)
+    assert type(record.infra.state).__module__ == "carsvc.domain._overlay"
+    assert type(record.infra.budget).__module__ == "carsvc.domain._budget"
+    await client.cancel(handle.run_id, wait=True)
