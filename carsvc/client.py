@@ -137,6 +137,7 @@ class RunSession:
                     self._replies.put_nowait(reply)
         finally:
             self._events.put_nowait(None)
+            self._replies.put_nowait(None)  # wakes a request the stream ended on
 
     async def events(self) -> AsyncIterator[RunEvent]:
         """The run's events, ending with run_finished."""
@@ -146,6 +147,9 @@ class RunSession:
     async def _request(self, message: runs_pb2.SessionRequest) -> Any:
         await self._outgoing.put(message)
         reply = await self._replies.get()
+        if reply is None:
+            self._replies.put_nowait(None)
+            raise ConnectionError("the session stream ended before the sidecar answered")
         if reply.WhichOneof("reply") == "error":
             raise ValueError(f"{reply.error.field}: {reply.error.message}")
         return getattr(reply, reply.WhichOneof("reply"))

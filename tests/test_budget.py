@@ -231,7 +231,7 @@ def test_bad_constructor_arguments(budget_cls: Any) -> None:
 
 
 def test_integer_cost_limit(budget_cls: Any) -> None:
-    budget = budget_cls(BudgetLimits(max_cost_usd=2))  # type: ignore[arg-type]
+    budget = budget_cls(BudgetLimits(max_cost_usd=2))
     budget.record(0, 0, 2)
     with pytest.raises(BudgetExhausted, match=r"max_cost_usd reached: 2\.0 of 2\.0"):
         budget.begin_agent()

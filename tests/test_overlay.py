@@ -97,7 +97,8 @@ def test_store_reads_and_writes(store_cls: Any) -> None:
     assert store.writer_of("k") == "bob"
 
     # Falsy values are values, not absence.
-    for falsy in (0, "", [], False):
+    falsy_values: tuple[object, ...] = (0, "", [], False)
+    for falsy in falsy_values:
         store.set("f", falsy, "w")
         assert store.get("f", "dflt") is falsy
         assert "f" in store
@@ -169,7 +170,7 @@ def test_str_subclass_keys_are_accepted(store_cls: Any, overlay_cls: Any) -> Non
 def test_unhashable_key_lookup_raises(store_cls: Any, overlay_cls: Any) -> None:
     overlay = overlay_cls(store_cls(), "a")
     with pytest.raises(TypeError):
-        overlay.get(["unhashable"])  # type: ignore[arg-type]
+        overlay.get(["unhashable"])
 
 
 # -- transitions ----------------------------------------------------------------

@@ -293,7 +293,9 @@ async def test_interrupt_cancels_the_old_run_on_its_worker_first(client: Client,
 
     await workers.start({"slow": slow, "quick": quick}, max_in_flight=2)
     old = await client.start_run(single(agent("slow"), "old"), thread_id="t")
-    while log != ["start old"]:
+    for _ in range(500):
+        if log == ["start old"]:
+            break
         await asyncio.sleep(0.01)
     new = await client.start_run(single(agent("quick"), "new"), thread_id="t", on_busy="interrupt")
     run = await client.wait(new.run_id)

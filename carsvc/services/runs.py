@@ -173,11 +173,18 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             await abort(context, err)
         yield runs_pb2.SessionResponse(started=record.handle())
         replies: asyncio.Queue[runs_pb2.SessionResponse | None] = asyncio.Queue()
-        reader = asyncio.get_running_loop().create_task(self._session_requests(record, requests, replies))
+        idle = asyncio.Event()  # set while no client request is being handled
+        idle.set()
+        reader = asyncio.get_running_loop().create_task(self._session_requests(record, requests, replies, idle))
         pump = asyncio.get_running_loop().create_task(self._session_events(record, replies))
         try:
             while (reply := await replies.get()) is not None:
                 yield reply
+            # The run is over; answer what the client asked before closing.
+            await idle.wait()
+            while not replies.empty():
+                if (reply := replies.get_nowait()) is not None:
+                    yield reply
         finally:
             reader.cancel()
             pump.cancel()
@@ -200,8 +207,10 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         record: RunRecord,
         requests: AsyncIterator[runs_pb2.SessionRequest],
         replies: asyncio.Queue[runs_pb2.SessionResponse | None],
+        idle: asyncio.Event,
     ) -> None:
         async for message in requests:
+            idle.clear()
             action = message.WhichOneof("action")
             try:
                 if action == "decisions":
@@ -224,6 +233,8 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
                     raise InvalidArgument("must set decisions or cancel", field="action")
             except CarError as err:
                 replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, action or "action")))
+            finally:
+                idle.set()
 
 
 def _frame_error(err: CarError, field: str) -> worker_pb2.FrameError:
