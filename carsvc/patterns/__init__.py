@@ -1,21 +1,45 @@
 """Coordination patterns, keyed by the name of their member in the run request's
 `pattern` oneof. Each pattern builds itself from its request message (checking
-it, resolving agents) and runs against a RunInfra."""
+it, resolving agents) and runs against a RunInfra. docs/patterns/ has a page
+per pattern."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from carsvc.patterns.adversarial_review import AdversarialReview
+from carsvc.patterns.advisor import Advisor
 from carsvc.patterns.base import Limits, Pattern, PatternOutcome, Resolver
+from carsvc.patterns.delegator import Delegator
+from carsvc.patterns.fleet import Fleet
 from carsvc.patterns.map_reduce import MapReduce
+from carsvc.patterns.pipeline import Pipeline
 from carsvc.patterns.single import Single
+from carsvc.patterns.spawn_subtask import SpawnSubtask
+from carsvc.patterns.supervisor import Supervisor
+from carsvc.patterns.swarm import Swarm
+from carsvc.patterns.tournament import Tournament
+from carsvc.patterns.vote import Vote
 
 Builder = Callable[[Any, Resolver, Limits], Pattern]
 
 BUILDERS: dict[str, Builder] = {
-    Single.name: Single.build,
-    MapReduce.name: MapReduce.build,
+    p.name: p.build
+    for p in (
+        Single,
+        Swarm,
+        Pipeline,
+        Supervisor,
+        Delegator,
+        SpawnSubtask,
+        MapReduce,
+        Vote,
+        Fleet,
+        AdversarialReview,
+        Tournament,
+        Advisor,
+    )
 }
 
 __all__ = ["BUILDERS", "Limits", "Pattern", "PatternOutcome", "Resolver"]

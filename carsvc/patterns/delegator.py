@@ -1,0 +1,120 @@
+"""Delegator: a main agent routes subtasks to fixed, named specialists.
+
+The main agent's worker makes the `delegate(specialist, subtask)` runtime call
+(the pattern grants the `delegate` tool on the spec it sends, and lists the
+specialists' names in the spec's metadata under `specialists`). The sidecar
+gates and runs the specialist on whichever worker serves it, records a
+DelegationRecord, emits DelegationMade, and answers the call with the
+specialist's output. An unknown specialist is a NOT_FOUND call error
+("unknown specialist: 'x'") plus a failed record, never a crash; a specialist
+the budget refuses is answered with its skipped output. Only the main agent
+may delegate (depth 1). See docs/patterns/delegator.md."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
+from carsvc.domain.errors import Code, FailedPrecondition, NotFound
+from carsvc.domain.infra import AgentContext, RunInfra, succeeded
+from carsvc.patterns.base import (
+    CallScope,
+    Job,
+    Limits,
+    PatternOutcome,
+    Resolver,
+    agent_failure,
+    check_distinct,
+    check_text,
+    copy_spec,
+    error_text,
+    require_ref,
+    resolve_agents,
+    run_gated,
+)
+from carsvc.values import to_value
+
+AgentOutput = types_pb2.AgentOutput
+AgentSpec = types_pb2.AgentSpec
+DelegationRecord = patterns_pb2.DelegationRecord
+DELEGATE_TOOL = "delegate"
+SPECIALISTS_METADATA_KEY = "specialists"
+
+
+class Delegator:
+    name: ClassVar[str] = "delegator"
+
+    def __init__(self, main: AgentSpec, specialists: list[AgentSpec], task: str) -> None:
+        self.main = main
+        self.specialists = {s.name: s for s in specialists}
+        self.task = task
+
+    @classmethod
+    def build(cls, msg: patterns_pb2.DelegatorRun, resolve: Resolver, limits: Limits) -> Delegator:
+        main = resolve(require_ref(msg, "main", "delegator"), "delegator.main")
+        specialists = resolve_agents(msg.specialists, "delegator.specialists", resolve, limits)
+        for i, spec in enumerate(specialists):
+            check_distinct(spec, [main], f"delegator.specialists[{i}]", "the main agent")
+        check_text(msg.task, "delegator.task", limits)
+        return cls(main, specialists, msg.task)
+
+    def main_spec(self) -> AgentSpec:
+        """The main agent as sent: granted `delegate`, told the specialists' names."""
+        spec = copy_spec(self.main, add_tools=[DELEGATE_TOOL])
+        spec.metadata.fields[SPECIALISTS_METADATA_KEY].CopyFrom(to_value(list(self.specialists)))
+        return spec
+
+    async def run(self, infra: RunInfra) -> PatternOutcome:
+        records: dict[int, DelegationRecord] = {}
+        count = 0
+
+        async def delegate(ctx: AgentContext, call: worker_pb2.DelegateCall) -> worker_pb2.CallResult:
+            nonlocal count
+            if ctx.role != "main":
+                raise FailedPrecondition(
+                    f"only the main agent '{self.main.name}' may delegate", code=Code.PERMISSION_DENIED
+                )
+            index = count
+            count += 1
+            record = records[index] = DelegationRecord(specialist=call.specialist, subtask=call.subtask)
+            spec = self.specialists.get(call.specialist)
+            if spec is None:
+                record.error = f"unknown specialist: '{call.specialist}'"
+                self._made(infra, record)
+                raise NotFound(record.error + f" (known: {', '.join(sorted(self.specialists))})")
+            try:
+                output = await run_gated(
+                    infra, Job(spec, call.subtask, role="specialist", index=index, parent_state=ctx.state)
+                )
+            except asyncio.CancelledError:
+                record.error = "cancelled: the main agent finished or the run was cancelled"
+                self._made(infra, record)
+                raise
+            record.result = output.answer
+            record.success = succeeded(output)
+            if not record.success:
+                record.error = error_text(output)
+            self._made(infra, record)
+            return worker_pb2.CallResult(agent_output=output)
+
+        main_output = infra.admit(self.main.name, role="main")
+        if main_output is None:
+            async with CallScope(infra) as calls:
+                calls.install("delegate", delegate)
+                main_output = await infra.run_agent(self.main_spec(), self.task, role="main")
+        result = patterns_pb2.DelegatorResult(
+            task=self.task,
+            final_answer=main_output.answer if succeeded(main_output) else "",
+            delegations=[records[i] for i in sorted(records)],
+            main_output=main_output,
+        )
+        run_result = patterns_pb2.RunResult(delegator=result)
+        result = run_result.delegator  # the copy inside run_result
+        if not succeeded(main_output):
+            return agent_failure(run_result, main_output, "main agent")
+        return PatternOutcome(run_result)
+
+    @staticmethod
+    def _made(infra: RunInfra, record: DelegationRecord) -> None:
+        infra.emit(events_pb2.RunEvent(delegation=events_pb2.DelegationMade(record=record)))
