@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from carsvc._proto.car.v1 import types_pb2
+from carsvc._proto.car.v1 import state_pb2, types_pb2
 from carsvc.client import Client, agent, pipeline, swarm
 from carsvc.patterns.prompts import DEBATE_JUDGE_TASK, DEBATE_REVISE_TASK, SEQUENTIAL_TASK, SYNTHESIZE_TASK
 from carsvc.worker import AgentContext
@@ -274,3 +274,38 @@ async def test_pipeline_whose_last_stage_fails_has_no_answer_and_fails(client: C
     assert run.termination_detail == "last stage 'last' failed: RuntimeError: nope"
     assert run.result.pipeline.final_answer == ""
     assert run.result.pipeline.stages[0].answer == "fine"
+
+
+async def test_runtime_calls_act_in_the_calling_agents_scope(client: Client, workers: Workers) -> None:
+    """Seed test_task_scope, as it means something here: the assignment a call
+    travels on is its scope. Two agents served concurrently by one worker
+    process each act as themselves (events, mail, state writer) and see their
+    own overlay; a call outside any running assignment is refused
+    (tests/test_bad_input.py::test_bad_worker_frames_get_errors_and_nothing_else_breaks)."""
+    both = asyncio.Event()
+    arrived: set[str] = set()
+    reads: dict[str, object] = {}
+
+    async def scoped(ctx: AgentContext) -> str:
+        await ctx.state.set("counter", ctx.name)
+        await ctx.state.set(f"{ctx.name}_only", True)
+        ctx.emit("hello", ctx.name)
+        arrived.add(ctx.name)
+        if len(arrived) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 5)
+        other = "b" if ctx.name == "a" else "a"
+        await ctx.send(other, f"from {ctx.name}")
+        message = await ctx.recv(timeout=5)
+        reads[ctx.name] = (await ctx.state.get("counter"), await ctx.state.get(f"{other}_only"), message.from_agent)
+        return "ok"
+
+    await workers.start({"*": scoped}, max_in_flight=2)
+    handle = await client.start_run(swarm([agent("a"), agent("b")], "t", isolated=True), thread_id="scope")
+    events = [e async for e in client.watch(handle.run_id)]
+    assert reads == {"a": ("a", None, "b"), "b": ("b", None, "a")}
+    custom = sorted((e.custom.agent, e.custom.payload.string_value) for e in events if e.WhichOneof("kind") == "custom")
+    assert custom == [("a", "a"), ("b", "b")]
+    response = await client.state.Get(state_pb2.GetRequest(scope="scope", key="a_only"))
+    assert response.writer == "a"
+

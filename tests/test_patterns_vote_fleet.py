@@ -1,0 +1,161 @@
+"""Vote and fleet runs over real workers. Conformance items 24, 25 and 38."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from carsvc._proto.car.v1 import runs_pb2, types_pb2
+from carsvc.client import Client, agent, fleet, vote
+from carsvc.patterns.prompts import VOTE_SYNTHESIZE_TASK
+from carsvc.patterns.vote import normalise
+from carsvc.worker import AgentContext
+from tests.conftest import Handler, Workers
+
+SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
+FAILED = types_pb2.RUN_STATUS_FAILED
+
+
+@pytest.mark.parametrize(
+    ("answer", "normal"),
+    [
+        ("  Paris. ", "paris"),
+        ("PARIS!", "paris"),
+        ("paris ?!", "paris"),
+        ("New   York\n City", "new york city"),
+        ("4.5", "4.5"),
+        ("...", ""),
+    ],
+)
+def test_normalisation(answer: str, normal: str) -> None:
+    assert normalise(answer) == normal
+
+
+def answers(table: dict[str, str]) -> dict[str, Handler]:
+    async def voter(ctx: AgentContext) -> str:
+        reply = table[ctx.name]
+        if reply == "!fail":
+            raise RuntimeError("abstains")
+        return reply
+
+    return {name: voter for name in table}
+
+
+async def test_normalised_majority_wins_and_failed_votes_do_not_count(client: Client, workers: Workers) -> None:
+    """Item 24: agreement_ratio = winner votes / succeeded votes."""
+    table = {"v1": "Paris", "v2": "paris.", "v3": "Lyon", "v4": "!fail", "v5": "  PARIS!  "}
+    await workers.start(answers(table), max_in_flight=5)
+    run = await client.run(vote([agent(n) for n in table], "capital of France?"))
+    assert run.status == SUCCEEDED and run.pattern == "vote"
+    result = run.result.vote
+    assert [v.name for v in result.votes] == list(table)
+    assert result.winner == "Paris"  # the earliest vote of the winning group, trimmed
+    assert result.agreement_ratio == pytest.approx(3 / 4)
+    assert not result.HasField("synthesizer_output")
+
+
+async def test_ties_go_to_the_earliest_agent(client: Client, workers: Workers) -> None:
+    """Item 25 (tie rule)."""
+    table = {"a": "blue", "b": "red", "c": "Red", "d": "BLUE"}
+    await workers.start(answers(table), max_in_flight=4)
+    run = await client.run(vote([agent(n) for n in table], "colour?"))
+    assert run.result.vote.winner == "blue"
+    assert run.result.vote.agreement_ratio == pytest.approx(0.5)
+    run = await client.run(vote([agent(n) for n in ("b", "a", "c", "d")], "colour?"))
+    assert run.result.vote.winner == "red"
+
+
+async def test_synthesizer_picks_the_final_answer(client: Client, workers: Workers) -> None:
+    """Item 25 (synthesizer path)."""
+    table = {"a": "a long essay", "b": "a short essay", "c": "A long essay."}
+    handlers = answers(table)
+    synth_tasks: list[str] = []
+
+    async def synth(ctx: AgentContext) -> str:
+        synth_tasks.append(ctx.task)
+        return "the short one"
+
+    handlers["judge"] = synth
+    await workers.start(handlers, max_in_flight=4)
+    run = await client.run(vote([agent(n) for n in table], "write", synthesizer=agent("judge")))
+    result = run.result.vote
+    assert result.winner == "the short one"
+    assert result.synthesizer_output.answer == "the short one"
+    assert result.agreement_ratio == pytest.approx(2 / 3)  # still the voters' agreement
+    assert synth_tasks == [
+        VOTE_SYNTHESIZE_TASK.format(
+            task="write",
+            count=3,
+            answers="- [a] a long essay\n- [b] a short essay\n- [c] A long essay.",
+            majority="a long essay",
+            votes=2,
+        )
+    ]
+
+
+async def test_vote_with_no_succeeded_votes_fails(client: Client, workers: Workers) -> None:
+    table = {"a": "!fail", "b": "!fail"}
+    await workers.start(answers(table), max_in_flight=2)
+    run = await client.run(vote([agent(n) for n in table], "t"))
+    assert run.status == FAILED and run.termination_reason == "agent_failed"
+    assert run.result.vote.winner == "" and run.result.vote.agreement_ratio == 0
+
+
+async def test_fleet_agents_work_independently_with_a_per_agent_timeout(client: Client, workers: Workers) -> None:
+    """Item 38: a timed-out agent is cancelled on its worker and counted as
+    failed; succeeded + failed = number of agents."""
+    tasks: dict[str, str] = {}
+    slow_cancelled = asyncio.Event()
+    started: set[str] = set()
+    all_started = asyncio.Event()
+
+    async def member(ctx: AgentContext) -> str:
+        tasks[ctx.name] = ctx.task
+        started.add(ctx.name)
+        if len(started) == 4:
+            all_started.set()
+        await asyncio.wait_for(all_started.wait(), 5)  # independent, all at once
+        if ctx.name == "slow":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                slow_cancelled.set()
+                raise
+        if ctx.name == "broken":
+            raise RuntimeError("crashed")
+        return f"{ctx.name} done"
+
+    await workers.start({"*": member}, max_in_flight=4)
+    run = await client.run(
+        fleet(
+            [agent("researcher", "Research competitor pricing"), agent("writer", "Draft the newsletter"),
+             agent("slow", "Never finishes"), agent("broken", "Fails")],
+            agent_timeout_secs=0.3,
+        )
+    )
+    assert run.status == SUCCEEDED and run.pattern == "fleet"
+    result = run.result.fleet
+    assert [o.name for o in result.outputs] == ["researcher", "writer", "slow", "broken"]
+    assert result.outputs[2].error == "timed out after 0.3s"
+    assert result.outputs[2].outcome.status == types_pb2.OUTCOME_STATUS_TIMEOUT
+    assert (result.succeeded, result.failed) == (2, 2)
+    assert result.succeeded + result.failed == len(result.outputs)
+    assert result.duration_ms >= 300
+    assert tasks["researcher"] == "Research competitor pricing"  # no task: the mission is the system prompt
+    await asyncio.wait_for(slow_cancelled.wait(), 5)
+
+    started.clear()
+    all_started.clear()
+    run = await client.run(fleet([agent("a"), agent("b"), agent("c"), agent("d")], "shared brief"))
+    assert {tasks[n] for n in "abcd"} == {"shared brief"}
+    assert (run.result.fleet.succeeded, run.result.fleet.failed) == (4, 0)
+
+
+async def test_fleet_timeout_must_be_positive(client: Client) -> None:
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.runs.StartRun(runs_pb2.StartRunRequest(fleet=fleet([agent("a")], agent_timeout_secs=bad)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith("fleet.agent_timeout_secs:")
