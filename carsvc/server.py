@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from carsvc._proto.car.v1 import (
     budget_pb2,
@@ -30,7 +32,9 @@ from carsvc.config import Settings
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import RunManager, RunSettings
 from carsvc.domain.workers import Dispatcher
+from carsvc.metrics import Metrics
 from carsvc.patterns import Limits
+from carsvc.security.server import ServerSecurity
 from carsvc.services.budget import BudgetService
 from carsvc.services.calls import CallHandler
 from carsvc.services.registry import RegistryService
@@ -56,8 +60,10 @@ SERVICE_NAMES = tuple(
 class Sidecar:
     """One sidecar: the embedded in-memory backend plus its gRPC server."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, security: ServerSecurity | None = None) -> None:
         self.settings = s = settings or Settings()
+        # Tokens and TLS, loaded now so a bad file fails before anything starts.
+        self.security = security or ServerSecurity.from_settings(s)
         self.dispatcher = Dispatcher(
             max_attempts=s.max_attempts,
             unplaced_timeout=s.unplaced_timeout_s,
@@ -85,6 +91,8 @@ class Sidecar:
         self.run_service = RunService(self.runs, self.registry, limits, s.watcher_buffer)
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self.metrics = Metrics(self.dispatcher, self.runs)
+        self._metrics_http: WSGIServer | None = None
         self.port = 0
 
     @property
@@ -94,7 +102,10 @@ class Sidecar:
     async def start(self) -> int:
         """Binds, starts serving and reports SERVING; returns the bound port."""
         s = self.settings
+        # Metrics first: they see the status of every call, refused ones included.
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.metrics.interceptor(), *self.security.interceptors()]
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -126,7 +137,7 @@ class Sidecar:
             server,
         )
         try:
-            port: int = server.add_insecure_port(s.address)
+            port = self.security.bind(server, s.address)
         except RuntimeError as err:
             raise OSError(f"carsvc could not listen on {s.address}: {err}") from None
         await server.start()
@@ -135,8 +146,20 @@ class Sidecar:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
+        if s.metrics_port:
+            try:
+                self._metrics_http, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
+            except OSError as err:
+                await server.stop(None)
+                raise OSError(f"carsvc could not serve metrics on {s.metrics_host}:{s.metrics_port}: {err}") from None
+            log.info("metrics on http://%s:%d/metrics", s.metrics_host, self._metrics_http.server_port)
         log.info("carsvc listening on %s:%d", s.host, port)
+        self.security.log_startup(s.host)
         return port
+
+    @property
+    def metrics_port(self) -> int:
+        return self._metrics_http.server_port if self._metrics_http is not None else 0
 
     async def _watch_heartbeats(self) -> None:
         interval = self.settings.heartbeat_interval_ms / 1000
@@ -160,6 +183,10 @@ class Sidecar:
                 await self._monitor
         server, self._server = self._server, None
         await server.stop(1.0)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
         log.info("carsvc stopped")
 
     async def wait_for_termination(self) -> None:
@@ -167,9 +194,9 @@ class Sidecar:
             await self._server.wait_for_termination()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, security: ServerSecurity | None = None) -> None:
     """Runs a sidecar until SIGINT or SIGTERM, then stops it gracefully."""
-    sidecar = Sidecar(settings)
+    sidecar = Sidecar(settings, security)
     await sidecar.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -101,6 +101,8 @@ class RunInfra:
         # Work started on behalf of the run outside its own task (runtime calls
         # that run agents or wait); cancelled when the run ends.
         self._children: set[asyncio.Task[Any]] = set()
+        # Told about every spawn the budget refused (the sidecar counts them).
+        self.on_denied: Callable[[], None] = lambda: None
 
     async def _suspend_tool_call(self, ctx: AgentContext, call: worker_pb2.SuspendToolCall) -> worker_pb2.CallResult:
         decision = await self.decisions.suspend(ctx.name, ctx.assignment_id, call)
@@ -136,6 +138,7 @@ class RunInfra:
         try:
             self.budget.begin_agent()
         except BudgetError as denied:
+            self.on_denied()
             out = skipped_output(name, denied)
             self.emit(RunEvent(agent_skipped=events_pb2.AgentSkipped(output=out, role=role, index=index)))
             self.budget_updated()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -147,6 +147,9 @@ class RunManager:
         self.scopes: dict[str, StateStore] = {}
         self.budgets: dict[str, CoordinationBudget] = {}
         self._ordinal = 0
+        # For metrics: finished runs by status, and spawns the budgets refused.
+        self.finished_by_status: Counter[int] = Counter()
+        self.budget_denials = 0
 
     # -- shared resources -----------------------------------------------------------
 
@@ -230,6 +233,7 @@ class RunManager:
             ordinal=self._ordinal,
         )
         record.infra.decisions.on_waiting = lambda waiting: self._set_waiting(record, waiting)
+        record.infra.on_denied = self._count_denial
         if initial_decisions:
             check_decisions(initial_decisions, "initial_decisions")
             record.infra.decisions.submit(initial_decisions)
@@ -287,6 +291,9 @@ class RunManager:
             detail = f"internal error: {err!r}"
         self._finish(record, status, reason, detail)
 
+    def _count_denial(self) -> None:
+        self.budget_denials += 1
+
     def _set_waiting(self, record: RunRecord, waiting: bool) -> None:
         if record.finished:
             return
@@ -303,6 +310,7 @@ class RunManager:
     def _finish(self, record: RunRecord, status: int, reason: str, detail: str) -> None:
         record.infra.end()
         record.status = status
+        self.finished_by_status[status] += 1
         record.termination_reason = reason
         record.termination_detail = detail
         record.finished_ms = now_ms()

@@ -37,12 +37,12 @@ class BudgetServiceStub(object):
             channel: A grpc.Channel.
         """
         self.CreateBudget = channel.unary_unary(
-                '/carsvc._proto.car.v1.BudgetService/CreateBudget',
+                '/car.v1.BudgetService/CreateBudget',
                 request_serializer=car_dot_v1_dot_budget__pb2.CreateBudgetRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_budget__pb2.CreateBudgetResponse.FromString,
                 _registered_method=True)
         self.GetBudget = channel.unary_unary(
-                '/carsvc._proto.car.v1.BudgetService/GetBudget',
+                '/car.v1.BudgetService/GetBudget',
                 request_serializer=car_dot_v1_dot_budget__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_budget__pb2.GetBudgetResponse.FromString,
                 _registered_method=True)
@@ -81,9 +81,9 @@ def add_BudgetServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'carsvc._proto.car.v1.BudgetService', rpc_method_handlers)
+            'car.v1.BudgetService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('carsvc._proto.car.v1.BudgetService', rpc_method_handlers)
+    server.add_registered_method_handlers('car.v1.BudgetService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -105,7 +105,7 @@ class BudgetService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.BudgetService/CreateBudget',
+            '/car.v1.BudgetService/CreateBudget',
             car_dot_v1_dot_budget__pb2.CreateBudgetRequest.SerializeToString,
             car_dot_v1_dot_budget__pb2.CreateBudgetResponse.FromString,
             options,
@@ -132,7 +132,7 @@ class BudgetService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.BudgetService/GetBudget',
+            '/car.v1.BudgetService/GetBudget',
             car_dot_v1_dot_budget__pb2.GetBudgetRequest.SerializeToString,
             car_dot_v1_dot_budget__pb2.GetBudgetResponse.FromString,
             options,

@@ -37,7 +37,7 @@ class EventServiceStub(object):
             channel: A grpc.Channel.
         """
         self.ReadEvents = channel.unary_stream(
-                '/carsvc._proto.car.v1.EventService/ReadEvents',
+                '/car.v1.EventService/ReadEvents',
                 request_serializer=car_dot_v1_dot_events__pb2.ReadEventsRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_events__pb2.ReadEventsResponse.FromString,
                 _registered_method=True)
@@ -65,9 +65,9 @@ def add_EventServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'carsvc._proto.car.v1.EventService', rpc_method_handlers)
+            'car.v1.EventService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('carsvc._proto.car.v1.EventService', rpc_method_handlers)
+    server.add_registered_method_handlers('car.v1.EventService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -89,7 +89,7 @@ class EventService(object):
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/carsvc._proto.car.v1.EventService/ReadEvents',
+            '/car.v1.EventService/ReadEvents',
             car_dot_v1_dot_events__pb2.ReadEventsRequest.SerializeToString,
             car_dot_v1_dot_events__pb2.ReadEventsResponse.FromString,
             options,

@@ -37,27 +37,27 @@ class RegistryServiceStub(object):
             channel: A grpc.Channel.
         """
         self.RegisterAgent = channel.unary_unary(
-                '/carsvc._proto.car.v1.RegistryService/RegisterAgent',
+                '/car.v1.RegistryService/RegisterAgent',
                 request_serializer=car_dot_v1_dot_registry__pb2.RegisterAgentRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_registry__pb2.RegisterAgentResponse.FromString,
                 _registered_method=True)
         self.GetAgent = channel.unary_unary(
-                '/carsvc._proto.car.v1.RegistryService/GetAgent',
+                '/car.v1.RegistryService/GetAgent',
                 request_serializer=car_dot_v1_dot_registry__pb2.GetAgentRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_registry__pb2.GetAgentResponse.FromString,
                 _registered_method=True)
         self.ListAgents = channel.unary_unary(
-                '/carsvc._proto.car.v1.RegistryService/ListAgents',
+                '/car.v1.RegistryService/ListAgents',
                 request_serializer=car_dot_v1_dot_registry__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_registry__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
         self.UnregisterAgent = channel.unary_unary(
-                '/carsvc._proto.car.v1.RegistryService/UnregisterAgent',
+                '/car.v1.RegistryService/UnregisterAgent',
                 request_serializer=car_dot_v1_dot_registry__pb2.UnregisterAgentRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_registry__pb2.UnregisterAgentResponse.FromString,
                 _registered_method=True)
         self.ListWorkers = channel.unary_unary(
-                '/carsvc._proto.car.v1.RegistryService/ListWorkers',
+                '/car.v1.RegistryService/ListWorkers',
                 request_serializer=car_dot_v1_dot_registry__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_registry__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
@@ -132,9 +132,9 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'carsvc._proto.car.v1.RegistryService', rpc_method_handlers)
+            'car.v1.RegistryService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('carsvc._proto.car.v1.RegistryService', rpc_method_handlers)
+    server.add_registered_method_handlers('car.v1.RegistryService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -156,7 +156,7 @@ class RegistryService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RegistryService/RegisterAgent',
+            '/car.v1.RegistryService/RegisterAgent',
             car_dot_v1_dot_registry__pb2.RegisterAgentRequest.SerializeToString,
             car_dot_v1_dot_registry__pb2.RegisterAgentResponse.FromString,
             options,
@@ -183,7 +183,7 @@ class RegistryService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RegistryService/GetAgent',
+            '/car.v1.RegistryService/GetAgent',
             car_dot_v1_dot_registry__pb2.GetAgentRequest.SerializeToString,
             car_dot_v1_dot_registry__pb2.GetAgentResponse.FromString,
             options,
@@ -210,7 +210,7 @@ class RegistryService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RegistryService/ListAgents',
+            '/car.v1.RegistryService/ListAgents',
             car_dot_v1_dot_registry__pb2.ListAgentsRequest.SerializeToString,
             car_dot_v1_dot_registry__pb2.ListAgentsResponse.FromString,
             options,
@@ -237,7 +237,7 @@ class RegistryService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RegistryService/UnregisterAgent',
+            '/car.v1.RegistryService/UnregisterAgent',
             car_dot_v1_dot_registry__pb2.UnregisterAgentRequest.SerializeToString,
             car_dot_v1_dot_registry__pb2.UnregisterAgentResponse.FromString,
             options,
@@ -264,7 +264,7 @@ class RegistryService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RegistryService/ListWorkers',
+            '/car.v1.RegistryService/ListWorkers',
             car_dot_v1_dot_registry__pb2.ListWorkersRequest.SerializeToString,
             car_dot_v1_dot_registry__pb2.ListWorkersResponse.FromString,
             options,

@@ -37,37 +37,37 @@ class RunServiceStub(object):
             channel: A grpc.Channel.
         """
         self.StartRun = channel.unary_unary(
-                '/carsvc._proto.car.v1.RunService/StartRun',
+                '/car.v1.RunService/StartRun',
                 request_serializer=car_dot_v1_dot_runs__pb2.StartRunRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.StartRunResponse.FromString,
                 _registered_method=True)
         self.WatchRun = channel.unary_stream(
-                '/carsvc._proto.car.v1.RunService/WatchRun',
+                '/car.v1.RunService/WatchRun',
                 request_serializer=car_dot_v1_dot_runs__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.WatchRunResponse.FromString,
                 _registered_method=True)
         self.GetRun = channel.unary_unary(
-                '/carsvc._proto.car.v1.RunService/GetRun',
+                '/car.v1.RunService/GetRun',
                 request_serializer=car_dot_v1_dot_runs__pb2.GetRunRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.GetRunResponse.FromString,
                 _registered_method=True)
         self.ListRuns = channel.unary_unary(
-                '/carsvc._proto.car.v1.RunService/ListRuns',
+                '/car.v1.RunService/ListRuns',
                 request_serializer=car_dot_v1_dot_runs__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
         self.CancelRun = channel.unary_unary(
-                '/carsvc._proto.car.v1.RunService/CancelRun',
+                '/car.v1.RunService/CancelRun',
                 request_serializer=car_dot_v1_dot_runs__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
         self.SubmitDecisions = channel.unary_unary(
-                '/carsvc._proto.car.v1.RunService/SubmitDecisions',
+                '/car.v1.RunService/SubmitDecisions',
                 request_serializer=car_dot_v1_dot_runs__pb2.SubmitDecisionsRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.SubmitDecisionsResponse.FromString,
                 _registered_method=True)
         self.Session = channel.stream_stream(
-                '/carsvc._proto.car.v1.RunService/Session',
+                '/car.v1.RunService/Session',
                 request_serializer=car_dot_v1_dot_runs__pb2.SessionRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.SessionResponse.FromString,
                 _registered_method=True)
@@ -172,9 +172,9 @@ def add_RunServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'carsvc._proto.car.v1.RunService', rpc_method_handlers)
+            'car.v1.RunService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('carsvc._proto.car.v1.RunService', rpc_method_handlers)
+    server.add_registered_method_handlers('car.v1.RunService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -196,7 +196,7 @@ class RunService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RunService/StartRun',
+            '/car.v1.RunService/StartRun',
             car_dot_v1_dot_runs__pb2.StartRunRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.StartRunResponse.FromString,
             options,
@@ -223,7 +223,7 @@ class RunService(object):
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/carsvc._proto.car.v1.RunService/WatchRun',
+            '/car.v1.RunService/WatchRun',
             car_dot_v1_dot_runs__pb2.WatchRunRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.WatchRunResponse.FromString,
             options,
@@ -250,7 +250,7 @@ class RunService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RunService/GetRun',
+            '/car.v1.RunService/GetRun',
             car_dot_v1_dot_runs__pb2.GetRunRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.GetRunResponse.FromString,
             options,
@@ -277,7 +277,7 @@ class RunService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RunService/ListRuns',
+            '/car.v1.RunService/ListRuns',
             car_dot_v1_dot_runs__pb2.ListRunsRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.ListRunsResponse.FromString,
             options,
@@ -304,7 +304,7 @@ class RunService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RunService/CancelRun',
+            '/car.v1.RunService/CancelRun',
             car_dot_v1_dot_runs__pb2.CancelRunRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.CancelRunResponse.FromString,
             options,
@@ -331,7 +331,7 @@ class RunService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.RunService/SubmitDecisions',
+            '/car.v1.RunService/SubmitDecisions',
             car_dot_v1_dot_runs__pb2.SubmitDecisionsRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.SubmitDecisionsResponse.FromString,
             options,
@@ -358,7 +358,7 @@ class RunService(object):
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/carsvc._proto.car.v1.RunService/Session',
+            '/car.v1.RunService/Session',
             car_dot_v1_dot_runs__pb2.SessionRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.SessionResponse.FromString,
             options,

@@ -38,27 +38,27 @@ class StateServiceStub(object):
             channel: A grpc.Channel.
         """
         self.Get = channel.unary_unary(
-                '/carsvc._proto.car.v1.StateService/Get',
+                '/car.v1.StateService/Get',
                 request_serializer=car_dot_v1_dot_state__pb2.GetRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_state__pb2.GetResponse.FromString,
                 _registered_method=True)
         self.Set = channel.unary_unary(
-                '/carsvc._proto.car.v1.StateService/Set',
+                '/car.v1.StateService/Set',
                 request_serializer=car_dot_v1_dot_state__pb2.SetRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_state__pb2.SetResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
-                '/carsvc._proto.car.v1.StateService/Delete',
+                '/car.v1.StateService/Delete',
                 request_serializer=car_dot_v1_dot_state__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_state__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.ListKeys = channel.unary_unary(
-                '/carsvc._proto.car.v1.StateService/ListKeys',
+                '/car.v1.StateService/ListKeys',
                 request_serializer=car_dot_v1_dot_state__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_state__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
         self.Watch = channel.unary_stream(
-                '/carsvc._proto.car.v1.StateService/Watch',
+                '/car.v1.StateService/Watch',
                 request_serializer=car_dot_v1_dot_state__pb2.WatchRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_state__pb2.WatchResponse.FromString,
                 _registered_method=True)
@@ -134,9 +134,9 @@ def add_StateServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'carsvc._proto.car.v1.StateService', rpc_method_handlers)
+            'car.v1.StateService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('carsvc._proto.car.v1.StateService', rpc_method_handlers)
+    server.add_registered_method_handlers('car.v1.StateService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -159,7 +159,7 @@ class StateService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.StateService/Get',
+            '/car.v1.StateService/Get',
             car_dot_v1_dot_state__pb2.GetRequest.SerializeToString,
             car_dot_v1_dot_state__pb2.GetResponse.FromString,
             options,
@@ -186,7 +186,7 @@ class StateService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.StateService/Set',
+            '/car.v1.StateService/Set',
             car_dot_v1_dot_state__pb2.SetRequest.SerializeToString,
             car_dot_v1_dot_state__pb2.SetResponse.FromString,
             options,
@@ -213,7 +213,7 @@ class StateService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.StateService/Delete',
+            '/car.v1.StateService/Delete',
             car_dot_v1_dot_state__pb2.DeleteRequest.SerializeToString,
             car_dot_v1_dot_state__pb2.DeleteResponse.FromString,
             options,
@@ -240,7 +240,7 @@ class StateService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/carsvc._proto.car.v1.StateService/ListKeys',
+            '/car.v1.StateService/ListKeys',
             car_dot_v1_dot_state__pb2.ListKeysRequest.SerializeToString,
             car_dot_v1_dot_state__pb2.ListKeysResponse.FromString,
             options,
@@ -267,7 +267,7 @@ class StateService(object):
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/carsvc._proto.car.v1.StateService/Watch',
+            '/car.v1.StateService/Watch',
             car_dot_v1_dot_state__pb2.WatchRequest.SerializeToString,
             car_dot_v1_dot_state__pb2.WatchResponse.FromString,
             options,

@@ -37,7 +37,7 @@ class WorkerServiceStub(object):
             channel: A grpc.Channel.
         """
         self.Connect = channel.stream_stream(
-                '/carsvc._proto.car.v1.WorkerService/Connect',
+                '/car.v1.WorkerService/Connect',
                 request_serializer=car_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
                 _registered_method=True)
@@ -67,9 +67,9 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'carsvc._proto.car.v1.WorkerService', rpc_method_handlers)
+            'car.v1.WorkerService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('carsvc._proto.car.v1.WorkerService', rpc_method_handlers)
+    server.add_registered_method_handlers('car.v1.WorkerService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -91,7 +91,7 @@ class WorkerService(object):
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/carsvc._proto.car.v1.WorkerService/Connect',
+            '/car.v1.WorkerService/Connect',
             car_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
             car_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
             options,
