@@ -20,6 +20,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     log_level: str = "INFO"
+    # Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics; 0 turns them off.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # Largest gRPC message accepted or sent, in bytes.
     max_message_bytes: int = 16 * 1024 * 1024
     # Largest single text or value field (a task, an item, a state value), in bytes.
@@ -95,7 +98,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be within 0..65535, not {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be within 0..65535, not {getattr(self, name)}")
         if self.max_field_bytes > self.max_message_bytes:
             raise ValueError("max_field_bytes must not exceed max_message_bytes")
