@@ -23,6 +23,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", help="seconds (default 10)")
     serve.add_argument("--heartbeat-interval-ms", type=int, help="worker heartbeat interval (default 5000)")
     serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 16 MiB)")
+    security = serve.add_argument_group(
+        "authentication and TLS",
+        "See docs/configuration.md. Token values are read from files or from CARSVC_WORKER_TOKENS / "
+        "CARSVC_CLIENT_TOKENS, never from flags (the command line is visible to every local user).",
+    )
+    security.add_argument("--worker-tokens-file", metavar="PATH", help="worker tokens, one per line")
+    security.add_argument("--client-tokens-file", metavar="PATH", help="client tokens, one per line")
+    security.add_argument("--tls-cert-file", metavar="PATH", help="the server's PEM certificate chain")
+    security.add_argument("--tls-key-file", metavar="PATH", help="the server's PEM private key")
+    security.add_argument(
+        "--tls-client-ca-file", metavar="PATH", help="PEM CA that signs client certificates (mutual TLS)"
+    )
     demo = commands.add_parser("demo", help="run a self-contained map-reduce demo and exit")
     demo.add_argument("--items", type=int, default=12, help="items to map (default 12)")
     commands.add_parser("version", help="print the version")
@@ -41,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return asyncio.run(demo(args.items))
+    from carsvc.security.server import ServerSecurity
+
     try:
         settings = Settings.from_env(
             host=args.host,
@@ -50,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_grace_s=args.shutdown_grace_s,
             heartbeat_interval_ms=args.heartbeat_interval_ms,
             max_message_bytes=args.max_message_bytes,
+            worker_tokens_file=args.worker_tokens_file,
+            client_tokens_file=args.client_tokens_file,
+            tls_cert_file=args.tls_cert_file,
+            tls_key_file=args.tls_key_file,
+            tls_client_ca_file=args.tls_client_ca_file,
         )
+        security = ServerSecurity.from_settings(settings)  # reads the token and TLS files
     except ValueError as err:
         print(f"carsvc: {err}", file=sys.stderr)
         return 2
@@ -62,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from carsvc.server import serve
 
     try:
-        uvloop.run(serve(settings))
+        uvloop.run(serve(settings, security))
     except OSError as err:
         print(f"carsvc: {err}", file=sys.stderr)
         return 1

@@ -35,9 +35,29 @@ from carsvc._proto.car.v1 import (
     state_pb2_grpc,
     types_pb2,
 )
+from carsvc.security.channel import TLS, open_channel
 from carsvc.values import from_value, to_value
 
-__all__ = ["Client", "RunSession", "agent", "deny", "map_reduce", "registered", "resume", "single"]
+__all__ = [
+    "Client",
+    "RunSession",
+    "adversarial_review",
+    "advisor",
+    "agent",
+    "delegator",
+    "deny",
+    "fleet",
+    "map_reduce",
+    "pipeline",
+    "registered",
+    "resume",
+    "single",
+    "spawn_subtask",
+    "supervisor",
+    "swarm",
+    "tournament",
+    "vote",
+]
 
 RunEvent = Any  # carsvc._proto.car.v1.events_pb2.RunEvent
 
@@ -273,7 +293,12 @@ def advisor(
 
 
 class Client:
-    """An asyncio client for the run, registry and state services."""
+    """An asyncio client for the run, registry and state services.
+
+    `token`: a client token, sent as `authorization: Bearer` metadata on every
+    call. `tls`: a carsvc.security.TLS (True: TLS with the system's roots);
+    plaintext by default. Both shape the channel the client opens, so they
+    cannot be combined with `channel`."""
 
     def __init__(
         self,
@@ -281,9 +306,13 @@ class Client:
         *,
         channel: grpc.aio.Channel | None = None,
         options: list[tuple[str, Any]] | None = None,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
     ) -> None:
+        if channel is not None and (token is not None or tls):
+            raise ValueError("token and tls configure the channel Client opens: not usable with channel=")
         self._owns_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(target, options=options or [])
+        self.channel = channel or open_channel(target, token=token, tls=tls, options=options)
         self.runs = runs_pb2_grpc.RunServiceStub(self.channel)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.state = state_pb2_grpc.StateServiceStub(self.channel)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "CARSVC_"
@@ -56,6 +56,19 @@ class Settings:
     max_unmatched_decisions: int = 256
     # On SIGTERM/SIGINT: how long in-flight runs get to finish.
     shutdown_grace_s: float = 10.0
+    # Authentication (docs/configuration.md, "Authentication and TLS"): bearer
+    # tokens per scope, from files (one token per line, # comments) and/or the
+    # comma-separated CARSVC_WORKER_TOKENS / CARSVC_CLIENT_TOKENS. No token at all:
+    # auth is off. The token values are secrets: never in repr, never a flag.
+    worker_tokens_file: str = ""
+    client_tokens_file: str = ""
+    worker_tokens: str = field(default="", repr=False)
+    client_tokens: str = field(default="", repr=False)
+    # TLS: the server's certificate chain and key (PEM files); with a client CA
+    # every client must present a certificate it signed (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -103,3 +116,7 @@ class Settings:
                 raise ValueError(f"{name} must be within 0..65535, not {getattr(self, name)}")
         if self.max_field_bytes > self.max_message_bytes:
             raise ValueError("max_field_bytes must not exceed max_message_bytes")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")

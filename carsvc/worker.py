@@ -37,6 +37,7 @@ import grpc
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2, worker_pb2_grpc
 from carsvc._version import __version__
+from carsvc.security.channel import TLS, bearer_metadata, open_channel
 from carsvc.values import from_value, to_value
 
 __all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "Worker"]
@@ -325,8 +326,15 @@ class Worker:
         reconnect: bool = True,
         reconnect_max_delay: float = 5.0,
         channel_options: list[tuple[str, Any]] | None = None,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
     ) -> None:
+        """`token`: a worker token, sent as `authorization: Bearer` metadata on
+        the stream. `tls`: a carsvc.security.TLS (True: TLS with the system's
+        roots); plaintext by default."""
         self.target = target
+        self.tls = tls
+        self._metadata = bearer_metadata(token)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.max_in_flight = max_in_flight
         self.labels = dict(labels or {})
@@ -396,9 +404,9 @@ class Worker:
         """One connection; returns True when the sidecar drained us."""
         link = _Link()
         drained = False
-        async with grpc.aio.insecure_channel(self.target, options=self.channel_options) as channel:
+        async with open_channel(self.target, tls=self.tls, options=self.channel_options) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            call = stub.Connect(self._frames(link))
+            call = stub.Connect(self._frames(link), metadata=self._metadata)
             stopper = asyncio.get_running_loop().create_task(self._stopping.wait())
             reader = asyncio.ensure_future(self._read(call, link))
             try:

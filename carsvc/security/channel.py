@@ -1,0 +1,127 @@
+"""The SDK side: channels to the sidecar with TLS and a bearer token.
+
+    from carsvc.security import TLS
+    tls = TLS(root_certificates="/etc/carsvc/ca.pem")              # server-side TLS
+    tls = TLS("/etc/carsvc/ca.pem", certificate_chain="client.pem",
+              private_key="client.key")                             # mutual TLS
+    Client("sidecar:50051", token=os.environ["CARSVC_TOKEN"], tls=tls)
+
+The token travels as `authorization: Bearer <token>` call metadata, which works
+on plaintext loopback channels too (gRPC's own call credentials need TLS).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from carsvc.security.tokens import check_token
+
+__all__ = ["TLS", "bearer_metadata", "open_channel"]
+
+PemSource = bytes | str | os.PathLike[str]
+
+
+def _pem(source: PemSource | None, what: str) -> bytes | None:
+    """PEM bytes from bytes, PEM text, or a file path."""
+    if source is None or isinstance(source, bytes):
+        return source
+    if isinstance(source, str) and source.lstrip().startswith("-----BEGIN"):
+        return source.encode("ascii")
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"TLS {what} {os.fspath(source)!r} cannot be read: {err.strerror or err}") from None
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS options of a Worker's or Client's channel.
+
+    Each certificate or key is PEM bytes, PEM text, or a path to a PEM file.
+    `root_certificates`: the CA(s) that signed the sidecar's certificate (None:
+    the system's roots). `certificate_chain` and `private_key`: this process's
+    certificate for mutual TLS (both or neither). `server_name`: the name to
+    check in the sidecar's certificate when it differs from the target's host
+    (for example a certificate for "carsvc.internal" reached by IP address).
+    """
+
+    root_certificates: PemSource | None = None
+    certificate_chain: PemSource | None = None
+    private_key: PemSource | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("TLS certificate_chain and private_key must be given together (mutual TLS)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.root_certificates, "root_certificates"),
+            private_key=_pem(self.private_key, "private_key"),
+            certificate_chain=_pem(self.certificate_chain, "certificate_chain"),
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying `token`, or None without one."""
+    return None if token is None else (("authorization", f"Bearer {check_token(token)}"),)
+
+
+class _BearerToken(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds the bearer token to every call that does not carry its own
+    `authorization` metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._value = f"Bearer {token}"
+
+    def _details(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        if "authorization" not in metadata:
+            metadata.add("authorization", self._value)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+def open_channel(
+    target: str,
+    *,
+    token: str | None = None,
+    tls: TLS | bool | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to the sidecar: plaintext unless `tls` (True: TLS with the
+    system's roots), with `token` on every call when given."""
+    if token is not None:
+        check_token(token)
+    interceptors = [_BearerToken(token)] if token is not None else None
+    options = list(options or [])
+    if tls is None or tls is False:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    config = TLS() if tls is True else tls
+    return grpc.aio.secure_channel(
+        target, config.credentials(), options=[*config.channel_options(), *options], interceptors=interceptors
+    )
