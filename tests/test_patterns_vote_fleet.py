@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from carsvc._proto.car.v1 import runs_pb2, types_pb2
-from carsvc.client import Client, agent, fleet, vote
+from carsvc.client import Client, agent, fleet, registered, vote
 from carsvc.patterns.prompts import VOTE_SYNTHESIZE_TASK
 from carsvc.patterns.vote import normalise
 from carsvc.worker import AgentContext
@@ -159,3 +159,17 @@ async def test_fleet_timeout_must_be_positive(client: Client) -> None:
             await client.runs.StartRun(runs_pb2.StartRunRequest(fleet=fleet([agent("a")], agent_timeout_secs=bad)))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (err.value.details() or "").startswith("fleet.agent_timeout_secs:")
+
+
+async def test_registered_agents_by_name_in_a_multi_agent_pattern(client: Client, workers: Workers) -> None:
+    prompts: dict[str, str] = {}
+
+    async def voter(ctx: AgentContext) -> str:
+        prompts[ctx.name] = ctx.spec.system_prompt
+        return "yes"
+
+    await workers.start({"*": voter}, max_in_flight=2)
+    await client.register_agent(types_pb2.AgentSpec(name="r1", system_prompt="registered one"))
+    run = await client.run(vote([registered("r1"), agent("inline", "inline one")], "ok?"))
+    assert run.result.vote.winner == "yes" and run.result.vote.agreement_ratio == 1.0
+    assert prompts == {"r1": "registered one", "inline": "inline one"}
