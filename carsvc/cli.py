@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (default 50051, env CARSVC_PORT)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (default INFO)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
+    serve.add_argument("--data-dir", help="journal state, runs and events here so a restart recovers them")
     serve.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", help="seconds (default 10)")
     serve.add_argument("--heartbeat-interval-ms", type=int, help="worker heartbeat interval (default 5000)")
     serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 16 MiB)")
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             log_level=args.log_level,
             metrics_port=args.metrics_port,
+            data_dir=args.data_dir,
             shutdown_grace_s=args.shutdown_grace_s,
             heartbeat_interval_ms=args.heartbeat_interval_ms,
             max_message_bytes=args.max_message_bytes,

@@ -424,11 +424,34 @@ class Client:
         response: runs_pb2.StartRunResponse = await self.runs.StartRun(request)
         return response.run
 
-    async def watch(self, run_id: str, after_seq: int = 0) -> AsyncIterator[RunEvent]:
-        """A run's events from `after_seq` on, ending with its run_finished event."""
-        async for batch in self.runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run_id, after_seq=after_seq)):
-            for event in batch.events:
-                yield event
+    async def watch(
+        self, run_id: str, after_seq: int = 0, *, reconnect_for: float = 30.0
+    ) -> AsyncIterator[RunEvent]:
+        """A run's events from `after_seq` on, ending with its run_finished event.
+
+        If the sidecar goes away (UNAVAILABLE), the watch resumes from the last
+        event it delivered once the sidecar is back, for up to `reconnect_for`
+        seconds (0: never)."""
+        last = after_seq
+        deadline = 0.0
+        delay = 0.05
+        while True:
+            try:
+                async for batch in self.runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run_id, after_seq=last)):
+                    deadline = 0.0
+                    for event in batch.events:
+                        last = event.seq
+                        yield event
+                return
+            except grpc.aio.AioRpcError as err:
+                now = asyncio.get_running_loop().time()
+                if err.code() != grpc.StatusCode.UNAVAILABLE or reconnect_for <= 0:
+                    raise
+                deadline = deadline or now + reconnect_for
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def wait(self, run_id: str) -> runs_pb2.Run:
         """Waits until the run has finished and returns it (with its result)."""

@@ -20,6 +20,13 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     log_level: str = "INFO"
+    # Keep state, run records and events in <data_dir>/carsvc.sqlite3 so a restart
+    # recovers them; empty keeps everything in memory only.
+    data_dir: str = ""
+    # The journal commits every this many ms (a crash loses at most that much);
+    # journal_sync "full" also fsyncs each commit (survives power loss).
+    journal_flush_ms: int = 50
+    journal_sync: str = "normal"
     # Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics; 0 turns them off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -114,6 +121,8 @@ class Settings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be within 0..65535, not {getattr(self, name)}")
+        if self.journal_sync not in ("normal", "full"):
+            raise ValueError(f"journal_sync must be 'normal' or 'full', not {self.journal_sync!r}")
         if self.max_field_bytes > self.max_message_bytes:
             raise ValueError("max_field_bytes must not exceed max_message_bytes")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

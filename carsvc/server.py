@@ -29,6 +29,7 @@ from carsvc._proto.car.v1 import (
     worker_pb2_grpc,
 )
 from carsvc.config import Settings
+from carsvc.domain.journal import Journal
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import RunManager, RunSettings
 from carsvc.domain.workers import Dispatcher
@@ -83,6 +84,9 @@ class Sidecar:
                 max_unmatched_decisions=s.max_unmatched_decisions,
                 cancel_ack_timeout=s.cancel_ack_timeout_s,
             ),
+            journal=Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync)
+            if s.data_dir
+            else None,
         )
         limits = Limits(
             max_field_bytes=s.max_field_bytes, max_items=s.max_items, max_agents=s.max_agents_per_pattern
@@ -140,6 +144,15 @@ class Sidecar:
             port = self.security.bind(server, s.address)
         except RuntimeError as err:
             raise OSError(f"carsvc could not listen on {s.address}: {err}") from None
+        journal = self.runs.journal
+        if journal is not None:
+            recovered = journal.load()
+            self.runs.restore(recovered)
+            journal.start()
+            log.info(
+                "journal %s: recovered %d runs and %d state scopes", journal.path, len(recovered.runs),
+                len(recovered.state),
+            )
         await server.start()
         self._server = server
         self.port = port
@@ -187,6 +200,8 @@ class Sidecar:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self.runs.journal is not None:
+            self.runs.journal.close()
         log.info("carsvc stopped")
 
     async def wait_for_termination(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from carsvc._proto.car.v1 import events_pb2
 from carsvc.domain.clock import now_ms
@@ -78,14 +78,22 @@ class Subscription:
 class RunEventLog:
     """Events of one run. seq starts at 1; only the newest `retention` are kept."""
 
-    __slots__ = ("_closed", "_events", "_subscribers", "last_seq", "run_id")
+    __slots__ = ("_closed", "_events", "_subscribers", "last_seq", "run_id", "sink")
 
-    def __init__(self, run_id: str, retention: int) -> None:
+    def __init__(self, run_id: str, retention: int, sink: Callable[[RunEvent], None] | None = None) -> None:
         self.run_id = run_id
         self._events: deque[RunEvent] = deque(maxlen=retention)
         self._subscribers: list[Subscription] = []
         self._closed = False
         self.last_seq = 0
+        # Told about every appended event (the journal, when there is one).
+        self.sink = sink
+
+    def restore(self, events: list[RunEvent]) -> None:
+        """Puts back events read from the journal, as they were."""
+        self._events.extend(events)
+        if events:
+            self.last_seq = events[-1].seq
 
     @property
     def closed(self) -> bool:
@@ -104,6 +112,8 @@ class RunEventLog:
         event.seq = self.last_seq
         event.time_unix_ms = now_ms()
         self._events.append(event)
+        if self.sink is not None:
+            self.sink(event)
         if self._subscribers:
             for sub in tuple(self._subscribers):  # a push may drop an overflowing watcher
                 sub._push(event)

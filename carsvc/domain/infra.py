@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
 from carsvc.domain.budget import CoordinationBudget
-from carsvc.domain.budget_types import BudgetError, BudgetSnapshot
+from carsvc.domain.budget_types import BudgetError, BudgetLimits, BudgetSnapshot
 from carsvc.domain.decisions import DecisionBox
+from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.eventlog import RunEventLog
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import Overlay, StateStore
@@ -65,6 +67,22 @@ def snapshot_to_proto(snap: BudgetSnapshot) -> types_pb2.BudgetSnapshot:
     if lim.max_agents is not None:
         msg.limits.max_agents = lim.max_agents
     return msg
+
+
+def limits_from_proto(msg: types_pb2.BudgetLimits, field: str = "budget") -> BudgetLimits:
+    """BudgetLimits from its message; a bad cost is INVALID_ARGUMENT naming `field`."""
+    cost: float | None = None
+    if msg.HasField("max_cost_usd"):
+        cost = msg.max_cost_usd
+        if not math.isfinite(cost) or cost < 0:
+            raise InvalidArgument(f"must be a finite, non-negative number, not {cost}", field=f"{field}.max_cost_usd")
+    return BudgetLimits(
+        max_input_tokens=msg.max_input_tokens if msg.HasField("max_input_tokens") else None,
+        max_output_tokens=msg.max_output_tokens if msg.HasField("max_output_tokens") else None,
+        max_total_tokens=msg.max_total_tokens if msg.HasField("max_total_tokens") else None,
+        max_cost_usd=cost,
+        max_agents=msg.max_agents if msg.HasField("max_agents") else None,
+    )
 
 
 class RunInfra:

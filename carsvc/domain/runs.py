@@ -10,7 +10,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
@@ -28,11 +28,12 @@ from carsvc.domain.errors import (
     ResourceExhausted,
 )
 from carsvc.domain.eventlog import RunEventLog
-from carsvc.domain.infra import RunInfra, snapshot_to_proto
+from carsvc.domain.infra import RunInfra, limits_from_proto, snapshot_to_proto
+from carsvc.domain.journal import Journal, Recovered
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import StateStore
 from carsvc.domain.workers import Dispatcher
-from carsvc.patterns.base import Pattern
+from carsvc.patterns.base import Pattern, PatternOutcome
 
 RunStatus = types_pb2.RunStatus
 RunEvent = events_pb2.RunEvent
@@ -49,6 +50,16 @@ ON_BUSY_INTERRUPT = runs_pb2.ON_BUSY_INTERRUPT
 ON_BUSY_ENQUEUE = runs_pb2.ON_BUSY_ENQUEUE
 
 log = logging.getLogger("carsvc.runs")
+
+
+class _Restored:
+    """The pattern of a run read back from the journal: it ran before a restart."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def run(self, infra: RunInfra) -> PatternOutcome:
+        raise FailedPrecondition(f"run '{infra.run_id}' was recovered from the journal and cannot run again")
 
 
 def status_name(status: int) -> str:
@@ -88,6 +99,9 @@ class RunRecord:
     task: asyncio.Task[None] | None = None
     cancel_reason: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # The budget as the run ended (kept, so a shared budget's later spend does
+    # not change a finished run's record).
+    final_budget: types_pb2.BudgetSnapshot | None = None
 
     @property
     def finished(self) -> bool:
@@ -117,7 +131,7 @@ class RunRecord:
             created_unix_ms=self.created_ms,
             started_unix_ms=self.started_ms,
             finished_unix_ms=self.finished_ms,
-            budget=snapshot_to_proto(self.infra.budget.snapshot()),
+            budget=self.final_budget or snapshot_to_proto(self.infra.budget.snapshot()),
             last_seq=self.events.last_seq,
             labels=self.labels,
             state_scope=self.state_scope,
@@ -137,8 +151,11 @@ class RunRecord:
 class RunManager:
     """Starts runs, keeps them reachable by run and thread id, and ends them."""
 
-    def __init__(self, dispatcher: Dispatcher, settings: RunSettings | None = None) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, settings: RunSettings | None = None, journal: Journal | None = None
+    ) -> None:
         self.dispatcher = dispatcher
+        self.journal = journal
         self.settings = settings or RunSettings()
         self.runs: OrderedDict[str, RunRecord] = OrderedDict()
         self._active_by_thread: dict[str, RunRecord] = {}
@@ -157,7 +174,19 @@ class RunManager:
         store = self.scopes.get(name)
         if store is None:
             store = self.scopes[name] = StateStore()
+            self._journal_scope(name, store)
         return store
+
+    def _event_sink(self, run_id: str) -> Callable[[RunEvent], None] | None:
+        journal = self.journal
+        if journal is None:
+            return None
+        return lambda event: journal.event(run_id, event)
+
+    def _journal_scope(self, name: str, store: StateStore) -> None:
+        journal = self.journal
+        if journal is not None:
+            store.subscribe(lambda t: journal.state(name, t.key, t.new, t.writer, t.time_unix_ms))
 
     def create_budget(self, limits: BudgetLimits, budget_id: str = "") -> CoordinationBudget:
         budget_id = budget_id or f"budget-{uuid.uuid4().hex}"
@@ -220,7 +249,7 @@ class RunManager:
                 thread_id=thread_id,
                 state=self.scope(state_scope),
                 budget=budget,
-                events=RunEventLog(run_id, self.settings.event_retention),
+                events=RunEventLog(run_id, self.settings.event_retention, self._event_sink(run_id)),
                 mailbox=Mailbox(self.settings.mailbox_depth),
                 dispatcher=self.dispatcher,
                 mailbox_recv_timeout=self.settings.mailbox_recv_timeout,
@@ -241,6 +270,7 @@ class RunManager:
         if active is None:
             self._launch(record)
             return record
+        self._journal_run(record)
         if queue is None:
             queue = self._queued_by_thread[thread_id] = deque()
         if on_busy == ON_BUSY_INTERRUPT:
@@ -265,6 +295,11 @@ class RunManager:
             self._drive(record), name=f"run-{record.run_id}"
         )
         record.task.add_done_callback(lambda _: self._ensure_finished(record))
+        self._journal_run(record)
+
+    def _journal_run(self, record: RunRecord) -> None:
+        if self.journal is not None:
+            self.journal.run(record.ordinal, record.to_proto())
 
     def _ensure_finished(self, record: RunRecord) -> None:
         # A task cancelled before its first step never runs _drive's handlers.
@@ -314,17 +349,19 @@ class RunManager:
         record.termination_reason = reason
         record.termination_detail = detail
         record.finished_ms = now_ms()
+        record.final_budget = snapshot_to_proto(record.infra.budget.snapshot())
         finished = events_pb2.RunFinished(
             status=status,  # type: ignore[arg-type]
             reason=reason,
             detail=detail,
-            budget=snapshot_to_proto(record.infra.budget.snapshot()),
+            budget=record.final_budget,
         )
         if record.result is not None:
             finished.result.CopyFrom(record.result)
         record.events.append(RunEvent(run_finished=finished))
         record.events.close()
         record.done.set()
+        self._journal_run(record)
         log.info("run %s %s: %s %s", record.run_id, status_name(status), reason, detail)
         if self._active_by_thread.get(record.thread_id) is record:
             del self._active_by_thread[record.thread_id]
@@ -359,7 +396,61 @@ class RunManager:
     def _retain(self, record: RunRecord) -> None:
         self._finished_order.append(record.run_id)
         while len(self._finished_order) > self.settings.finished_run_retention:
-            self.runs.pop(self._finished_order.popleft(), None)
+            dropped = self._finished_order.popleft()
+            self.runs.pop(dropped, None)
+            if self.journal is not None:
+                self.journal.forget(dropped)
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def restore(self, recovered: Recovered) -> None:
+        """Puts back what a journal held: state scopes, and runs with their
+        events. Runs that were active when the sidecar stopped end FAILED with
+        reason `sidecar_restarted`."""
+        for name, keys in recovered.state.items():
+            store = self.scopes[name] = StateStore()
+            for key, (value, writer) in keys.items():
+                store.set(key, value, writer)
+            self._journal_scope(name, store)
+        for run in recovered.runs:
+            limits = run.budget.limits
+            self._ordinal += 1
+            record = RunRecord(
+                run_id=run.run_id,
+                thread_id=run.thread_id,
+                agent_id=run.agent_id,
+                pattern=_Restored(run.pattern),
+                infra=RunInfra(
+                    run_id=run.run_id,
+                    thread_id=run.thread_id,
+                    state=self.scope(run.state_scope or run.thread_id),
+                    budget=CoordinationBudget(limits_from_proto(limits)),
+                    events=RunEventLog(run.run_id, self.settings.event_retention),
+                    mailbox=Mailbox(self.settings.mailbox_depth),
+                    dispatcher=self.dispatcher,
+                ),
+                state_scope=run.state_scope,
+                labels=dict(run.labels),
+                timeout=None,
+                ordinal=self._ordinal,
+                status=run.status,
+                termination_reason=run.termination_reason,
+                termination_detail=run.termination_detail,
+                created_ms=run.created_unix_ms,
+                started_ms=run.started_unix_ms,
+                finished_ms=run.finished_unix_ms,
+                result=run.result if run.HasField("result") else None,
+                final_budget=run.budget,
+            )
+            record.events.restore(recovered.events.get(run.run_id, []))
+            self.runs[run.run_id] = record
+            if record.finished:
+                record.events.close()
+                record.done.set()
+                self._finished_order.append(record.run_id)
+            else:
+                record.events.sink = self._event_sink(run.run_id)
+                self._finish(record, FAILED, "sidecar_restarted", "the sidecar restarted while the run was active")
 
     # -- lookup -------------------------------------------------------------------------------
 

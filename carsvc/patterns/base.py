@@ -9,7 +9,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import FailedPrecondition, InvalidArgument
@@ -44,7 +44,8 @@ class PatternOutcome:
 
 
 class Pattern(Protocol):
-    name: ClassVar[str]
+    @property
+    def name(self) -> str: ...
 
     async def run(self, infra: RunInfra) -> PatternOutcome: ...
 
