@@ -53,6 +53,16 @@ async def test_max_agents_three_over_five_items(client: Client, workers: Workers
     assert events[-1].run_finished.budget.agents_started == 3
 
 
+async def test_a_budget_that_refuses_everything_fails_the_run(client: Client, workers: Workers) -> None:
+    await workers.start({"m": echo, "r": echo})
+    run = await client.run(
+        map_reduce(agent("m"), agent("r"), "t", ["a", "b"]), budget=types_pb2.BudgetLimits(max_agents=0)
+    )
+    assert run.status == types_pb2.RUN_STATUS_FAILED
+    assert run.termination_reason == "budget_exhausted"
+    assert [o.name for o in run.result.map_reduce.map_outputs] == ["m_0", "m_1"]
+
+
 async def test_token_limit_stops_later_mappers(client: Client, workers: Workers) -> None:
     async def spender(ctx: AgentContext) -> Result:
         return Result(answer="ok", input_tokens=60, output_tokens=40)

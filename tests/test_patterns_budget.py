@@ -79,11 +79,8 @@ async def test_a_budget_that_admits_nobody_fails_every_pattern_with_budget_exhau
     events = [e async for e in client.watch(handle.run_id)]
     run = await client.get_run(handle.run_id)
     assert ran == []
-    if pattern == "map_reduce":  # the reducer's fallback (no summaries) is its product: empty but not failed
-        assert run.status == SUCCEEDED
-    else:
-        assert run.status == FAILED, run
-        assert run.termination_reason == "budget_exhausted", run.termination_detail
+    assert run.status == FAILED, run
+    assert run.termination_reason == "budget_exhausted", run.termination_detail
     kinds = [e.WhichOneof("kind") for e in events]
     skips = [i for i, k in enumerate(kinds) if k == "agent_skipped"]
     assert skips and all(kinds[i + 1] == "budget_updated" for i in skips)

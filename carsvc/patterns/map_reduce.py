@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import InvalidArgument
-from carsvc.domain.infra import RunInfra, succeeded
+from carsvc.domain.infra import BUDGET_SKIPPED_PREFIX, RunInfra, succeeded
 from carsvc.patterns.base import (
     Limits,
     PatternOutcome,
@@ -104,7 +104,11 @@ class MapReduce:
             reducer_output=reducer_output,
         )
         outcome = PatternOutcome(patterns_pb2.RunResult(map_reduce=result))
-        if reducer_ran and not succeeded(reducer_output):
+        if not reducer_ran and all(o.error.startswith(BUDGET_SKIPPED_PREFIX) for o in map_outputs):
+            outcome.failed = True
+            outcome.reason = "budget_exhausted"
+            outcome.detail = f"the budget refused every mapper and the reducer: {reducer_output.error}"
+        elif reducer_ran and not succeeded(reducer_output):
             outcome.failed = True
             outcome.reason = "agent_failed"
             outcome.detail = (
