@@ -1,0 +1,117 @@
+// Command mapreduce-client runs a map-reduce of the example agents
+// (clients/README.md) and prints the result; --json prints one JSON object.
+//
+//	go run ./cmd/mapreduce-client --target 127.0.0.1:50051 --items 10
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"time"
+
+	"carsvc/clients/go/carsvc"
+	"carsvc/clients/go/gen/carv1"
+)
+
+type summary struct {
+	RunID         string            `json:"run_id"`
+	Status        string            `json:"status"`
+	ReducedAnswer string            `json:"reduced_answer"`
+	Answers       []string          `json:"answers"`
+	Errors        []string          `json:"errors"`
+	FinishedBy    map[string]string `json:"finished_by"` // agent name -> worker id
+	Events        int               `json:"events"`
+}
+
+func main() {
+	target := flag.String("target", envOr("CARSVC_TARGET", "127.0.0.1:50051"), "the sidecar's host:port")
+	n := flag.Int("items", 5, "number of items (item-1 .. item-N)")
+	mapper := flag.String("mapper", "summarizer", "mapper agent")
+	reducer := flag.String("reducer", "combiner", "reducer agent")
+	maxConcurrent := flag.Uint("max-concurrent", 8, "mappers running at once")
+	asJSON := flag.Bool("json", false, "print the result as one JSON object")
+	timeout := flag.Duration("timeout", 2*time.Minute, "give up after this long")
+	flag.Parse()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+
+	client, err := carsvc.NewClient(*target)
+	check(err)
+	defer client.Close()
+
+	items := make([]string, *n)
+	for i := range items {
+		items[i] = fmt.Sprintf("item-%d", i+1)
+	}
+	handle, err := client.StartRun(ctx,
+		carsvc.MapReduce(carsvc.Agent(*mapper), carsvc.Agent(*reducer), "Summarize each item", items, uint32(*maxConcurrent)),
+		carsvc.WithAgentID("mapreduce-client-go"))
+	check(err)
+
+	// Watch the events; a broken watch resumes after the last seq it saw.
+	out := summary{RunID: handle.RunId, FinishedBy: map[string]string{}}
+	var lastSeq uint64
+	for done := false; !done; {
+		for ev, err := range client.Watch(ctx, handle.RunId, lastSeq) {
+			if err != nil {
+				if ctx.Err() != nil {
+					check(err)
+				}
+				fmt.Fprintln(os.Stderr, "watch broke, resuming after seq", lastSeq, ":", err)
+				time.Sleep(200 * time.Millisecond)
+				break
+			}
+			lastSeq = ev.Seq
+			out.Events++
+			if f := ev.GetAgentFinished(); f != nil {
+				out.FinishedBy[f.GetOutput().GetName()] = f.WorkerId
+			}
+			if ev.GetRunFinished() != nil {
+				done = true
+			}
+		}
+	}
+	run, err := client.GetRun(ctx, handle.RunId)
+	check(err)
+	result := run.GetResult().GetMapReduce()
+	out.Status = run.Status.String()
+	out.ReducedAnswer = result.GetReducedAnswer()
+	for _, o := range result.GetMapOutputs() {
+		out.Answers = append(out.Answers, o.Answer)
+		out.Errors = append(out.Errors, o.GetError())
+	}
+	if *asJSON {
+		check(json.NewEncoder(os.Stdout).Encode(out))
+	} else {
+		fmt.Printf("run %s: %s\n", out.RunID, out.Status)
+		for i, o := range result.GetMapOutputs() {
+			fmt.Printf("  %-14s %-20s by %s\n", o.Name, o.Answer+o.GetError(), out.FinishedBy[o.Name])
+			_ = i
+		}
+		fmt.Println("reduced:", out.ReducedAnswer)
+	}
+	if run.Status != carv1.RunStatus_RUN_STATUS_SUCCEEDED {
+		os.Exit(1)
+	}
+}
+
+func check(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mapreduce-client:", err)
+		os.Exit(1)
+	}
+}
+
+func envOr(name, fallback string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return fallback
+}
