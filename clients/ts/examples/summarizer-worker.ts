@@ -1,0 +1,86 @@
+/**
+ * Serves the example agents of clients/README.md: "summarizer" (a map-reduce
+ * mapper), "combiner" (its reducer) and "deployer" (asks a human first).
+ *
+ *     npm run summarizer-worker -- --target 127.0.0.1:50051
+ */
+import { parseArgs } from "node:util";
+
+import { AgentContext, Worker } from "../src/index";
+
+const { values: args } = parseArgs({
+  options: {
+    target: { type: "string", default: process.env.CARSVC_TARGET ?? "127.0.0.1:50051" },
+    "worker-id": { type: "string" },
+    agents: { type: "string", default: "summarizer,combiner,deployer" },
+    "max-in-flight": { type: "string", default: "4" },
+    "sleep-ms": { type: "string", default: "0" },
+  },
+});
+
+const ITEM_MARKER = "Process this item: ";
+const sleepMs = Number(args["sleep-ms"]);
+
+const worker = new Worker(args.target!, {
+  workerId: args["worker-id"],
+  maxInFlight: Number(args["max-in-flight"]),
+  labels: { lang: "ts" },
+  onConnect: (session) => console.log(`ready ${worker.workerId} ${session}`),
+});
+
+/** Answers "summary(<item>)" after recording the item in the run's state and emitting an event. */
+async function summarize(ctx: AgentContext): Promise<string> {
+  const at = ctx.task.lastIndexOf(ITEM_MARKER);
+  const item = at >= 0 ? ctx.task.slice(at + ITEM_MARKER.length) : ctx.task;
+  ctx.progress(`summarizing ${item}`);
+  const key = `summaries/${item}`;
+  await ctx.state.set(key, { worker: worker.workerId, sdk: "ts" });
+  if ((await ctx.state.get(key)) === undefined) throw new Error(`state read back failed for ${key}`);
+  ctx.emit("summarized", { item, worker: worker.workerId });
+  await ctx.sleep(sleepMs);
+  ctx.reportUsage(ctx.task.length, item.length);
+  return `summary(${item})`;
+}
+
+/** Joins the mapper answers listed in the reducer's task. */
+async function combine(ctx: AgentContext): Promise<string> {
+  const answers = ctx.task
+    .split("\n")
+    .filter((line) => line.startsWith("- ["))
+    .map((line) => line.slice(line.indexOf("] ") + 2));
+  return `combined ${answers.length}: ${answers.join("; ")}`;
+}
+
+/** Asks a human before it "deploys" the task's target. */
+async function deploy(ctx: AgentContext): Promise<string> {
+  const decision = await ctx.suspendToolCall("deploy-1", "deploy", { target: ctx.task }, {
+    reason: `deploys to ${ctx.task}`,
+    timeoutMs: 300_000,
+  });
+  if (!decision.approved) return `denied: ${decision.reason}`;
+  return `approved: ${typeof decision.result === "string" ? decision.result : JSON.stringify(decision.result)}`;
+}
+
+const handlers: Record<string, (ctx: AgentContext) => Promise<string>> = {
+  summarizer: summarize,
+  combiner: combine,
+  deployer: deploy,
+};
+
+for (const name of args.agents!.split(",")) {
+  const handler = handlers[name];
+  if (!handler) {
+    console.error(`unknown agent ${name}`);
+    process.exit(2);
+  }
+  worker.agent(name, async (ctx) => {
+    console.log(`started ${ctx.assignmentId} ${ctx.agent} ${ctx.attempt}`);
+    return handler(ctx);
+  });
+}
+
+for (const signal of ["SIGINT", "SIGTERM"] as const) process.on(signal, () => worker.stop());
+worker.run().catch((err) => {
+  console.error("worker:", err);
+  process.exit(1);
+});
