@@ -15,6 +15,8 @@ is a valid token of some scope.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -112,18 +114,31 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _refusal(handler, method, reason)
 
 
+# How long a refused request stream may take to send its first message.
+FIRST_MESSAGE_WAIT_S = 1.0
+
+
 def _refusal(handler: Any, method: str, reason: str) -> Any:
     """A handler of the same shape as `handler` that ends the call
-    UNAUTHENTICATED without reading or parsing the request."""
+    UNAUTHENTICATED without parsing the request."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         log.warning("refused %s from %s: %s", method, context.peer(), reason)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
+    async def refuse_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        # A request stream's first message (a worker's hello, a session's start)
+        # is taken as raw bytes before the refusal: a refusal that crosses the
+        # caller's first write reaches grpc.aio clients as INTERNAL ("Internal
+        # error from Core") instead of UNAUTHENTICATED.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
+        await refuse(None, context)
+
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refuse_stream)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)

@@ -75,14 +75,10 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return None if token is None else (("authorization", f"Bearer {check_token(token)}"),)
 
 
-class _BearerToken(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
+class _BearerToken:
     """Adds the bearer token to every call that does not carry its own
-    `authorization` metadata."""
+    `authorization` metadata. grpc.aio files an interceptor under the first of
+    the four kinds it is an instance of, so each kind has its own class."""
 
     def __init__(self, token: str) -> None:
         self._value = f"Bearer {token}"
@@ -93,15 +89,23 @@ class _BearerToken(
             metadata.add("authorization", self._value)
         return details._replace(metadata=metadata)
 
+
+class _UnaryUnary(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStream(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamUnary(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
 
+
+class _StreamStream(_BearerToken, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
 
@@ -115,9 +119,10 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """A channel to the sidecar: plaintext unless `tls` (True: TLS with the
     system's roots), with `token` on every call when given."""
+    interceptors = None
     if token is not None:
         check_token(token)
-    interceptors = [_BearerToken(token)] if token is not None else None
+        interceptors = [kind(token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
     options = list(options or [])
     if tls is None or tls is False:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
