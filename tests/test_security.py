@@ -453,6 +453,15 @@ def test_bad_tls_files_are_rejected(pki: Pki, tmp_path: Path) -> None:
         Sidecar(pki.settings(mutual=False).replace(tls_key_file=pki.cert_file))
     with pytest.raises(ValueError, match=r"tls_client_ca_file .* holds no PEM certificate"):
         Sidecar(pki.settings(mutual=True).replace(tls_client_ca_file=pki.key_file))
+    other = CertificateAuthority().issue("carsvc", server=True).write(tmp_path, "other")
+    with pytest.raises(ValueError, match=r"not a certificate chain and its unencrypted private key: KEY_VALUES_MISM"):
+        Sidecar(pki.settings(mutual=False).replace(tls_key_file=other[1]))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nbm9wZQ==\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError, match=r"are not a certificate chain"):
+        Sidecar(pki.settings(mutual=False).replace(tls_cert_file=str(junk)))
+    with pytest.raises(ValueError, match=r"tls_client_ca_file .* is not a PEM CA certificate"):
+        Sidecar(pki.settings(mutual=True).replace(tls_client_ca_file=str(junk)))
     with pytest.raises(ValueError, match=r"root_certificates .* cannot be read"):
         open_channel("127.0.0.1:1", tls=TLS(root_certificates=str(tmp_path / "nope.pem")))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -38,6 +39,28 @@ def _read_pem(path: str, setting: str, what: str, marker: bytes) -> bytes:
     if marker not in data:
         raise ValueError(f"{setting} {path!r} holds no PEM {what}")
     return data
+
+
+def _check_tls_files(cert: str, key: str, client_ca: str) -> None:
+    """Parses the TLS files with the standard library's OpenSSL, so a broken
+    certificate, a key that does not match it, or a bad CA file stops the
+    sidecar with a clear message (grpc would only fail to bind the port)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An encrypted key gets an empty password instead of a terminal prompt.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as err:
+        raise ValueError(
+            f"tls_cert_file {cert!r} and tls_key_file {key!r} are not a certificate chain and its "
+            f"unencrypted private key: {err.reason or err}"
+        ) from None
+    if client_ca:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as err:
+            raise ValueError(
+                f"tls_client_ca_file {client_ca!r} is not a PEM CA certificate: {err.reason or err}"
+            ) from None
 
 
 _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
@@ -89,6 +112,7 @@ class ServerSecurity:
             client_ca = None
             if settings.tls_client_ca_file:
                 client_ca = _read_pem(settings.tls_client_ca_file, "tls_client_ca_file", "certificate", _CERTIFICATE)
+            _check_tls_files(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             credentials = grpc.ssl_server_credentials(
                 [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
             )
