@@ -1,0 +1,210 @@
+//! The client helper: start a run of any pattern, watch it from a seq,
+//! cancel it, answer its suspended tool calls.
+
+use serde_json::Value as Json;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::carv1::{
+    self, agent_ref, event_service_client::EventServiceClient, registry_service_client::RegistryServiceClient,
+    run_service_client::RunServiceClient, start_run_request::Pattern, state_service_client::StateServiceClient,
+    AgentRef, AgentSpec, BudgetLimits, CancelRunRequest, CancelRunResponse, GetRunRequest, MapReduceRun, OnBusy,
+    Run, RunEvent, RunHandle, SingleRun, StartRunRequest, SubmitDecisionsRequest, SubmitDecisionsResponse,
+    ToolCallDecision, WatchRunRequest, WatchRunResponse,
+};
+use crate::values::to_value;
+use crate::Error;
+
+macro_rules! patterns {
+    ($($ty:ident => $variant:ident),* $(,)?) => {
+        $(impl From<carv1::$ty> for Pattern {
+            fn from(p: carv1::$ty) -> Self {
+                Pattern::$variant(p)
+            }
+        })*
+    };
+}
+
+patterns! {
+    SingleRun => Single, SwarmRun => Swarm, PipelineRun => Pipeline, SupervisorRun => Supervisor,
+    DelegatorRun => Delegator, SpawnSubtaskRun => SpawnSubtask, MapReduceRun => MapReduce, VoteRun => Vote,
+    FleetRun => Fleet, AdversarialReviewRun => AdversarialReview, TournamentRun => Tournament,
+    AdvisorRun => Advisor,
+}
+
+/// The optional fields of a StartRunRequest; `..Default::default()` the rest.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub thread_id: String,
+    /// The run's owner; cancels and decisions must carry the same id.
+    pub agent_id: String,
+    pub run_id: String,
+    pub on_busy: OnBusy,
+    pub budget: Option<BudgetLimits>,
+    pub budget_id: String,
+    pub state_scope: String,
+    pub labels: std::collections::HashMap<String, String>,
+    pub timeout_ms: u32,
+    pub initial_decisions: Vec<ToolCallDecision>,
+}
+
+/// Starts, watches, inspects, cancels and answers runs. The generated stubs
+/// are public for everything the helpers do not cover; cloning is cheap.
+#[derive(Clone)]
+pub struct Client {
+    pub runs: RunServiceClient<Channel>,
+    pub events: EventServiceClient<Channel>,
+    pub registry: RegistryServiceClient<Channel>,
+    pub state: StateServiceClient<Channel>,
+}
+
+/// A run's events in seq order; `next` is None after run_finished.
+pub struct EventStream {
+    inner: tonic::codec::Streaming<WatchRunResponse>,
+    batch: std::collections::VecDeque<RunEvent>,
+}
+
+impl EventStream {
+    /// The next event; Ok(None) once the run has finished and every event was read.
+    pub async fn next(&mut self) -> Result<Option<RunEvent>, Error> {
+        loop {
+            if let Some(event) = self.batch.pop_front() {
+                return Ok(Some(event));
+            }
+            match self.inner.message().await? {
+                Some(batch) => self.batch.extend(batch.events),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+impl Client {
+    /// A client for the sidecar at `target` ("host:port"); connects lazily.
+    pub fn connect(target: &str) -> Result<Self, Error> {
+        let channel = Endpoint::from_shared(format!("http://{target}"))?.connect_lazy();
+        Ok(Client {
+            runs: RunServiceClient::new(channel.clone()),
+            events: EventServiceClient::new(channel.clone()),
+            registry: RegistryServiceClient::new(channel.clone()),
+            state: StateServiceClient::new(channel),
+        })
+    }
+
+    /// Builds the StartRunRequest for a pattern (`SingleRun`, `MapReduceRun`, ...).
+    pub fn start_request(pattern: impl Into<Pattern>, o: RunOptions) -> StartRunRequest {
+        StartRunRequest {
+            thread_id: o.thread_id,
+            agent_id: o.agent_id,
+            run_id: o.run_id,
+            on_busy: o.on_busy as i32,
+            budget: o.budget,
+            budget_id: o.budget_id,
+            state_scope: o.state_scope,
+            labels: o.labels,
+            pattern: Some(pattern.into()),
+            initial_decisions: o.initial_decisions,
+            timeout_ms: o.timeout_ms,
+        }
+    }
+
+    /// Starts a run and returns its handle at once.
+    pub async fn start_run(&self, pattern: impl Into<Pattern>, options: RunOptions) -> Result<RunHandle, Error> {
+        let response = self.runs.clone().start_run(Self::start_request(pattern, options)).await?;
+        response.into_inner().run.ok_or_else(|| Error::Other("StartRun answered without a run".into()))
+    }
+
+    /// A run's events after `after_seq` (0: from the first), ending with run_finished.
+    pub async fn watch(&self, run_id: &str, after_seq: u64) -> Result<EventStream, Error> {
+        let request = WatchRunRequest { run_id: run_id.into(), after_seq };
+        let inner = self.runs.clone().watch_run(request).await?.into_inner();
+        Ok(EventStream { inner, batch: Default::default() })
+    }
+
+    /// Waits until the run has finished and returns it with its result.
+    pub async fn wait(&self, run_id: &str) -> Result<Run, Error> {
+        let mut events = self.watch(run_id, 0).await?;
+        while events.next().await?.is_some() {}
+        self.get_run(run_id).await
+    }
+
+    /// Starts a run and waits for it to finish.
+    pub async fn run(&self, pattern: impl Into<Pattern>, options: RunOptions) -> Result<Run, Error> {
+        let handle = self.start_run(pattern, options).await?;
+        self.wait(&handle.run_id).await
+    }
+
+    pub async fn get_run(&self, run_id: &str) -> Result<Run, Error> {
+        let request = GetRunRequest { run_id: run_id.into(), thread_id: String::new() };
+        let response = self.runs.clone().get_run(request).await?;
+        response.into_inner().run.ok_or_else(|| Error::Other("GetRun answered without a run".into()))
+    }
+
+    /// Cancels a run; `agent_id` must be its owner. With `wait` the call
+    /// returns once the run has ended. A finished run is not an error.
+    pub async fn cancel(&self, run_id: &str, agent_id: &str, reason: &str, wait: bool) -> Result<CancelRunResponse, Error> {
+        let request = CancelRunRequest {
+            run_id: run_id.into(),
+            thread_id: String::new(),
+            agent_id: agent_id.into(),
+            reason: reason.into(),
+            wait,
+        };
+        Ok(self.runs.clone().cancel_run(request).await?.into_inner())
+    }
+
+    /// Answers suspended tool calls of a run (see [`resume`], [`deny`]).
+    pub async fn submit_decisions(
+        &self,
+        run_id: &str,
+        agent_id: &str,
+        decisions: Vec<ToolCallDecision>,
+    ) -> Result<SubmitDecisionsResponse, Error> {
+        let request =
+            SubmitDecisionsRequest { run_id: run_id.into(), thread_id: String::new(), agent_id: agent_id.into(), decisions };
+        Ok(self.runs.clone().submit_decisions(request).await?.into_inner())
+    }
+}
+
+/// An inline agent spec with just a name.
+pub fn agent(name: &str) -> AgentRef {
+    agent_spec(AgentSpec { name: name.into(), ..Default::default() })
+}
+
+/// An inline agent spec: `agent_spec(AgentSpec { name, tools, ..Default::default() })`.
+pub fn agent_spec(spec: AgentSpec) -> AgentRef {
+    AgentRef { source: Some(agent_ref::Source::Spec(spec)) }
+}
+
+/// An agent registered with RegistryService, by name.
+pub fn registered(name: &str) -> AgentRef {
+    AgentRef { source: Some(agent_ref::Source::RegisteredName(name.into())) }
+}
+
+pub fn single(agent: AgentRef, task: &str) -> SingleRun {
+    SingleRun { agent: Some(agent), task: task.into() }
+}
+
+/// One mapper per item, then the reducer; `max_concurrent` None means the sidecar's 5.
+pub fn map_reduce(mapper: AgentRef, reducer: AgentRef, task: &str, items: Vec<String>, max_concurrent: Option<u32>) -> MapReduceRun {
+    MapReduceRun { mapper: Some(mapper), reducer: Some(reducer), task: task.into(), items, max_concurrent }
+}
+
+/// Approve a suspended tool call; `result` is handed to the waiting agent.
+pub fn resume(target_id: &str, result: Json) -> ToolCallDecision {
+    ToolCallDecision {
+        target_id: target_id.into(),
+        action: carv1::DecisionAction::Resume as i32,
+        result: Some(to_value(&result)),
+        ..Default::default()
+    }
+}
+
+/// Refuse a suspended tool call.
+pub fn deny(target_id: &str, reason: &str) -> ToolCallDecision {
+    ToolCallDecision {
+        target_id: target_id.into(),
+        action: carv1::DecisionAction::Cancel as i32,
+        reason: reason.into(),
+        ..Default::default()
+    }
+}

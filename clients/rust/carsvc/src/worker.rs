@@ -1,0 +1,659 @@
+//! The worker helper: one `WorkerService/Connect` stream per session, with
+//! batching, heartbeats, cancels, drains and reconnects handled here.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::AbortHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::carv1::{
+    self, call_result, runtime_call, worker_service_client::WorkerServiceClient, AgentOutput, AgentSpec,
+    Assignment, AssignmentResult, ConnectRequest, ConnectResponse, RuntimeCall,
+};
+use crate::values::{opt_from_value, to_value};
+use crate::{BoxError, Error};
+
+/// Names this helper in the worker's hello.
+pub const SDK: &str = "carsvc-rust/0.1.0";
+
+type HandlerFn =
+    Arc<dyn Fn(AgentContext) -> Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>> + Send + Sync>;
+
+/// A worker process's connection to the sidecar. Configure it with the
+/// builder methods, register agents with [`Worker::agent`], then run it.
+pub struct Worker {
+    target: String,
+    worker_id: String,
+    max_in_flight: u32,
+    labels: HashMap<String, String>,
+    reconnect: bool,
+    reconnect_max_delay: Duration,
+    stop_on_drain: bool,
+    on_connect: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    handlers: Vec<(String, HandlerFn)>,
+}
+
+impl Worker {
+    /// A worker for the sidecar at `target` ("host:port").
+    pub fn new(target: impl Into<String>) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+        Worker {
+            target: target.into(),
+            worker_id: format!("{host}-{}", std::process::id()),
+            max_in_flight: 1,
+            labels: HashMap::new(),
+            reconnect: true,
+            reconnect_max_delay: Duration::from_secs(5),
+            stop_on_drain: false,
+            on_connect: None,
+            handlers: Vec::new(),
+        }
+    }
+
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = id.into();
+        self
+    }
+
+    /// Assignments held at once (default 1).
+    pub fn max_in_flight(mut self, n: u32) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Reconnect with backoff after the stream ends (default true).
+    pub fn reconnect(mut self, on: bool) -> Self {
+        self.reconnect = on;
+        self
+    }
+
+    pub fn reconnect_max_delay(mut self, delay: Duration) -> Self {
+        self.reconnect_max_delay = delay;
+        self
+    }
+
+    /// Return from `run` after a drain instead of reconnecting (the Python SDK's way).
+    pub fn stop_on_drain(mut self, on: bool) -> Self {
+        self.stop_on_drain = on;
+        self
+    }
+
+    /// Called with the session id after every welcome.
+    pub fn on_connect(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_connect = Some(Arc::new(f));
+        self
+    }
+
+    /// Serves agent `name` (an exact name or a glob such as `mapper*`). The
+    /// handler returns the answer; an error becomes the output's error. When
+    /// the sidecar cancels the assignment the handler's future is dropped.
+    pub fn agent<F, Fut>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(AgentContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, BoxError>> + Send + 'static,
+    {
+        let f: HandlerFn = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        self.handlers.push((name.into(), f));
+        self
+    }
+
+    pub fn id(&self) -> &str {
+        &self.worker_id
+    }
+
+    fn handler_for(&self, agent: &str) -> Option<HandlerFn> {
+        self.handlers
+            .iter()
+            .find(|(name, _)| name == agent)
+            .or_else(|| self.handlers.iter().find(|(pattern, _)| glob_match(pattern, agent)))
+            .map(|(_, h)| h.clone())
+    }
+
+    /// Serves until the stream ends for good (see `run_until`).
+    pub async fn run(self) -> Result<(), Error> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves until `shutdown` completes (then running handlers are dropped and
+    /// the stream closed), or the session ends and reconnecting is off.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        if self.handlers.is_empty() {
+            return Err(Error::Other("register at least one agent before run".into()));
+        }
+        let me = Arc::new(self);
+        tokio::pin!(shutdown);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                outcome = me.clone().session() => outcome,
+            };
+            let (drained, err) = match outcome {
+                Ok(drained) => (drained, None),
+                Err(e) => (false, Some(e)),
+            };
+            if drained && (me.stop_on_drain || !me.reconnect) {
+                return Ok(());
+            }
+            if !me.reconnect {
+                return Err(err.unwrap_or(Error::SessionEnded));
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                delay = Duration::from_millis(100);
+            }
+            match &err {
+                None => eprintln!("carsvc worker {}: drained; reconnecting in {delay:?}", me.worker_id),
+                Some(e) => eprintln!("carsvc worker {}: session ended ({e}); reconnecting in {delay:?}", me.worker_id),
+            }
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(me.reconnect_max_delay);
+        }
+    }
+
+    /// One connection; Ok(true) when the sidecar drained us.
+    async fn session(self: Arc<Self>) -> Result<bool, Error> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.target))?.connect().await?;
+        let mut client = WorkerServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<ConnectRequest>(64);
+        let hello = carv1::WorkerHello {
+            worker_id: self.worker_id.clone(),
+            agents: self.handlers.iter().map(|(n, _)| n.clone()).collect(),
+            max_in_flight: self.max_in_flight,
+            labels: self.labels.clone(),
+            sdk: SDK.into(),
+        };
+        let _ = tx.send(ConnectRequest { hello: Some(hello), ..Default::default() }).await;
+        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let first = inbound.message().await?.ok_or(Error::SessionEnded)?;
+        let mut heartbeat = Duration::from_millis(2500);
+        if let Some(welcome) = &first.welcome {
+            if welcome.heartbeat_interval_ms > 0 {
+                // Send well within the interval so one slow frame never lapses the lease.
+                heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms) / 2);
+            }
+            if let Some(f) = &self.on_connect {
+                f(&welcome.session_id);
+            }
+        }
+        let link = Arc::new(Link::default());
+        let _guard = EndOnDrop(link.clone());
+        tokio::spawn(send_loop(link.clone(), tx, heartbeat));
+        let mut frame = first;
+        loop {
+            self.on_frame(&link, frame);
+            match inbound.message().await {
+                Ok(Some(next)) => frame = next,
+                Ok(None) => {
+                    return if link.draining() {
+                        Ok(true)
+                    } else {
+                        Err(Error::Other("the sidecar ended the session".into()))
+                    }
+                }
+                Err(status) => return if link.draining() { Ok(true) } else { Err(status.into()) },
+            }
+        }
+    }
+
+    fn on_frame(self: &Arc<Self>, link: &Arc<Link>, frame: ConnectResponse) {
+        for assignment in frame.assignments {
+            self.start(link, assignment);
+        }
+        if !frame.cancels.is_empty() {
+            let mut st = link.state.lock().unwrap();
+            for cancel in frame.cancels {
+                if let Some(running) = st.running.remove(&cancel.assignment_id) {
+                    // Stop the agent and answer the cancel at once.
+                    running.abort.abort();
+                    let output = AgentOutput {
+                        name: running.name,
+                        error: Some(format!("cancelled: {}", cancel.reason)),
+                        ..Default::default()
+                    };
+                    st.push_result(cancel.assignment_id, running.attempt, output);
+                }
+            }
+            drop(st);
+            link.wake.notify_one();
+        }
+        if !frame.call_results.is_empty() {
+            let mut st = link.state.lock().unwrap();
+            for result in frame.call_results {
+                if let Some(waiter) = st.pending.remove(&result.call_id) {
+                    let _ = waiter.send(result);
+                }
+            }
+        }
+        for e in frame.errors {
+            eprintln!("carsvc worker {}: the sidecar refused {}: {}", self.worker_id, e.field, e.message);
+        }
+        if let Some(drain) = frame.drain {
+            eprintln!("carsvc worker {}: draining ({})", self.worker_id, drain.reason);
+            let mut st = link.state.lock().unwrap();
+            st.draining = true;
+            if st.running.is_empty() {
+                st.closed = true;
+            }
+            drop(st);
+            link.wake.notify_one();
+        }
+    }
+
+    fn start(self: &Arc<Self>, link: &Arc<Link>, assignment: Assignment) {
+        let ctx = AgentContext::new(link.clone(), &assignment);
+        let handler = self.handler_for(&ctx.agent);
+        let (id, attempt, name) = (assignment.assignment_id.clone(), assignment.attempt, ctx.name.clone());
+        let mut st = link.state.lock().unwrap();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = match handler {
+                Some(h) => h(ctx.clone()).await,
+                None => Err(format!("this worker has no handler for agent '{}'", ctx.agent).into()),
+            };
+            let mut output = AgentOutput { name: ctx.name.clone(), ..Default::default() };
+            match result {
+                Ok(answer) => {
+                    output.answer = answer;
+                    output.turns = 1;
+                }
+                Err(e) => output.error = Some(e.to_string()),
+            }
+            let usage = ctx.usage.lock().unwrap().clone();
+            if usage != carv1::TokenAccounting::default() {
+                output.tokens = Some(usage);
+            }
+            output.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            output
+        });
+        st.running.insert(id.clone(), Running { abort: task.abort_handle(), attempt, name: name.clone() });
+        drop(st);
+        let link = link.clone();
+        tokio::spawn(async move {
+            let output = match task.await {
+                Ok(output) => output,
+                Err(e) if e.is_panic() => AgentOutput { name, error: Some("the handler panicked".into()), ..Default::default() },
+                Err(_) => return, // aborted: the cancel was answered already
+            };
+            link.finish(id, attempt, output);
+        });
+    }
+}
+
+fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+struct Running {
+    abort: AbortHandle,
+    attempt: u32,
+    name: String,
+}
+
+#[derive(Default)]
+struct LinkState {
+    results: Vec<AssignmentResult>,
+    calls: Vec<RuntimeCall>,
+    pending: HashMap<String, oneshot::Sender<carv1::CallResult>>,
+    running: HashMap<String, Running>,
+    closed: bool,
+    draining: bool,
+    next_id: u64,
+}
+
+impl LinkState {
+    fn push_result(&mut self, assignment_id: String, attempt: u32, output: AgentOutput) {
+        if self.closed {
+            return;
+        }
+        // Echo both the id and the attempt: a result for a superseded attempt is ignored.
+        self.results.push(AssignmentResult { assignment_id, attempt, output: Some(output) });
+        if self.draining && self.running.is_empty() {
+            self.closed = true;
+        }
+    }
+}
+
+/// One connected session: its outbox, the calls waiting for answers and the
+/// running assignments.
+#[derive(Default)]
+struct Link {
+    state: Mutex<LinkState>,
+    wake: Notify,
+}
+
+impl Link {
+    fn draining(&self) -> bool {
+        self.state.lock().unwrap().draining
+    }
+
+    fn finish(&self, id: String, attempt: u32, output: AgentOutput) {
+        let mut st = self.state.lock().unwrap();
+        if st.running.remove(&id).is_none() {
+            return;
+        }
+        st.push_result(id, attempt, output);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    async fn call(&self, mut call: RuntimeCall) -> Result<call_result::Result, Error> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.closed {
+                return Err(Error::SessionEnded);
+            }
+            st.next_id += 1;
+            call.call_id = st.next_id.to_string();
+            st.pending.insert(call.call_id.clone(), tx);
+            st.calls.push(call);
+        }
+        self.wake.notify_one();
+        let result = rx.await.map_err(|_| Error::SessionEnded)?;
+        match result.result {
+            Some(call_result::Result::Error(e)) => {
+                Err(Error::Call { code: tonic::Code::from_i32(e.code), message: e.message })
+            }
+            Some(r) => Ok(r),
+            None => Err(Error::Other("the sidecar answered a call with no result".into())),
+        }
+    }
+
+    fn fire(&self, call: RuntimeCall) {
+        let mut st = self.state.lock().unwrap();
+        if !st.closed {
+            st.calls.push(call);
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn end(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.closed = true;
+        st.pending.clear(); // waiting calls fail with SessionEnded
+        for (_, running) in st.running.drain() {
+            running.abort.abort();
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+}
+
+struct EndOnDrop(Arc<Link>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// The only sender: batches everything queued into one frame, and sends a
+/// heartbeat after half an interval of silence. Returning drops `tx`, which
+/// closes the worker's side of the stream.
+async fn send_loop(link: Arc<Link>, tx: mpsc::Sender<ConnectRequest>, heartbeat: Duration) {
+    loop {
+        let timed_out = tokio::time::timeout(heartbeat, link.wake.notified()).await.is_err();
+        let (frame, closed) = {
+            let mut st = link.state.lock().unwrap();
+            let frame = ConnectRequest {
+                results: std::mem::take(&mut st.results),
+                calls: std::mem::take(&mut st.calls),
+                ..Default::default()
+            };
+            (frame, st.closed)
+        };
+        let frame = if !frame.results.is_empty() || !frame.calls.is_empty() {
+            Some(frame)
+        } else if timed_out && !closed {
+            Some(ConnectRequest { heartbeat: Some(carv1::Heartbeat {}), ..Default::default() })
+        } else {
+            None
+        };
+        if let Some(frame) = frame {
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// A client's answer to a suspended tool call.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Resume (true) or cancel (false).
+    pub approved: bool,
+    /// The value a resume carries.
+    pub result: Json,
+    pub reason: String,
+    pub decision_id: String,
+}
+
+/// One assignment as its handler sees it, with the runtime calls an agent
+/// makes back into the sidecar.
+#[derive(Clone)]
+pub struct AgentContext {
+    pub assignment_id: String,
+    pub attempt: u32,
+    pub run_id: String,
+    pub thread_id: String,
+    /// The name the worker was matched on (Assignment.agent).
+    pub agent: String,
+    /// The instance name a pattern may have chosen (mapper i runs as `{mapper}_{i}`).
+    pub name: String,
+    pub task: String,
+    pub spec: AgentSpec,
+    pub deadline_unix_ms: i64,
+    link: Arc<Link>,
+    usage: Arc<Mutex<carv1::TokenAccounting>>,
+}
+
+impl AgentContext {
+    fn new(link: Arc<Link>, a: &Assignment) -> Self {
+        let spec = a.spec.clone().unwrap_or_default();
+        let agent = if a.agent.is_empty() { spec.name.clone() } else { a.agent.clone() };
+        AgentContext {
+            assignment_id: a.assignment_id.clone(),
+            attempt: a.attempt,
+            run_id: a.run_id.clone(),
+            thread_id: a.thread_id.clone(),
+            agent,
+            name: spec.name.clone(),
+            task: a.task.clone(),
+            spec,
+            deadline_unix_ms: a.deadline_unix_ms,
+            link,
+            usage: Arc::default(),
+        }
+    }
+
+    /// Makes any runtime call and waits for its result.
+    pub async fn call(&self, op: runtime_call::Op) -> Result<call_result::Result, Error> {
+        self.link
+            .call(RuntimeCall { call_id: String::new(), assignment_id: self.assignment_id.clone(), op: Some(op) })
+            .await
+    }
+
+    fn fire(&self, op: runtime_call::Op) {
+        self.link.fire(RuntimeCall { call_id: String::new(), assignment_id: self.assignment_id.clone(), op: Some(op) });
+    }
+
+    /// Adds self-reported spend to the output (the run's budget adds it up).
+    pub fn report_usage(&self, input_tokens: u64, output_tokens: u64, cost_usd: f64) {
+        let mut u = self.usage.lock().unwrap();
+        u.input_tokens += input_tokens;
+        u.output_tokens += output_tokens;
+        u.cost_usd += cost_usd;
+    }
+
+    /// Reads a key of the run's state (the agent's overlay when isolated).
+    pub async fn state_get(&self, key: &str) -> Result<Option<Json>, Error> {
+        match self.call(runtime_call::Op::StateGet(carv1::StateGetCall { key: key.into() })).await? {
+            call_result::Result::StateGet(r) if r.found => Ok(Some(opt_from_value(&r.value))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes a key; returns the transition index.
+    pub async fn state_set(&self, key: &str, value: Json) -> Result<u64, Error> {
+        let op = runtime_call::Op::StateSet(carv1::StateSetCall { key: key.into(), value: Some(to_value(&value)) });
+        match self.call(op).await? {
+            call_result::Result::StateWrite(w) => Ok(w.index),
+            _ => Ok(0),
+        }
+    }
+
+    /// Deletes a key; returns whether it existed.
+    pub async fn state_delete(&self, key: &str) -> Result<bool, Error> {
+        match self.call(runtime_call::Op::StateDelete(carv1::StateDeleteCall { key: key.into() })).await? {
+            call_result::Result::StateWrite(w) => Ok(w.existed),
+            _ => Ok(false),
+        }
+    }
+
+    /// Lists keys starting with `prefix`, sorted.
+    pub async fn state_keys(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        match self.call(runtime_call::Op::StateKeys(carv1::StateKeysCall { prefix: prefix.into() })).await? {
+            call_result::Result::StateKeys(k) => Ok(k.keys),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Sends a message to another agent of the run.
+    pub async fn send(&self, to: &str, payload: Json) -> Result<(), Error> {
+        self.mailbox_send(to, payload, false).await
+    }
+
+    /// Sends a message to every other agent of the run.
+    pub async fn broadcast(&self, payload: Json) -> Result<(), Error> {
+        self.mailbox_send("", payload, true).await
+    }
+
+    async fn mailbox_send(&self, to: &str, payload: Json, broadcast: bool) -> Result<(), Error> {
+        let message = carv1::Message {
+            to_agent: to.into(),
+            kind: carv1::MessageKind::Custom as i32,
+            payload: Some(to_value(&payload)),
+            ..Default::default()
+        };
+        self.call(runtime_call::Op::MailboxSend(carv1::MailboxSendCall { message: Some(message), broadcast }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Waits for the next message to this agent (None: the sidecar's default
+    /// timeout). A timeout is `Error::Call` with `Code::DeadlineExceeded`.
+    pub async fn recv(&self, timeout: Option<Duration>) -> Result<carv1::Message, Error> {
+        let timeout_ms = timeout.map(|t| t.as_millis() as u32).unwrap_or(0);
+        match self.call(runtime_call::Op::MailboxRecv(carv1::MailboxRecvCall { timeout_ms })).await? {
+            call_result::Result::Message(m) => Ok(m),
+            _ => Err(Error::Other("mailbox_recv answered without a message".into())),
+        }
+    }
+
+    /// Appends a custom event to the run's stream (fire and forget).
+    pub fn emit(&self, kind: &str, payload: Json) {
+        self.fire(runtime_call::Op::Emit(carv1::EmitEventCall { kind: kind.into(), payload: Some(to_value(&payload)) }));
+    }
+
+    /// Reports progress to the run's watchers (fire and forget).
+    pub fn progress(&self, message: &str, fraction: Option<f64>) {
+        self.fire(runtime_call::Op::Progress(carv1::ProgressCall { message: message.into(), fraction }));
+    }
+
+    /// Suspends a tool call until a client approves or denies it (human in the
+    /// loop). The tool must be in the agent's spec; the run is WAITING meanwhile.
+    pub async fn suspend_tool_call(
+        &self,
+        tool_call_id: &str,
+        tool_name: &str,
+        arguments: Json,
+        reason: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Decision, Error> {
+        let op = runtime_call::Op::SuspendToolCall(carv1::SuspendToolCall {
+            tool_call_id: tool_call_id.into(),
+            tool_name: tool_name.into(),
+            arguments: Some(to_value(&arguments)),
+            reason: reason.into(),
+            timeout_ms: timeout.map(|t| t.as_millis() as u32).unwrap_or(0),
+        });
+        match self.call(op).await? {
+            call_result::Result::Decision(d) => Ok(Decision {
+                approved: d.action == carv1::DecisionAction::Resume as i32,
+                result: opt_from_value(&d.result),
+                reason: d.reason,
+                decision_id: d.decision_id,
+            }),
+            _ => Err(Error::Other("suspend_tool_call answered without a decision".into())),
+        }
+    }
+
+    /// Hands `subtask` to a named specialist (delegator pattern); returns its output.
+    pub async fn delegate(&self, specialist: &str, subtask: &str) -> Result<AgentOutput, Error> {
+        let op = runtime_call::Op::Delegate(carv1::DelegateCall { specialist: specialist.into(), subtask: subtask.into() });
+        match self.call(op).await? {
+            call_result::Result::AgentOutput(o) => Ok(o),
+            _ => Err(Error::Other("delegate answered without an output".into())),
+        }
+    }
+
+    /// Spawns an ephemeral sub-agent with a subset of this agent's tools.
+    pub async fn spawn_subtask(&self, task: &str, tools: Vec<String>, name: &str) -> Result<AgentOutput, Error> {
+        let op = runtime_call::Op::SpawnSubtask(carv1::SpawnSubtaskCall { task: task.into(), tools, name: name.into() });
+        match self.call(op).await? {
+            call_result::Result::AgentOutput(o) => Ok(o),
+            _ => Err(Error::Other("spawn_subtask answered without an output".into())),
+        }
+    }
+
+    /// Asks the run's advisor (advisor pattern) for a verdict.
+    pub async fn consult_advisor(&self, prompt: &str) -> Result<carv1::AdvisorConsultation, Error> {
+        match self.call(runtime_call::Op::ConsultAdvisor(carv1::ConsultAdvisorCall { prompt: prompt.into() })).await? {
+            call_result::Result::Consultation(c) => Ok(c),
+            _ => Err(Error::Other("consult_advisor answered without a consultation".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("mapper*", "mapper_3"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("mapper", "mapper_3"));
+        assert!(!glob_match("a?c", "ac"));
+    }
+}
