@@ -13,10 +13,7 @@ const ITEM_MARKER: &str = "Process this item: ";
 /// `--name value` flags with defaults.
 fn flag(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
 }
 
 /// Answers "summary(<item>)" after recording the item in the run's state and

@@ -7,9 +7,9 @@ use tonic::transport::{Channel, Endpoint};
 use crate::carv1::{
     self, agent_ref, event_service_client::EventServiceClient, registry_service_client::RegistryServiceClient,
     run_service_client::RunServiceClient, start_run_request::Pattern, state_service_client::StateServiceClient,
-    AgentRef, AgentSpec, BudgetLimits, CancelRunRequest, CancelRunResponse, GetRunRequest, MapReduceRun, OnBusy,
-    Run, RunEvent, RunHandle, SingleRun, StartRunRequest, SubmitDecisionsRequest, SubmitDecisionsResponse,
-    ToolCallDecision, WatchRunRequest, WatchRunResponse,
+    AgentRef, AgentSpec, BudgetLimits, CancelRunRequest, CancelRunResponse, GetRunRequest, MapReduceRun, OnBusy, Run,
+    RunEvent, RunHandle, SingleRun, StartRunRequest, SubmitDecisionsRequest, SubmitDecisionsResponse, ToolCallDecision,
+    WatchRunRequest, WatchRunResponse,
 };
 use crate::values::to_value;
 use crate::Error;
@@ -141,7 +141,13 @@ impl Client {
 
     /// Cancels a run; `agent_id` must be its owner. With `wait` the call
     /// returns once the run has ended. A finished run is not an error.
-    pub async fn cancel(&self, run_id: &str, agent_id: &str, reason: &str, wait: bool) -> Result<CancelRunResponse, Error> {
+    pub async fn cancel(
+        &self,
+        run_id: &str,
+        agent_id: &str,
+        reason: &str,
+        wait: bool,
+    ) -> Result<CancelRunResponse, Error> {
         let request = CancelRunRequest {
             run_id: run_id.into(),
             thread_id: String::new(),
@@ -159,8 +165,12 @@ impl Client {
         agent_id: &str,
         decisions: Vec<ToolCallDecision>,
     ) -> Result<SubmitDecisionsResponse, Error> {
-        let request =
-            SubmitDecisionsRequest { run_id: run_id.into(), thread_id: String::new(), agent_id: agent_id.into(), decisions };
+        let request = SubmitDecisionsRequest {
+            run_id: run_id.into(),
+            thread_id: String::new(),
+            agent_id: agent_id.into(),
+            decisions,
+        };
         Ok(self.runs.clone().submit_decisions(request).await?.into_inner())
     }
 }
@@ -185,7 +195,13 @@ pub fn single(agent: AgentRef, task: &str) -> SingleRun {
 }
 
 /// One mapper per item, then the reducer; `max_concurrent` None means the sidecar's 5.
-pub fn map_reduce(mapper: AgentRef, reducer: AgentRef, task: &str, items: Vec<String>, max_concurrent: Option<u32>) -> MapReduceRun {
+pub fn map_reduce(
+    mapper: AgentRef,
+    reducer: AgentRef,
+    task: &str,
+    items: Vec<String>,
+    max_concurrent: Option<u32>,
+) -> MapReduceRun {
     MapReduceRun { mapper: Some(mapper), reducer: Some(reducer), task: task.into(), items, max_concurrent }
 }
 

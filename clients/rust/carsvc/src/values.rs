@@ -33,9 +33,7 @@ pub fn from_value(value: &prost_types::Value) -> Json {
         }
         Some(Kind::StringValue(s)) => Json::String(s.clone()),
         Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(from_value).collect()),
-        Some(Kind::StructValue(s)) => {
-            Json::Object(s.fields.iter().map(|(k, v)| (k.clone(), from_value(v))).collect())
-        }
+        Some(Kind::StructValue(s)) => Json::Object(s.fields.iter().map(|(k, v)| (k.clone(), from_value(v))).collect()),
     }
 }
 

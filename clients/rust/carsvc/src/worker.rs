@@ -14,14 +14,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::carv1::{
-    self, call_result, runtime_call, worker_service_client::WorkerServiceClient, AgentOutput, AgentSpec,
-    Assignment, AssignmentResult, ConnectRequest, ConnectResponse, RuntimeCall,
+    self, call_result, runtime_call, worker_service_client::WorkerServiceClient, AgentOutput, AgentSpec, Assignment,
+    AssignmentResult, ConnectRequest, ConnectResponse, RuntimeCall,
 };
 use crate::values::{opt_from_value, to_value};
 use crate::{BoxError, Error};
 
 /// Names this helper in the worker's hello.
 pub const SDK: &str = "carsvc-rust/0.1.0";
+
+type ConnectHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 type HandlerFn =
     Arc<dyn Fn(AgentContext) -> Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>> + Send + Sync>;
@@ -36,7 +38,7 @@ pub struct Worker {
     reconnect: bool,
     reconnect_max_delay: Duration,
     stop_on_drain: bool,
-    on_connect: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    on_connect: Option<ConnectHook>,
     handlers: Vec<(String, HandlerFn)>,
 }
 
@@ -274,7 +276,7 @@ impl Worker {
                 }
                 Err(e) => output.error = Some(e.to_string()),
             }
-            let usage = ctx.usage.lock().unwrap().clone();
+            let usage = *ctx.usage.lock().unwrap();
             if usage != carv1::TokenAccounting::default() {
                 output.tokens = Some(usage);
             }
@@ -287,7 +289,9 @@ impl Worker {
         tokio::spawn(async move {
             let output = match task.await {
                 Ok(output) => output,
-                Err(e) if e.is_panic() => AgentOutput { name, error: Some("the handler panicked".into()), ..Default::default() },
+                Err(e) if e.is_panic() => {
+                    AgentOutput { name, error: Some("the handler panicked".into()), ..Default::default() }
+                }
                 Err(_) => return, // aborted: the cancel was answered already
             };
             link.finish(id, attempt, output);
@@ -581,7 +585,10 @@ impl AgentContext {
 
     /// Appends a custom event to the run's stream (fire and forget).
     pub fn emit(&self, kind: &str, payload: Json) {
-        self.fire(runtime_call::Op::Emit(carv1::EmitEventCall { kind: kind.into(), payload: Some(to_value(&payload)) }));
+        self.fire(runtime_call::Op::Emit(carv1::EmitEventCall {
+            kind: kind.into(),
+            payload: Some(to_value(&payload)),
+        }));
     }
 
     /// Reports progress to the run's watchers (fire and forget).
@@ -619,7 +626,8 @@ impl AgentContext {
 
     /// Hands `subtask` to a named specialist (delegator pattern); returns its output.
     pub async fn delegate(&self, specialist: &str, subtask: &str) -> Result<AgentOutput, Error> {
-        let op = runtime_call::Op::Delegate(carv1::DelegateCall { specialist: specialist.into(), subtask: subtask.into() });
+        let op =
+            runtime_call::Op::Delegate(carv1::DelegateCall { specialist: specialist.into(), subtask: subtask.into() });
         match self.call(op).await? {
             call_result::Result::AgentOutput(o) => Ok(o),
             _ => Err(Error::Other("delegate answered without an output".into())),
@@ -628,7 +636,8 @@ impl AgentContext {
 
     /// Spawns an ephemeral sub-agent with a subset of this agent's tools.
     pub async fn spawn_subtask(&self, task: &str, tools: Vec<String>, name: &str) -> Result<AgentOutput, Error> {
-        let op = runtime_call::Op::SpawnSubtask(carv1::SpawnSubtaskCall { task: task.into(), tools, name: name.into() });
+        let op =
+            runtime_call::Op::SpawnSubtask(carv1::SpawnSubtaskCall { task: task.into(), tools, name: name.into() });
         match self.call(op).await? {
             call_result::Result::AgentOutput(o) => Ok(o),
             _ => Err(Error::Other("spawn_subtask answered without an output".into())),

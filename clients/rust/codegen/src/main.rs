@@ -6,10 +6,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .ok_or("usage: carsvc-codegen OUT_DIR")?;
+    let out = std::env::args_os().nth(1).map(PathBuf::from).ok_or("usage: carsvc-codegen OUT_DIR")?;
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../proto");
     let proto_root = proto_root.canonicalize()?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(proto_root.join("car/v1"))?
