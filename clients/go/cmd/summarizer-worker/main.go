@@ -26,7 +26,7 @@ func main() {
 	workerID := flag.String("worker-id", "", "worker id (default host-pid)")
 	agents := flag.String("agents", "summarizer,combiner,deployer", "comma-separated agents to serve")
 	maxInFlight := flag.Int("max-in-flight", 4, "assignments held at once")
-	sleep := flag.Duration("sleep", 0, "time each summary takes (stands in for a model call)")
+	sleepMs := flag.Int("sleep-ms", 0, "milliseconds each summary takes (stands in for a model call)")
 	flag.Parse()
 
 	w := carsvc.NewWorker(*target)
@@ -37,7 +37,7 @@ func main() {
 	w.Labels = map[string]string{"lang": "go"}
 	w.OnConnect = func(session string) { fmt.Printf("ready %s %s\n", w.WorkerID, session) }
 	handlers := map[string]carsvc.Handler{
-		"summarizer": summarize(w.WorkerID, *sleep),
+		"summarizer": summarize(w.WorkerID, time.Duration(*sleepMs)*time.Millisecond),
 		"combiner":   combine,
 		"deployer":   deploy,
 	}

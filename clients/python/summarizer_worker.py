@@ -1,0 +1,86 @@
+"""Serves the example agents of clients/README.md with the Python SDK (carsvc.worker):
+"summarizer" (a map-reduce mapper), "combiner" (its reducer) and "deployer" (asks a
+human first).
+
+    .venv/bin/python clients/python/summarizer_worker.py --target 127.0.0.1:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+from carsvc.worker import AgentContext, Worker
+
+ITEM_MARKER = "Process this item: "
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=os.environ.get("CARSVC_TARGET", "127.0.0.1:50051"))
+    parser.add_argument("--worker-id")
+    parser.add_argument("--agents", default="summarizer,combiner,deployer")
+    parser.add_argument("--max-in-flight", type=int, default=4)
+    parser.add_argument("--sleep-ms", type=int, default=0)
+    args = parser.parse_args()
+
+    worker = Worker(args.target, worker_id=args.worker_id, max_in_flight=args.max_in_flight, labels={"lang": "python"})
+
+    async def summarize(ctx: AgentContext) -> str:
+        item = ctx.task.rsplit(ITEM_MARKER, 1)[-1]
+        ctx.progress(f"summarizing {item}")
+        key = f"summaries/{item}"
+        await ctx.state.set(key, {"worker": worker.worker_id, "sdk": "python"})
+        if await ctx.state.get(key) is None:
+            raise RuntimeError(f"state read back failed for {key}")
+        ctx.emit("summarized", {"item": item, "worker": worker.worker_id})
+        await asyncio.sleep(args.sleep_ms / 1000)
+        return f"summary({item})"
+
+    async def combine(ctx: AgentContext) -> str:
+        answers = [line.split("] ", 1)[1] for line in ctx.task.splitlines() if line.startswith("- [") and "] " in line]
+        return f"combined {len(answers)}: {'; '.join(answers)}"
+
+    async def deploy(ctx: AgentContext) -> str:
+        decision = await ctx.suspend_tool_call(
+            "deploy-1", "deploy", {"target": ctx.task}, reason=f"deploys to {ctx.task}", timeout=300
+        )
+        if not decision.approved:
+            return f"denied: {decision.reason}"
+        result = decision.result
+        return f"approved: {result if isinstance(result, str) else json.dumps(result)}"
+
+    handlers: dict[str, Callable[[AgentContext], Awaitable[str]]] = {
+        "summarizer": summarize, "combiner": combine, "deployer": deploy,
+    }
+
+    def logged(handler: Callable[[AgentContext], Awaitable[str]]) -> Callable[[AgentContext], Awaitable[str]]:
+        async def run(ctx: AgentContext) -> str:
+            print(f"started {ctx.assignment_id} {ctx.agent} {ctx.attempt}", flush=True)
+            return await handler(ctx)
+
+        return run
+
+    for name in args.agents.split(","):
+        worker.add_agent(name, logged(handlers[name]))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+        serving = asyncio.create_task(worker.run())
+        connected = asyncio.ensure_future(worker.connected.wait())
+        await asyncio.wait({serving, connected}, return_when=asyncio.FIRST_COMPLETED)
+        if worker.connected.is_set():
+            print(f"ready {worker.worker_id} {worker.session_id}", flush=True)
+        await serving
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
