@@ -13,7 +13,7 @@ langs=("$@")
 [ ${#langs[@]} -gt 0 ] || langs=(go ts rust)
 
 step() { printf '== %s\n' "$*"; }
-timed() { local t0=$SECONDS; "$@"; printf '   (%ss)\n' "$((SECONDS - t0))"; }
+timed() { local t0=$SECONDS; "$@" || return; printf '   (%ss)\n' "$((SECONDS - t0))"; }
 
 for lang in "${langs[@]}"; do
   case "$lang" in
