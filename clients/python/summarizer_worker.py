@@ -12,9 +12,13 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 
-from carsvc.worker import AgentContext, Worker
+import grpc
+
+from carsvc.values import from_value
+from carsvc.worker import AgentContext, RuntimeCallError, Worker
 
 ITEM_MARKER = "Process this item: "
 
@@ -23,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=os.environ.get("CARSVC_TARGET", "127.0.0.1:50051"))
     parser.add_argument("--worker-id")
-    parser.add_argument("--agents", default="summarizer,combiner,deployer")
+    parser.add_argument("--agents", default="summarizer,combiner,deployer,pinger,ponger")
     parser.add_argument("--max-in-flight", type=int, default=4)
     parser.add_argument("--sleep-ms", type=int, default=0)
     args = parser.parse_args()
@@ -54,8 +58,28 @@ def main() -> None:
         result = decision.result
         return f"approved: {result if isinstance(result, str) else json.dumps(result)}"
 
+    async def ping(ctx: AgentContext) -> str:
+        """Sends "ping from <worker>" to the run's "ponger" (retrying while it has not started)."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await ctx.send("ponger", f"ping from {worker.worker_id}")
+                break
+            except RuntimeCallError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        reply = await ctx.recv(timeout=10)
+        return f"pinger got {from_value(reply.payload)}"
+
+    async def pong(ctx: AgentContext) -> str:
+        """Waits for a message and answers its sender with "pong from <worker>"."""
+        message = await ctx.recv(timeout=10)
+        await ctx.send(message.from_agent, f"pong from {worker.worker_id}")
+        return f"ponger got {from_value(message.payload)} from {message.from_agent}"
+
     handlers: dict[str, Callable[[AgentContext], Awaitable[str]]] = {
-        "summarizer": summarize, "combiner": combine, "deployer": deploy,
+        "summarizer": summarize, "combiner": combine, "deployer": deploy, "pinger": ping, "ponger": pong,
     }
 
     def logged(handler: Callable[[AgentContext], Awaitable[str]]) -> Callable[[AgentContext], Awaitable[str]]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from carsvc._proto.car.v1 import state_pb2, types_pb2
-from carsvc.client import Client, agent, single
+from carsvc.client import Client, agent, single, swarm
 
 from .harness import cluster, events_of, with_client
 
@@ -193,3 +193,23 @@ def test_workers_reconnect_after_the_sidecar_restarts(tmp_path: Path) -> None:
             assert out["status"] == "RUN_STATUS_SUCCEEDED", (how, out)
             assert out["reduced_answer"] == "combined 6: " + "; ".join(summaries(6))
             assert out["finished_by"]["combiner"] == "rust-w"
+
+
+@pytest.mark.parametrize(("pinger", "ponger"), [("go", "ts"), ("ts", "rust"), ("rust", "python"), ("python", "go")])
+def test_mailbox_messages_between_languages(tmp_path: Path, pinger: str, ponger: str) -> None:
+    """Two agents of one parallel swarm, served in different languages, talk through the run's
+    mailbox: the pinger sends, the ponger receives and replies to the sender the sidecar named."""
+    with cluster(tmp_path) as c:
+        c.worker(pinger, f"{pinger}-pinger", "pinger")
+        c.worker(ponger, f"{ponger}-ponger", "ponger")
+
+        async def scenario(client: Client) -> Any:
+            return await client.run(swarm([agent("pinger"), agent("ponger")], "exchange greetings"))
+
+        run = with_client(c.sidecar.address, scenario)
+        assert run.status == types_pb2.RUN_STATUS_SUCCEEDED, run
+        outputs = {o.name: (o.answer, o.error) for o in run.result.swarm.outputs}
+        assert outputs == {
+            "pinger": (f"pinger got pong from {ponger}-ponger", ""),
+            "ponger": (f"ponger got ping from {pinger}-pinger from pinger", ""),
+        }

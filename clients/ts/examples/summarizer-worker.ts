@@ -6,13 +6,15 @@
  */
 import { parseArgs } from "node:util";
 
-import { AgentContext, Worker } from "../src/index";
+import { status } from "@grpc/grpc-js";
+
+import { AgentContext, RuntimeCallError, Worker } from "../src/index";
 
 const { values: args } = parseArgs({
   options: {
     target: { type: "string", default: process.env.CARSVC_TARGET ?? "127.0.0.1:50051" },
     "worker-id": { type: "string" },
-    agents: { type: "string", default: "summarizer,combiner,deployer" },
+    agents: { type: "string", default: "summarizer,combiner,deployer,pinger,ponger" },
     "max-in-flight": { type: "string", default: "4" },
     "sleep-ms": { type: "string", default: "0" },
   },
@@ -61,10 +63,36 @@ async function deploy(ctx: AgentContext): Promise<string> {
   return `approved: ${typeof decision.result === "string" ? decision.result : JSON.stringify(decision.result)}`;
 }
 
+/** Sends "ping from <worker>" to the run's "ponger" (retrying while it has not started) and answers with the reply. */
+async function ping(ctx: AgentContext): Promise<string> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      await ctx.send("ponger", `ping from ${worker.workerId}`);
+      break;
+    } catch (err) {
+      const notFound = err instanceof RuntimeCallError && err.code === status.NOT_FOUND;
+      if (!notFound || Date.now() > deadline) throw err;
+      await ctx.sleep(50);
+    }
+  }
+  const reply = await ctx.recv(10_000);
+  return `pinger got ${reply.payload}`;
+}
+
+/** Waits for a message and answers its sender with "pong from <worker>". */
+async function pong(ctx: AgentContext): Promise<string> {
+  const message = await ctx.recv(10_000);
+  await ctx.send(message.fromAgent, `pong from ${worker.workerId}`);
+  return `ponger got ${message.payload} from ${message.fromAgent}`;
+}
+
 const handlers: Record<string, (ctx: AgentContext) => Promise<string>> = {
   summarizer: summarize,
   combiner: combine,
   deployer: deploy,
+  pinger: ping,
+  ponger: pong,
 };
 
 for (const name of args.agents!.split(",")) {

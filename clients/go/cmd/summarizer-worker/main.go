@@ -8,6 +8,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -15,6 +16,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"google.golang.org/grpc/codes"
 
 	"carsvc/clients/go/carsvc"
 )
@@ -24,7 +27,7 @@ const itemMarker = "Process this item: "
 func main() {
 	target := flag.String("target", envOr("CARSVC_TARGET", "127.0.0.1:50051"), "the sidecar's host:port")
 	workerID := flag.String("worker-id", "", "worker id (default host-pid)")
-	agents := flag.String("agents", "summarizer,combiner,deployer", "comma-separated agents to serve")
+	agents := flag.String("agents", "summarizer,combiner,deployer,pinger,ponger", "comma-separated agents to serve")
 	maxInFlight := flag.Int("max-in-flight", 4, "assignments held at once")
 	sleepMs := flag.Int("sleep-ms", 0, "milliseconds each summary takes (stands in for a model call)")
 	flag.Parse()
@@ -40,6 +43,8 @@ func main() {
 		"summarizer": summarize(w.WorkerID, time.Duration(*sleepMs)*time.Millisecond),
 		"combiner":   combine,
 		"deployer":   deploy,
+		"pinger":     ping(w.WorkerID),
+		"ponger":     pong(w.WorkerID),
 	}
 	for _, name := range strings.Split(*agents, ",") {
 		h, ok := handlers[name]
@@ -122,6 +127,43 @@ func deploy(ctx context.Context, a *carsvc.AgentContext) (string, error) {
 	}
 	raw, _ := json.Marshal(d.Result)
 	return "approved: " + string(raw), nil
+}
+
+// ping sends "ping from <worker>" to the run's "ponger" (retrying while the
+// ponger has not started yet) and answers with the reply it receives.
+func ping(workerID string) carsvc.Handler {
+	return func(ctx context.Context, a *carsvc.AgentContext) (string, error) {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := a.Send(ctx, "ponger", "ping from "+workerID)
+			var refused *carsvc.CallError
+			if err == nil {
+				break
+			} else if !errors.As(err, &refused) || refused.Code != codes.NotFound || time.Now().After(deadline) {
+				return "", err
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		m, err := a.Recv(ctx, 10*time.Second)
+		if err != nil {
+			return "", err
+		}
+		return "pinger got " + m.GetPayload().GetStringValue(), nil
+	}
+}
+
+// pong waits for a message, answers its sender with "pong from <worker>".
+func pong(workerID string) carsvc.Handler {
+	return func(ctx context.Context, a *carsvc.AgentContext) (string, error) {
+		m, err := a.Recv(ctx, 10*time.Second)
+		if err != nil {
+			return "", err
+		}
+		if err := a.Send(ctx, m.FromAgent, "pong from "+workerID); err != nil {
+			return "", err
+		}
+		return "ponger got " + m.GetPayload().GetStringValue() + " from " + m.FromAgent, nil
+	}
 }
 
 func envOr(name, fallback string) string {

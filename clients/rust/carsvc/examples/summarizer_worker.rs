@@ -59,6 +59,38 @@ async fn deploy(ctx: AgentContext) -> Result<String, BoxError> {
     })
 }
 
+/// Sends "ping from <worker>" to the run's "ponger" (retrying while it has not
+/// started) and answers with the reply it receives.
+async fn ping(ctx: AgentContext, worker_id: String) -> Result<String, BoxError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match ctx.send("ponger", json!(format!("ping from {worker_id}"))).await {
+            Ok(()) => break,
+            Err(carsvc::Error::Call { code: tonic::Code::NotFound, .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let reply = ctx.recv(Some(Duration::from_secs(10))).await?;
+    Ok(format!("pinger got {}", payload_text(&reply)))
+}
+
+/// Waits for a message and answers its sender with "pong from <worker>".
+async fn pong(ctx: AgentContext, worker_id: String) -> Result<String, BoxError> {
+    let message = ctx.recv(Some(Duration::from_secs(10))).await?;
+    ctx.send(&message.from_agent, json!(format!("pong from {worker_id}"))).await?;
+    Ok(format!("ponger got {} from {}", payload_text(&message), message.from_agent))
+}
+
+fn payload_text(message: &carsvc::carv1::Message) -> String {
+    match message.payload.as_ref().map(carsvc::from_value) {
+        Some(serde_json::Value::String(s)) => s,
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
 fn logged(ctx: &AgentContext) {
     println!("started {} {} {}", ctx.assignment_id, ctx.agent, ctx.attempt);
 }
@@ -77,7 +109,7 @@ async fn main() {
     let sleep = Duration::from_millis(flag("--sleep-ms", "0").parse().expect("--sleep-ms"));
     let printed_id = worker_id.clone();
     worker = worker.on_connect(move |session| println!("ready {printed_id} {session}"));
-    for name in flag("--agents", "summarizer,combiner,deployer").split(',') {
+    for name in flag("--agents", "summarizer,combiner,deployer,pinger,ponger").split(',') {
         worker = match name {
             "summarizer" => {
                 let worker_id = worker_id.clone();
@@ -94,6 +126,20 @@ async fn main() {
                 logged(&ctx);
                 deploy(ctx)
             }),
+            "pinger" => {
+                let worker_id = worker_id.clone();
+                worker.agent(name, move |ctx| {
+                    logged(&ctx);
+                    ping(ctx, worker_id.clone())
+                })
+            }
+            "ponger" => {
+                let worker_id = worker_id.clone();
+                worker.agent(name, move |ctx| {
+                    logged(&ctx);
+                    pong(ctx, worker_id.clone())
+                })
+            }
             other => {
                 eprintln!("unknown agent {other}");
                 std::process::exit(2);
