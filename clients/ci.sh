@@ -34,5 +34,8 @@ unformatted="$(cd "$CLIENTS/go" && gofmt -l carsvc cmd)"
 (cd "$CLIENTS/rust" && cargo fmt --check)
 echo "gofmt, go vet, cargo fmt: clean"
 
+section "Rust unit tests and doc examples"
+(cd "$CLIENTS/rust" && cargo test --locked -q -p carsvc)
+
 section "cross-language tests"
 "$PY" -m pytest -p no:cacheprovider -m crosslang -q tests/crosslang

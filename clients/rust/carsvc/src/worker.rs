@@ -45,7 +45,12 @@ pub struct Worker {
 impl Worker {
     /// A worker for the sidecar at `target` ("host:port").
     pub fn new(target: impl Into<String>) -> Self {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "worker".into());
         Worker {
             target: target.into(),
             worker_id: format!("{host}-{}", std::process::id()),
