@@ -57,6 +57,11 @@ class Settings:
     max_queued_per_thread: int = 16
     mailbox_depth: int = 1_024
     mailbox_recv_timeout_s: float = 30.0
+    # The deadline of an agent whose spec sets no metadata.timeout_secs: past it the
+    # assignment is cancelled on its worker and the output says timed out. 0: none.
+    agent_timeout_s: float = 3600.0
+    # Watchers (WatchRun, Session, ReadEvents with follow) one run may have at once.
+    max_watchers_per_run: int = 1_000
     # How long a suspended tool call waits for a decision before it is cancelled.
     suspension_timeout_s: float = 3600.0
     # Decisions kept per run for tool calls that have not suspended yet.
@@ -114,6 +119,7 @@ class Settings:
             "max_message_bytes", "max_field_bytes", "max_items", "max_agents_per_pattern",
             "heartbeat_interval_ms", "heartbeat_misses", "max_attempts", "event_retention",
             "finished_run_retention", "watcher_buffer", "mailbox_depth", "max_unmatched_decisions",
+            "max_watchers_per_run",
         )
         for name in positive:
             if getattr(self, name) <= 0:

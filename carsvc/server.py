@@ -83,6 +83,8 @@ class Sidecar:
                 suspension_timeout=s.suspension_timeout_s,
                 max_unmatched_decisions=s.max_unmatched_decisions,
                 cancel_ack_timeout=s.cancel_ack_timeout_s,
+                agent_timeout=s.agent_timeout_s or None,
+                max_watchers_per_run=s.max_watchers_per_run,
             ),
             journal=Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync)
             if s.data_dir

@@ -313,3 +313,30 @@ async def test_state_service_bad_input(client: Client) -> None:
     assert await client.get_state("s", "k", "missing") == "missing"
     await client.set_state("s", "k", {"a": [1, 2]})
     assert await client.get_state("s", "k") == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("settings", [TEST_SETTINGS.replace(max_watchers_per_run=2)])
+async def test_watchers_per_run_are_limited(client: Client, settings: Settings) -> None:
+    handle = await client.start_run(single(agent("nobody"), "t"))
+    watchers = [client.runs.WatchRun(runs_pb2.WatchRunRequest(run_id=handle.run_id)) for _ in range(2)]
+    for w in watchers:
+        await w.read()  # both are subscribed
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in client.runs.WatchRun(runs_pb2.WatchRunRequest(run_id=handle.run_id)):
+            pass
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_watchers_per_run" in (err.value.details() or "")
+    await client.cancel(handle.run_id, wait=True)
+    for w in watchers:
+        w.cancel()
+
+
+@pytest.mark.parametrize("settings", [TEST_SETTINGS.replace(agent_timeout_s=0.3)])
+async def test_agents_get_the_default_deadline(client: Client, workers: Workers, settings: Settings) -> None:
+    async def hangs(ctx: AgentContext) -> str:
+        await asyncio.sleep(30)
+        return "never"
+
+    await workers.start({"a": hangs})
+    run = await client.run(single(agent("a"), "t"))
+    assert run.result.single.output.error == "timed out after 0.3s"

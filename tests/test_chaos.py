@@ -27,7 +27,7 @@ CHAOS_SETTINGS = TEST_SETTINGS.replace(max_attempts=100)
 async def _spawn_worker(address: str, name: str) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.programs.scripted_worker", address, "--agent", "mapper", "--agent",
-        "reducer", "--sleep", "0.05", "--worker-id", name, "--max-in-flight", "8", "--answer", "done",
+        "reducer", "--sleep", "0.1", "--worker-id", name, "--max-in-flight", "8", "--answer", "done",
         cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
     )
     return proc
@@ -48,9 +48,11 @@ async def _chaos(sidecar: Sidecar, items: int, kill_every: float, seed: int) -> 
             budget=types_pb2.BudgetLimits(max_agents=items + 1),
         )
         watching = asyncio.create_task(_events(client, handle.run_id))
+        pause = 0.2  # the first kill lands while every worker holds assignments
         try:
             while not watching.done():
-                await asyncio.sleep(rng.uniform(0.5, 1.5) * kill_every)
+                await asyncio.sleep(pause)
+                pause = rng.uniform(0.5, 1.5) * kill_every
                 if watching.done():
                     break
                 victim = rng.choice(names)
@@ -79,7 +81,7 @@ async def _chaos(sidecar: Sidecar, items: int, kill_every: float, seed: int) -> 
     assert finished["reducer"] == 1
     redispatched = [e for e in events if e.WhichOneof("kind") == "agent_redispatched"]
     assert len(redispatched) == sidecar.dispatcher.redispatched
-    assert kills >= 2 and redispatched, "the chaos never hit a worker mid-assignment"
+    assert kills >= 1 and redispatched, "the chaos never hit a worker mid-assignment"
     assert sidecar.dispatcher.accepted == items + 1  # exactly one accepted output per agent
     assert run.budget.agents_started == items + 1 and run.budget.agents_denied == 0
     print(f"chaos: {kills} kills, {len(redispatched)} re-dispatches, {sidecar.dispatcher.superseded} late results")

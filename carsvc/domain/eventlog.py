@@ -140,11 +140,17 @@ class RunEventLog:
         skip = max(0, after_seq + 1 - first)
         return [e for i, e in enumerate(self._events) if i >= skip]
 
-    def subscribe(self, after_seq: int, max_buffer: int) -> Subscription:
+    def subscribe(self, after_seq: int, max_buffer: int, max_watchers: int = 0) -> Subscription:
         """Replays what is retained after `after_seq`, then follows live events.
 
         Replay and registration happen without an await in between, so no
         event can fall in a gap or arrive twice."""
+        if max_watchers and len(self._subscribers) >= max_watchers:
+            raise CarError(
+                f"run '{self.run_id}' already has {len(self._subscribers)} watchers (max_watchers_per_run)",
+                field="run_id",
+                code=Code.RESOURCE_EXHAUSTED,
+            )
         replay = self.since(after_seq)
         sub = Subscription(self, max(max_buffer, len(replay) + 1), after_seq)
         sub._buffer.extend(replay)

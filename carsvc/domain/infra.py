@@ -101,6 +101,7 @@ class RunInfra:
         mailbox_recv_timeout: float = 30.0,
         suspension_timeout: float = 3600.0,
         max_unmatched_decisions: int = 256,
+        agent_timeout: float | None = None,
     ) -> None:
         self.run_id = run_id
         self.thread_id = thread_id
@@ -110,6 +111,8 @@ class RunInfra:
         self.mailbox = mailbox
         self.dispatcher = dispatcher
         self.mailbox_recv_timeout = mailbox_recv_timeout
+        # The deadline of an agent whose spec sets none (None: no deadline).
+        self.agent_timeout = agent_timeout
         self.decisions = DecisionBox(
             self.emit, max_unmatched=max_unmatched_decisions, default_timeout=suspension_timeout
         )
@@ -196,7 +199,7 @@ class RunInfra:
         ctx = AgentContext(self, spec, view, role=role, index=index)
         self.mailbox.register(spec.name)
         if timeout is None:
-            timeout = spec_timeout(spec)
+            timeout = spec_timeout(spec) or self.agent_timeout
         started = time.perf_counter()
         try:
             output = await self.dispatcher.execute(

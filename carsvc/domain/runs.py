@@ -27,7 +27,7 @@ from carsvc.domain.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from carsvc.domain.eventlog import RunEventLog
+from carsvc.domain.eventlog import RunEventLog, Subscription
 from carsvc.domain.infra import RunInfra, limits_from_proto, snapshot_to_proto
 from carsvc.domain.journal import Journal, Recovered
 from carsvc.domain.mailbox import Mailbox
@@ -76,6 +76,8 @@ class RunSettings:
     suspension_timeout: float = 3600.0
     max_unmatched_decisions: int = 256
     cancel_ack_timeout: float = 10.0
+    agent_timeout: float | None = 3600.0
+    max_watchers_per_run: int = 1_000
 
 
 @dataclass(eq=False)
@@ -255,6 +257,7 @@ class RunManager:
                 mailbox_recv_timeout=self.settings.mailbox_recv_timeout,
                 suspension_timeout=self.settings.suspension_timeout,
                 max_unmatched_decisions=self.settings.max_unmatched_decisions,
+                agent_timeout=self.settings.agent_timeout,
             ),
             state_scope=state_scope,
             labels=dict(labels or {}),
@@ -497,6 +500,10 @@ class RunManager:
             if agent_id and record.agent_id != agent_id:
                 continue
             yield record
+
+    def watch(self, record: RunRecord, after_seq: int, buffer: int) -> Subscription:
+        """A new watcher of `record`'s events (bounded by max_watchers_per_run)."""
+        return record.events.subscribe(after_seq, buffer, self.settings.max_watchers_per_run)
 
     @property
     def active_count(self) -> int:

@@ -69,6 +69,7 @@ class Assignment:
         "task",
         "thread_id",
         "timer",
+        "unplaced_timer",
     )
 
     def __init__(
@@ -94,7 +95,8 @@ class Assignment:
         self.state = State.QUEUED
         self.session: WorkerSession | None = None
         self.deadline_ms = 0
-        self.timer: asyncio.TimerHandle | None = None  # deadline or "no worker" timer
+        self.timer: asyncio.TimerHandle | None = None  # the agent's deadline
+        self.unplaced_timer: asyncio.TimerHandle | None = None  # "no worker serves it"
         self.ack_timer: asyncio.TimerHandle | None = None  # waiting for a cancel's answer
 
 
@@ -381,6 +383,9 @@ class Dispatcher:
             if a.timer is not None:
                 a.timer.cancel()
                 a.timer = None
+            if a.unplaced_timer is not None:
+                a.unplaced_timer.cancel()
+                a.unplaced_timer = None
 
     def awaiting_acknowledgement(self, run_id: str) -> int:
         """Cancelled assignments of a run whose workers have not answered yet."""
@@ -480,8 +485,8 @@ class Dispatcher:
             queue.appendleft(a)
         else:
             queue.append(a)
-        if not serving and a.timer is None and self.unplaced_timeout > 0:
-            a.timer = asyncio.get_running_loop().call_later(
+        if not serving and a.unplaced_timer is None and self.unplaced_timeout > 0:
+            a.unplaced_timer = asyncio.get_running_loop().call_later(
                 self.unplaced_timeout, self._unplaced_expired, a
             )
 
@@ -508,9 +513,9 @@ class Dispatcher:
             while queue and session.free_slots > 0:
                 a = queue.popleft()
                 if a.state is State.QUEUED:
-                    if a.timer is not None and a.deadline_ms == 0:
-                        a.timer.cancel()  # the unplaced timer; deadlines stay armed
-                        a.timer = None
+                    if a.unplaced_timer is not None:
+                        a.unplaced_timer.cancel()
+                        a.unplaced_timer = None
                     self._send(session, a)
             if not queue:
                 del self._pending[agent]
@@ -548,7 +553,7 @@ class Dispatcher:
             self.cancel(a, f"timed out after {seconds:g}s")
 
     def _unplaced_expired(self, a: Assignment) -> None:
-        a.timer = None
+        a.unplaced_timer = None
         if a.state is State.QUEUED and not self._serving_sessions(a.agent):
             self._retire(a)
             self._resolve(

@@ -95,7 +95,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         self, request: runs_pb2.WatchRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[runs_pb2.WatchRunResponse]:
         record = self.runs.get(request.run_id)
-        subscription = record.events.subscribe(request.after_seq, self.watcher_buffer)
+        subscription = self.runs.watch(record, request.after_seq, self.watcher_buffer)
         async for batch in subscription.batches():
             yield runs_pb2.WatchRunResponse(events=batch)
 
@@ -194,7 +194,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def _session_events(
         self, record: RunRecord, replies: asyncio.Queue[runs_pb2.SessionResponse | None]
     ) -> None:
-        subscription = record.events.subscribe(0, self.watcher_buffer)
+        subscription = self.runs.watch(record, 0, self.watcher_buffer)
         try:
             async for batch in subscription.batches():
                 replies.put_nowait(runs_pb2.SessionResponse(events=runs_pb2.WatchRunResponse(events=batch)))
@@ -261,7 +261,7 @@ class EventService(events_pb2_grpc.EventServiceServicer):
             return [e for e in events if e.WhichOneof("kind") in kinds] if kinds else events
 
         if request.follow:
-            async for batch in record.events.subscribe(request.after_seq, self.watcher_buffer).batches():
+            async for batch in self.runs.watch(record, request.after_seq, self.watcher_buffer).batches():
                 selected = keep(batch)
                 if selected:
                     yield events_pb2.ReadEventsResponse(events=selected)
