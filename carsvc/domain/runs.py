@@ -179,6 +179,21 @@ class RunManager:
             self._journal_scope(name, store)
         return store
 
+    def _infra(self, run_id: str, thread_id: str, state_scope: str, budget: CoordinationBudget) -> RunInfra:
+        return RunInfra(
+            run_id=run_id,
+            thread_id=thread_id,
+            state=self.scope(state_scope),
+            budget=budget,
+            events=RunEventLog(run_id, self.settings.event_retention, self._event_sink(run_id)),
+            mailbox=Mailbox(self.settings.mailbox_depth),
+            dispatcher=self.dispatcher,
+            mailbox_recv_timeout=self.settings.mailbox_recv_timeout,
+            suspension_timeout=self.settings.suspension_timeout,
+            max_unmatched_decisions=self.settings.max_unmatched_decisions,
+            agent_timeout=self.settings.agent_timeout,
+        )
+
     def _event_sink(self, run_id: str) -> Callable[[RunEvent], None] | None:
         journal = self.journal
         if journal is None:
@@ -246,19 +261,7 @@ class RunManager:
             thread_id=thread_id,
             agent_id=agent_id,
             pattern=pattern,
-            infra=RunInfra(
-                run_id=run_id,
-                thread_id=thread_id,
-                state=self.scope(state_scope),
-                budget=budget,
-                events=RunEventLog(run_id, self.settings.event_retention, self._event_sink(run_id)),
-                mailbox=Mailbox(self.settings.mailbox_depth),
-                dispatcher=self.dispatcher,
-                mailbox_recv_timeout=self.settings.mailbox_recv_timeout,
-                suspension_timeout=self.settings.suspension_timeout,
-                max_unmatched_decisions=self.settings.max_unmatched_decisions,
-                agent_timeout=self.settings.agent_timeout,
-            ),
+            infra=self._infra(run_id, thread_id, state_scope, budget),
             state_scope=state_scope,
             labels=dict(labels or {}),
             timeout=timeout,
@@ -423,14 +426,11 @@ class RunManager:
                 thread_id=run.thread_id,
                 agent_id=run.agent_id,
                 pattern=_Restored(run.pattern),
-                infra=RunInfra(
-                    run_id=run.run_id,
-                    thread_id=run.thread_id,
-                    state=self.scope(run.state_scope or run.thread_id),
-                    budget=CoordinationBudget(limits_from_proto(limits)),
-                    events=RunEventLog(run.run_id, self.settings.event_retention),
-                    mailbox=Mailbox(self.settings.mailbox_depth),
-                    dispatcher=self.dispatcher,
+                infra=self._infra(
+                    run.run_id,
+                    run.thread_id,
+                    run.state_scope or run.thread_id,
+                    CoordinationBudget(limits_from_proto(limits)),
                 ),
                 state_scope=run.state_scope,
                 labels=dict(run.labels),
@@ -452,7 +452,6 @@ class RunManager:
                 record.done.set()
                 self._finished_order.append(record.run_id)
             else:
-                record.events.sink = self._event_sink(run.run_id)
                 self._finish(record, FAILED, "sidecar_restarted", "the sidecar restarted while the run was active")
 
     # -- lookup -------------------------------------------------------------------------------

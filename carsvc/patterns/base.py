@@ -212,6 +212,33 @@ async def run_gated(infra: RunInfra, job: Job) -> AgentOutput:
     return await run_admitted(infra, job)
 
 
+class ChildRecord(Protocol):
+    """What DelegationRecord and SubtaskRecord share."""
+
+    result: str
+    success: bool
+    error: str
+
+
+async def run_recorded(
+    infra: RunInfra, job: Job, record: ChildRecord, publish: Callable[[], object]
+) -> AgentOutput:
+    """Runs an agent started by a runtime call (delegate, spawn), fills in its
+    record from the output, and publishes the record, also when cancelled."""
+    try:
+        output = await run_gated(infra, job)
+    except asyncio.CancelledError:
+        record.error = "cancelled: the main agent finished or the run was cancelled"
+        publish()
+        raise
+    record.result = output.answer
+    record.success = succeeded(output)
+    if not record.success:
+        record.error = error_text(output)
+    publish()
+    return output
+
+
 async def run_batch(infra: RunInfra, jobs: Sequence[Job]) -> list[AgentOutput]:
     """Runs `jobs` as one parallel batch: every agent is gated in order before
     any starts (a refused one keeps its position as a skipped output), then the

@@ -12,7 +12,6 @@ may delegate (depth 1). See docs/patterns/delegator.md."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import ClassVar
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
@@ -28,10 +27,9 @@ from carsvc.patterns.base import (
     check_distinct,
     check_text,
     copy_spec,
-    error_text,
     require_ref,
     resolve_agents,
-    run_gated,
+    run_recorded,
 )
 from carsvc.values import to_value
 
@@ -83,19 +81,8 @@ class Delegator:
                 record.error = f"unknown specialist: '{call.specialist}'"
                 self._made(infra, record)
                 raise NotFound(record.error + f" (known: {', '.join(sorted(self.specialists))})")
-            try:
-                output = await run_gated(
-                    infra, Job(spec, call.subtask, role="specialist", index=index, parent_state=ctx.state)
-                )
-            except asyncio.CancelledError:
-                record.error = "cancelled: the main agent finished or the run was cancelled"
-                self._made(infra, record)
-                raise
-            record.result = output.answer
-            record.success = succeeded(output)
-            if not record.success:
-                record.error = error_text(output)
-            self._made(infra, record)
+            job = Job(spec, call.subtask, role="specialist", index=index, parent_state=ctx.state)
+            output = await run_recorded(infra, job, record, lambda: self._made(infra, record))
             return worker_pb2.CallResult(agent_output=output)
 
         main_output = infra.admit(self.main.name, role="main")

@@ -12,7 +12,6 @@ See docs/patterns/spawn_subtask.md."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import ClassVar
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
@@ -28,9 +27,8 @@ from carsvc.patterns.base import (
     agent_failure,
     check_text,
     copy_spec,
-    error_text,
     require_ref,
-    run_gated,
+    run_recorded,
 )
 from carsvc.patterns.prompts import SUBTASK_SYSTEM_PROMPT
 
@@ -116,17 +114,7 @@ class SpawnSubtask:
                 agent=SUBTASK_AGENT.format(parent=self.main.name),
                 parent_state=ctx.state,
             )
-            try:
-                output = await run_gated(infra, job)
-            except asyncio.CancelledError:
-                record.error = "cancelled: the main agent finished or the run was cancelled"
-                self._spawned(infra, record)
-                raise
-            record.result = output.answer
-            record.success = succeeded(output)
-            if not record.success:
-                record.error = error_text(output)
-            self._spawned(infra, record)
+            output = await run_recorded(infra, job, record, lambda: self._spawned(infra, record))
             return worker_pb2.CallResult(agent_output=output)
 
         main_output = infra.admit(self.main.name, role="main")
