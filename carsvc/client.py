@@ -130,19 +130,25 @@ def deny(target_id: str, reason: str = "", *, decision_id: str = "") -> types_pb
 
 
 class RunSession:
-    """One run on one RunService.Session stream: its events, decisions and cancel."""
+    """One run on one RunService.Session stream: its events, decisions and cancel.
 
-    def __init__(self, call: Any, outgoing: asyncio.Queue[runs_pb2.SessionRequest | None]) -> None:
+    Use it as an async context manager (or call close()) to end the stream early;
+    a session whose run has finished ends by itself."""
+
+    def __init__(self, call: Any) -> None:
         self._call = call
-        self._outgoing = outgoing
         self.handle: types_pb2.RunHandle = types_pb2.RunHandle()
         self._replies: asyncio.Queue[Any] = asyncio.Queue()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
+        self._error: grpc.aio.AioRpcError | None = None
 
     async def _open(self, start: runs_pb2.StartRunRequest) -> None:
-        await self._outgoing.put(runs_pb2.SessionRequest(start=start))
+        await self._call.write(runs_pb2.SessionRequest(start=start))
         first = await self._call.read()
+        if first is grpc.aio.EOF:
+            await self._call  # raises the stream's status
+            raise ConnectionError("the session stream ended before the run started")
         self.handle = first.started
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -155,17 +161,22 @@ class RunSession:
                         self._events.put_nowait(event)
                 else:
                     self._replies.put_nowait(reply)
+        except grpc.aio.AioRpcError as err:
+            self._error = err
         finally:
             self._events.put_nowait(None)
             self._replies.put_nowait(None)  # wakes a request the stream ended on
 
     async def events(self) -> AsyncIterator[RunEvent]:
-        """The run's events, ending with run_finished."""
+        """The run's events, ending with run_finished. Raises the stream's
+        error (grpc.aio.AioRpcError) if it broke off before."""
         while (event := await self._events.get()) is not None:
             yield event
+        if self._error is not None and self._error.code() != grpc.StatusCode.CANCELLED:
+            raise self._error
 
     async def _request(self, message: runs_pb2.SessionRequest) -> Any:
-        await self._outgoing.put(message)
+        await self._call.write(message)
         reply = await self._replies.get()
         if reply is None:
             self._replies.put_nowait(None)
@@ -187,10 +198,16 @@ class RunSession:
         return response
 
     async def close(self) -> None:
-        await self._outgoing.put(None)
-        if self._reader is not None:
+        """Ends the stream (the run itself goes on; cancel() stops it)."""
+        if self._reader is not None and not self._reader.done():
             self._reader.cancel()
         self._call.cancel()
+
+    async def __aenter__(self) -> RunSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 _SWARM_MODES = {
@@ -367,13 +384,7 @@ class Client:
 
     async def session(self, pattern: Message, **options: Any) -> RunSession:
         """Starts a run on a RunService.Session stream (same options as start_run)."""
-        outgoing: asyncio.Queue[runs_pb2.SessionRequest | None] = asyncio.Queue()
-
-        async def frames() -> AsyncIterator[runs_pb2.SessionRequest]:
-            while (message := await outgoing.get()) is not None:
-                yield message
-
-        session = RunSession(self.runs.Session(frames()), outgoing)
+        session = RunSession(self.runs.Session())
         await session._open(self._start_request(pattern, **options))
         return session
 
@@ -460,9 +471,19 @@ class Client:
         return await self.get_run(run_id)
 
     async def run(self, pattern: Message, **options: Any) -> runs_pb2.Run:
-        """Starts a run and waits for it to finish."""
-        handle = await self.start_run(pattern, **options)
-        return await self.wait(handle.run_id)
+        """Starts a run and waits for it to finish.
+
+        One Session stream carries the start and the events; if the sidecar goes
+        away mid-run, the wait goes on as in wait()."""
+        async with await self.session(pattern, **options) as session:
+            try:
+                async for _ in session.events():
+                    pass
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return await self.wait(session.handle.run_id)
+        return await self.get_run(session.handle.run_id)
 
     async def get_run(self, run_id: str = "", *, thread_id: str = "") -> runs_pb2.Run:
         response: runs_pb2.GetRunResponse = await self.runs.GetRun(

@@ -1,0 +1,363 @@
+"""The carsvc scenarios of the benchmark suite.
+
+Each scenario starts its own sidecar and worker processes (bench.procs), warms
+up, then measures `runs` times. A scenario returns Metrics: one value per
+measured run, so the report can show the median with min and max.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bench.procs import Sidecar, WorkerProcess, cluster
+from carsvc._proto.car.v1 import types_pb2
+from carsvc.client import Client, agent, map_reduce, single
+
+Progress = Callable[[str], None]
+PAYLOAD = "x" * 200  # the baselines' message size
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    unit: str
+    better: Literal["higher", "lower"]
+    values: list[float] = field(default_factory=list)
+    # Targets from issue #7; None where the issue sets none.
+    target: float | None = None
+    # Baseline metric keys ("raw.pipelined_msgs_per_s", "autogen.sequential_p50_us")
+    # this figure is compared with.
+    compare: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class Sizes:
+    """How much work each scenario does; `quick()` shrinks it to a smoke run."""
+
+    runs: int = 5
+    dispatch_items: int = 20_000
+    max_concurrent: int = 512
+    latency_runs: int = 1_000
+    call_pairs: int = 2_000
+    call_agents: int = 16
+    fanout_items: int = 2_000
+    watchers: int = 100
+    retained_runs: int = 10_000
+    worker_connections: int = 1_000
+    in_flight: int = 10_000
+    worker_processes: int = 4
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            runs=2,
+            dispatch_items=400,
+            max_concurrent=64,
+            latency_runs=30,
+            call_pairs=20,
+            call_agents=2,
+            fanout_items=50,
+            watchers=5,
+            retained_runs=100,
+            worker_connections=8,
+            in_flight=80,
+            worker_processes=2,
+        )
+
+
+def _check(run: object, what: str) -> None:
+    status = getattr(run, "status", None)
+    if status != types_pb2.RUN_STATUS_SUCCEEDED:
+        raise RuntimeError(
+            f"{what}: run ended {status}: {getattr(run, 'termination_reason', '')} "
+            f"{getattr(run, 'termination_detail', '')}"
+        )
+
+
+async def _map_reduce(client: Client, mapper: str, items: list[str], max_concurrent: int) -> float:
+    """Runs one map-reduce; returns its wall time in seconds."""
+    started = time.perf_counter()
+    run = await client.run(map_reduce(agent(mapper), agent("noop"), "bench", items, max_concurrent=max_concurrent))
+    elapsed = time.perf_counter() - started
+    _check(run, f"map-reduce of {len(items)} {mapper}")
+    if len(run.result.map_reduce.map_outputs) != len(items):
+        raise RuntimeError(f"map-reduce returned {len(run.result.map_reduce.map_outputs)} outputs, not {len(items)}")
+    return elapsed
+
+
+# -- 1. dispatch throughput -------------------------------------------------------------
+
+
+async def dispatch(sizes: Sizes, workers: int, progress: Progress) -> list[Metric]:
+    rate = Metric(
+        f"dispatch_{workers}w_runs_per_s",
+        f"dispatch, {workers} worker process{'es' if workers > 1 else ''}",
+        "agent runs/s",
+        "higher",
+        target=20_000 if workers == 4 else None,
+        compare=["raw.pipelined_msgs_per_s", "autogen.concurrent64_msgs_per_s"],
+    )
+    cpu = Metric(f"dispatch_{workers}w_sidecar_cpu_us", f"dispatch, {workers}w: sidecar CPU per agent", "µs", "lower")
+    items = [str(i) for i in range(sizes.dispatch_items)]
+    with cluster(workers, max_in_flight=sizes.max_concurrent) as (sidecar, _):
+        async with Client(sidecar.address) as client:
+            progress(f"dispatch {workers}w: warm-up")
+            await _map_reduce(client, "noop", items[: max(len(items) // 4, 10)], sizes.max_concurrent)
+            for i in range(sizes.runs):
+                progress(f"dispatch {workers}w: run {i + 1}/{sizes.runs}")
+                cpu0 = sidecar.cpu_seconds()
+                elapsed = await _map_reduce(client, "noop", items, sizes.max_concurrent)
+                agents = len(items) + 1  # the mappers and the reducer
+                rate.values.append(agents / elapsed)
+                cpu.values.append((sidecar.cpu_seconds() - cpu0) / agents * 1e6)
+    return [rate, cpu]
+
+
+# -- 2. single-agent latency -------------------------------------------------------------
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def latency(sizes: Sizes, progress: Progress) -> list[Metric]:
+    p50 = Metric(
+        "latency_p50_us",
+        "single-agent round trip p50",
+        "µs",
+        "lower",
+        target=300,
+        compare=["raw.pingpong_p50_us", "autogen.sequential_p50_us"],
+    )
+    p99 = Metric(
+        "latency_p99_us",
+        "single-agent round trip p99",
+        "µs",
+        "lower",
+        target=1_000,
+        compare=["raw.pingpong_p99_us", "autogen.sequential_p99_us"],
+    )
+    with cluster(1, max_in_flight=8) as (sidecar, _):
+        async with Client(sidecar.address) as client:
+
+            async def one() -> float:
+                started = time.perf_counter()
+                session = await client.session(single(agent("echo"), PAYLOAD))
+                async with session:
+                    async for event in session.events():
+                        if event.HasField("run_finished"):
+                            finished = event.run_finished
+                elapsed = time.perf_counter() - started
+                if finished.status != types_pb2.RUN_STATUS_SUCCEEDED or finished.result.single.output.answer != PAYLOAD:
+                    raise RuntimeError(f"single run ended {finished.status}: {finished.reason} {finished.detail}")
+                return elapsed * 1e6
+
+            progress("latency: warm-up")
+            for _ in range(max(sizes.latency_runs // 5, 10)):
+                await one()
+            for i in range(sizes.runs):
+                progress(f"latency: run {i + 1}/{sizes.runs}")
+                samples = sorted([await one() for _ in range(sizes.latency_runs)])
+                p50.values.append(_percentile(samples, 0.50))
+                p99.values.append(_percentile(samples, 0.99))
+    return [p50, p99]
+
+
+# -- 3. runtime calls ----------------------------------------------------------------------
+
+
+async def runtime_calls(sizes: Sizes, progress: Progress) -> list[Metric]:
+    one = Metric(
+        "calls_1_agent_per_s",
+        "state get/set, 1 agent",
+        "calls/s",
+        "higher",
+        compare=["raw.pingpong_rt_per_s", "autogen.sequential_rt_per_s"],
+        note="sequential calls: each waits for its answer",
+    )
+    many = Metric(
+        f"calls_{sizes.call_agents}_agents_per_s",
+        f"state get/set, {sizes.call_agents} agents",
+        "calls/s",
+        "higher",
+        compare=["raw.pipelined_msgs_per_s", "autogen.concurrent64_msgs_per_s"],
+    )
+    with cluster(1, max_in_flight=max(sizes.call_agents, 8)) as (sidecar, _):
+        async with Client(sidecar.address) as client:
+            pairs = str(sizes.call_pairs)
+            progress("runtime calls: warm-up")
+            await client.run(single(agent("state"), str(max(sizes.call_pairs // 10, 5))))
+            for i in range(sizes.runs):
+                progress(f"runtime calls: run {i + 1}/{sizes.runs}")
+                started = time.perf_counter()
+                run = await client.run(single(agent("state"), pairs))
+                elapsed = time.perf_counter() - started
+                _check(run, "state agent")
+                one.values.append(2 * sizes.call_pairs / elapsed)
+                per_agent = max(sizes.call_pairs // sizes.call_agents, 1)
+                elapsed = await _map_reduce(client, "state", [str(per_agent)] * sizes.call_agents, sizes.call_agents)
+                many.values.append(2 * per_agent * sizes.call_agents / elapsed)
+    return [one, many]
+
+
+# -- 4. fan-out -----------------------------------------------------------------------------
+
+
+async def fan_out(sizes: Sizes, progress: Progress) -> list[Metric]:
+    delivered = Metric("fanout_events_per_s", f"events delivered to {sizes.watchers} watchers", "events/s", "higher")
+    alone = Metric("fanout_run_alone_runs_per_s", "watched run's throughput, no watchers", "agent runs/s", "higher")
+    watched = Metric(
+        "fanout_run_watched_runs_per_s",
+        f"watched run's throughput, {sizes.watchers} watchers",
+        "agent runs/s",
+        "higher",
+    )
+    items = [str(i) for i in range(sizes.fanout_items)]
+    with cluster(1, max_in_flight=sizes.max_concurrent) as (sidecar, _):
+        async with Client(sidecar.address) as client:
+
+            async def watch_all(run_id: str) -> int:
+                count = 0
+                async for _ in client.watch(run_id):
+                    count += 1
+                return count
+
+            progress("fan-out: warm-up")
+            await _map_reduce(client, "noop", items[: max(len(items) // 4, 10)], sizes.max_concurrent)
+            for i in range(sizes.runs):
+                progress(f"fan-out: run {i + 1}/{sizes.runs}")
+                alone.values.append((len(items) + 1) / await _map_reduce(client, "noop", items, sizes.max_concurrent))
+                started = time.perf_counter()
+                handle = await client.start_run(
+                    map_reduce(agent("noop"), agent("noop"), "bench", items, max_concurrent=sizes.max_concurrent)
+                )
+                watchers = [asyncio.ensure_future(watch_all(handle.run_id)) for _ in range(sizes.watchers)]
+                run = await client.wait(handle.run_id)
+                run_elapsed = time.perf_counter() - started
+                counts = await asyncio.gather(*watchers)
+                all_elapsed = time.perf_counter() - started
+                _check(run, "watched map-reduce")
+                if len(set(counts)) != 1 or counts[0] != run.last_seq:
+                    raise RuntimeError(f"watchers saw {sorted(set(counts))} events, the run has {run.last_seq}")
+                watched.values.append((len(items) + 1) / run_elapsed)
+                delivered.values.append(sum(counts) / all_elapsed)
+    return [delivered, alone, watched]
+
+
+# -- 5. memory --------------------------------------------------------------------------------
+
+
+async def _settle_rss(sidecar: Sidecar) -> int:
+    """RSS once it stops moving (allocations after the last reply settle)."""
+    last = sidecar.rss_bytes()
+    for _ in range(20):
+        await asyncio.sleep(0.1)
+        now = sidecar.rss_bytes()
+        if abs(now - last) < 256 * 1024:
+            return now
+        last = now
+    return last
+
+
+async def memory_retained(sizes: Sizes, progress: Progress) -> list[Metric]:
+    rss = Metric(
+        "rss_retained_mb", f"sidecar RSS, {sizes.retained_runs:,} finished runs retained", "MB", "lower", target=200
+    )
+    per_run = Metric("bytes_per_retained_run", "bytes per retained run", "B", "lower")
+    for i in range(sizes.runs):
+        progress(f"memory (retained runs): run {i + 1}/{sizes.runs}")
+        with cluster(1, max_in_flight=64) as (sidecar, _):
+            async with Client(sidecar.address) as client:
+                await client.run(single(agent("echo"), PAYLOAD))  # everything imported and warm
+                before = await _settle_rss(sidecar)
+                gate = asyncio.Semaphore(64)
+
+                async def one(gate: asyncio.Semaphore = gate) -> None:
+                    async with gate:
+                        _check(await client.run(single(agent("echo"), PAYLOAD)), "retained run")
+
+                await asyncio.gather(*(one() for _ in range(sizes.retained_runs)))
+                listed = await client.list_runs(page_size=1000)
+                if len(listed) < sizes.retained_runs:
+                    raise RuntimeError(f"only {len(listed)} runs are retained")
+                after = await _settle_rss(sidecar)
+        rss.values.append(after / 2**20)
+        per_run.values.append((after - before) / sizes.retained_runs)
+    return [rss, per_run]
+
+
+async def memory_in_flight(sizes: Sizes, progress: Progress) -> list[Metric]:
+    """`worker_connections` worker sessions (spread over `worker_processes`
+    processes) hold `in_flight` assignments at once; the run must succeed."""
+    rss = Metric("rss_in_flight_mb", f"sidecar RSS, {sizes.in_flight:,} assignments in flight", "MB", "lower")
+    per_assignment = Metric("bytes_per_in_flight_assignment", "bytes per in-flight assignment", "B", "lower")
+    connected = Metric(
+        "workers_connected",
+        "worker sessions connected at once",
+        "workers",
+        "higher",
+        target=1_000 if sizes.worker_connections >= 1_000 else None,
+    )
+    peak = Metric(
+        "assignments_in_flight",
+        "assignments in flight at once",
+        "assignments",
+        "higher",
+        target=10_000 if sizes.in_flight >= 10_000 else None,
+    )
+    per_process = sizes.worker_connections // sizes.worker_processes
+    slots = -(-sizes.in_flight // sizes.worker_connections)
+    for i in range(sizes.runs):
+        progress(f"memory (in flight): run {i + 1}/{sizes.runs}")
+        sidecar = Sidecar()
+        procs: list[WorkerProcess] = []
+        try:
+            for p in range(sizes.worker_processes):
+                procs.append(
+                    WorkerProcess(
+                        sidecar.address,
+                        worker_id=f"many-{p}",
+                        max_in_flight=slots,
+                        connections=per_process,
+                        ready_timeout=120,
+                    )
+                )
+            async with Client(sidecar.address) as client:
+                workers = await client.list_workers()
+                before = await _settle_rss(sidecar)
+                hold_s = 2.0 + sizes.in_flight / 4_000  # long enough to fill every slot
+                handle = await client.start_run(
+                    map_reduce(
+                        agent("hold"),
+                        agent("noop"),
+                        "bench",
+                        [f"{hold_s:.2f}"] * sizes.in_flight,
+                        max_concurrent=sizes.in_flight,
+                    )
+                )
+                held = 0
+                deadline = time.monotonic() + hold_s
+                while time.monotonic() < deadline and held < sizes.in_flight:
+                    held = sum(w.in_flight for w in await client.list_workers())
+                    await asyncio.sleep(0.1)
+                during = sidecar.rss_bytes()
+                run = await client.wait(handle.run_id)
+                _check(run, f"map-reduce holding {sizes.in_flight} assignments")
+                errors = [o.error for o in run.result.map_reduce.map_outputs if o.error]
+                if errors:
+                    raise RuntimeError(f"{len(errors)} assignments failed, e.g. {errors[0]}")
+        finally:
+            for proc in procs:
+                proc.stop()
+            sidecar.stop()
+        connected.values.append(len(workers))
+        peak.values.append(held)
+        rss.values.append(during / 2**20)
+        per_assignment.values.append((during - before) / max(held, 1))
+    return [connected, peak, rss, per_assignment]
