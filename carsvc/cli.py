@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, env CARSVC_HOST)")
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (default 50051, env CARSVC_PORT)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (default INFO)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="text (default) or json, one object per line")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
     serve.add_argument("--data-dir", help="journal state, runs and events here so a restart recovers them")
     serve.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", help="seconds (default 10)")
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             log_level=args.log_level,
+            log_format=args.log_format,
             metrics_port=args.metrics_port,
             data_dir=args.data_dir,
             shutdown_grace_s=args.shutdown_grace_s,
@@ -76,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"carsvc: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from carsvc.logs import configure
+
+    configure(settings.log_level, settings.log_format)
     import uvloop
 
     from carsvc.server import serve

@@ -20,6 +20,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     log_level: str = "INFO"
+    # "text" for people, "json" (one object per line, with run_id, assignment_id,
+    # worker_id fields where they apply) for log pipelines.
+    log_format: str = "text"
     # Keep state, run records and events in <data_dir>/carsvc.sqlite3 so a restart
     # recovers them; empty keeps everything in memory only.
     data_dir: str = ""
@@ -127,6 +130,10 @@ class Settings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be within 0..65535, not {getattr(self, name)}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
         if self.journal_sync not in ("normal", "full"):
             raise ValueError(f"journal_sync must be 'normal' or 'full', not {self.journal_sync!r}")
         if self.max_field_bytes > self.max_message_bytes:

@@ -33,6 +33,7 @@ from carsvc.domain.journal import Journal, Recovered
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import StateStore
 from carsvc.domain.workers import Dispatcher
+from carsvc.logs import ids
 from carsvc.patterns.base import Pattern, PatternOutcome
 
 RunStatus = types_pb2.RunStatus
@@ -328,7 +329,7 @@ class RunManager:
         except CarError as err:
             detail = str(err)
         except Exception as err:
-            log.exception("run %s failed inside the sidecar", record.run_id)
+            log.exception("run %s failed inside the sidecar", record.run_id, extra=ids(run_id=record.run_id))
             detail = f"internal error: {err!r}"
         self._finish(record, status, reason, detail)
 
@@ -368,7 +369,12 @@ class RunManager:
         record.events.close()
         record.done.set()
         self._journal_run(record)
-        log.info("run %s %s: %s %s", record.run_id, status_name(status), reason, detail)
+        # Successes are routine (thousands a second under load); anything else is news.
+        log.log(
+            logging.DEBUG if status == SUCCEEDED else logging.INFO,
+            "run %s %s: %s %s", record.run_id, status_name(status), reason, detail,
+            extra=ids(run_id=record.run_id, thread_id=record.thread_id),
+        )
         if self._active_by_thread.get(record.thread_id) is record:
             del self._active_by_thread[record.thread_id]
             self._start_next(record)

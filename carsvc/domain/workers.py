@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from carsvc._proto.car.v1 import types_pb2
 from carsvc.domain.clock import now_ms
 from carsvc.domain.errors import InvalidArgument, Unavailable
+from carsvc.logs import ids
 
 if TYPE_CHECKING:
     from carsvc.domain.infra import AgentContext
@@ -276,6 +277,7 @@ class Dispatcher:
         log.info(
             "worker %s connected as %s serving %s (max_in_flight=%d)",
             worker_id, session.session_id, agents, session.max_in_flight,
+            extra=ids(worker_id=worker_id, session_id=session.session_id),
         )
         return session
 
@@ -295,13 +297,19 @@ class Dispatcher:
             log.warning(
                 "worker %s (%s) lost with %d assignment(s): %s",
                 session.worker_id, session.session_id, len(held), reason,
+                extra=ids(worker_id=session.worker_id, session_id=session.session_id),
             )
         for a in held:
             a.session = None
             if a.state is State.CANCELLING:
                 self._retire(a)
                 continue
+            where = ids(run_id=a.run_id, assignment_id=a.assignment_id, worker_id=session.worker_id)
             if a.attempt >= self.max_attempts:
+                log.warning(
+                    "run %s: assignment %s (%s) failed: its worker was lost on attempt %d of %d",
+                    a.run_id, a.assignment_id, a.spec.name, a.attempt, self.max_attempts, extra=where,
+                )
                 self._retire(a)
                 self._resolve(
                     a,
@@ -314,6 +322,10 @@ class Dispatcher:
                     ),
                 )
                 continue
+            log.info(
+                "run %s: assignment %s (%s) re-dispatched as attempt %d",
+                a.run_id, a.assignment_id, a.spec.name, a.attempt + 1, extra=where,
+            )
             a.attempt += 1
             a.state = State.QUEUED
             self.redispatched += 1
@@ -549,12 +561,22 @@ class Dispatcher:
     def _expire(self, a: Assignment, seconds: float) -> None:
         a.timer = None
         if a.state in (State.QUEUED, State.RUNNING):
+            log.warning(
+                "run %s: assignment %s (%s) timed out after %gs",
+                a.run_id, a.assignment_id, a.spec.name, seconds,
+                extra=ids(run_id=a.run_id, assignment_id=a.assignment_id),
+            )
             self._resolve(a, timed_out_output(a.spec.name, seconds))
             self.cancel(a, f"timed out after {seconds:g}s")
 
     def _unplaced_expired(self, a: Assignment) -> None:
         a.unplaced_timer = None
         if a.state is State.QUEUED and not self._serving_sessions(a.agent):
+            log.warning(
+                "run %s: assignment %s failed: no connected worker serves agent '%s' (waited %gs)",
+                a.run_id, a.assignment_id, a.agent, self.unplaced_timeout,
+                extra=ids(run_id=a.run_id, assignment_id=a.assignment_id),
+            )
             self._retire(a)
             self._resolve(
                 a,
@@ -572,6 +594,11 @@ class Dispatcher:
         a.ack_timer = None
         session = a.session
         if a.state is State.CANCELLING and session is not None:
+            log.warning(
+                "run %s: worker %s never acknowledged the cancel of assignment %s; its slot is freed",
+                a.run_id, session.worker_id, a.assignment_id,
+                extra=ids(run_id=a.run_id, assignment_id=a.assignment_id, worker_id=session.worker_id),
+            )
             session.in_flight.pop(a.assignment_id, None)
             a.session = None
             self._retire(a)
