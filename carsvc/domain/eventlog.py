@@ -126,9 +126,11 @@ class RunEventLog:
             sub._close()
 
     def since(self, after_seq: int) -> list[RunEvent]:
-        """Retained events with seq > after_seq (OUT_OF_RANGE if some were dropped)."""
+        """Retained events with seq > after_seq. after_seq 0 means from the oldest
+        retained one; a later after_seq whose successors were dropped is
+        FAILED_PRECONDITION (the caller would miss events without knowing)."""
         first = self.first_retained_seq
-        if after_seq + 1 < first:
+        if after_seq and after_seq + 1 < first:
             raise CarError(
                 f"events {after_seq + 1}..{first - 1} of run '{self.run_id}' are no longer "
                 f"retained; the oldest retained seq is {first}",
