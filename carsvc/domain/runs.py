@@ -53,14 +53,15 @@ ON_BUSY_ENQUEUE = runs_pb2.ON_BUSY_ENQUEUE
 log = logging.getLogger("carsvc.runs")
 
 
-class _Restored:
-    """The pattern of a run read back from the journal: it ran before a restart."""
+class _Ended:
+    """The pattern of a run that has ended (or was read back from the journal):
+    only its name is kept, so a retained run does not hold its request."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
-        raise FailedPrecondition(f"run '{infra.run_id}' was recovered from the journal and cannot run again")
+        raise FailedPrecondition(f"run '{infra.run_id}' has ended and cannot run again")
 
 
 def status_name(status: int) -> str:
@@ -367,6 +368,7 @@ class RunManager:
             finished.result.CopyFrom(record.result)
         record.events.append(RunEvent(run_finished=finished))
         record.events.close()
+        record.pattern = _Ended(record.pattern.name)  # its request messages can go
         record.done.set()
         self._journal_run(record)
         # Successes are routine (thousands a second under load); anything else is news.
@@ -431,7 +433,7 @@ class RunManager:
                 run_id=run.run_id,
                 thread_id=run.thread_id,
                 agent_id=run.agent_id,
-                pattern=_Restored(run.pattern),
+                pattern=_Ended(run.pattern),
                 infra=self._infra(
                     run.run_id,
                     run.thread_id,
