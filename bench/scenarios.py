@@ -127,6 +127,8 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 async def latency(sizes: Sizes, progress: Progress) -> list[Metric]:
+    """Single-agent runs over one run stream (Client.run_stream): one at a
+    time for the round trip, then 64 at once for the rate."""
     p50 = Metric(
         "latency_p50_us",
         "single-agent round trip p50",
@@ -143,20 +145,27 @@ async def latency(sizes: Sizes, progress: Progress) -> list[Metric]:
         target=1_000,
         compare=["raw.pingpong_p99_us", "autogen.sequential_p99_us"],
     )
-    with cluster(1, max_in_flight=8) as (sidecar, _):
-        async with Client(sidecar.address) as client:
+    rate = Metric(
+        "single_runs_64_per_s",
+        "single-agent runs, 64 in flight",
+        "runs/s",
+        "higher",
+        compare=["raw.pipelined_msgs_per_s", "autogen.concurrent64_msgs_per_s"],
+    )
+    with cluster(1, max_in_flight=64) as (sidecar, _):
+        async with Client(sidecar.address) as client, client.run_stream() as stream:
 
             async def one() -> float:
                 started = time.perf_counter()
-                session = await client.session(single(agent("echo"), PAYLOAD))
-                async with session:
-                    async for event in session.events():
-                        if event.HasField("run_finished"):
-                            finished = event.run_finished
+                finished = await stream.run(single(agent("echo"), PAYLOAD))
                 elapsed = time.perf_counter() - started
                 if finished.status != types_pb2.RUN_STATUS_SUCCEEDED or finished.result.single.output.answer != PAYLOAD:
                     raise RuntimeError(f"single run ended {finished.status}: {finished.reason} {finished.detail}")
                 return elapsed * 1e6
+
+            async def lane(count: int) -> None:
+                for _ in range(count):
+                    await one()
 
             progress("latency: warm-up")
             for _ in range(max(sizes.latency_runs // 5, 10)):
@@ -166,7 +175,11 @@ async def latency(sizes: Sizes, progress: Progress) -> list[Metric]:
                 samples = sorted([await one() for _ in range(sizes.latency_runs)])
                 p50.values.append(_percentile(samples, 0.50))
                 p99.values.append(_percentile(samples, 0.99))
-    return [p50, p99]
+                per_lane = max(sizes.latency_runs // 8, 1)
+                started = time.perf_counter()
+                await asyncio.gather(*(lane(per_lane) for _ in range(64)))
+                rate.values.append(64 * per_lane / (time.perf_counter() - started))
+    return [p50, p99, rate]
 
 
 # -- 3. runtime calls ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ them directly. docs/patterns/ describes each pattern.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -26,6 +27,7 @@ import grpc
 from google.protobuf.message import Message
 
 from carsvc._proto.car.v1 import (
+    events_pb2,
     patterns_pb2,
     registry_pb2,
     registry_pb2_grpc,
@@ -40,7 +42,9 @@ from carsvc.values import from_value, to_value
 
 __all__ = [
     "Client",
+    "RunRefused",
     "RunSession",
+    "RunStream",
     "adversarial_review",
     "advisor",
     "agent",
@@ -208,6 +212,120 @@ class RunSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class RunRefused(Exception):
+    """A run on a RunStream did not start: the status StartRun would have
+    answered, and the offending field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class RunStream:
+    """Many runs over one RunService.Submit stream: no stream per run, and runs
+    started while a write is under way travel together, so it suits short runs
+    started at a high rate. `run()` may be called from many tasks at once; each
+    returns its run's run_finished event.
+
+        async with client.run_stream() as stream:
+            finished = await stream.run(single(agent("echo"), "hi"))
+            print(finished.result.single.output.answer)
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._call = client.runs.Submit()
+        self._waiting: dict[str, asyncio.Future[events_pb2.RunFinished]] = {}
+        self._outbox: list[runs_pb2.StartRunRequest] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._ended: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._reader = loop.create_task(self._read())
+
+    async def run(self, pattern: Message, **options: Any) -> events_pb2.RunFinished:
+        """Starts a run (same options as Client.start_run) and returns its
+        run_finished event once it has ended. Raises RunRefused if it could not
+        start, and the stream's error if the stream broke."""
+        request = self._client._start_request(pattern, **options)
+        if not request.run_id:
+            request.run_id = uuid.uuid4().hex
+        if self._ended is not None:
+            raise self._ended
+        if self._closing:
+            raise RuntimeError("the run stream is closing")
+        if request.run_id in self._waiting:
+            raise ValueError(f"run_id {request.run_id!r} is already waiting on this stream")
+        future: asyncio.Future[events_pb2.RunFinished] = asyncio.get_running_loop().create_future()
+        self._waiting[request.run_id] = future
+        self._outbox.append(request)
+        self._wakeup.set()
+        try:
+            return await future
+        finally:
+            self._waiting.pop(request.run_id, None)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                if not self._outbox:
+                    if self._closing:
+                        await self._call.done_writing()
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                starts, self._outbox = self._outbox, []
+                await self._call.write(runs_pb2.SubmitRequest(starts=starts))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the reader reports why the stream ended
+
+    async def _read(self) -> None:
+        try:
+            while (response := await self._call.read()) is not grpc.aio.EOF:
+                for answer in response.answers:
+                    future = self._waiting.get(answer.run_id)
+                    if future is None or future.done():
+                        continue
+                    if answer.HasField("finished"):
+                        future.set_result(answer.finished)
+                    else:
+                        code = _STATUS_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN)
+                        future.set_exception(RunRefused(code, answer.error.message, answer.error.field))
+            self._ended = ConnectionError("the Submit stream has ended")
+        except grpc.aio.AioRpcError as err:
+            self._ended = err
+        finally:
+            ended = self._ended or ConnectionError("the Submit stream has ended")
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ended)
+
+    async def close(self) -> None:
+        """Half-closes the stream and waits until every run started on it has
+        answered."""
+        self._closing = True
+        self._wakeup.set()
+        await asyncio.gather(self._writer, self._reader)
+
+    async def __aenter__(self) -> RunStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            self._call.cancel()
+            self._writer.cancel()
+            self._reader.cancel()
 
 
 _SWARM_MODES = {
@@ -387,6 +505,10 @@ class Client:
         session = RunSession(self.runs.Session())
         await session._open(self._start_request(pattern, **options))
         return session
+
+    def run_stream(self) -> RunStream:
+        """A RunStream: many runs over one stream (see RunStream)."""
+        return RunStream(self)
 
     async def submit_decisions(
         self,

@@ -25,6 +25,7 @@ from carsvc.patterns import BUILDERS, Limits
 from carsvc.patterns.base import check_spec
 from carsvc.services.convert import limits_from_proto
 from carsvc.services.errors import abort, streaming, unary
+from carsvc.services.submit import SubmitStream
 
 MAX_ID_CHARS = 256
 DEFAULT_PAGE_SIZE = 100
@@ -235,6 +236,18 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
                 replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, action or "action")))
             finally:
                 idle.set()
+
+
+    async def Submit(
+        self,
+        request_iterator: AsyncIterator[runs_pb2.SubmitRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[runs_pb2.SubmitResponse]:
+        stream = SubmitStream(self.start)
+        async for response in stream.responses(request_iterator):
+            yield response
+        if stream.error is not None:
+            await abort(context, stream.error)
 
 
 def _frame_error(err: CarError, field: str) -> worker_pb2.FrameError:

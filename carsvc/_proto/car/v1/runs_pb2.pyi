@@ -617,3 +617,75 @@ class SessionResponse(google.protobuf.message.Message):
     def WhichOneof(self, oneof_group: typing.Literal["reply", b"reply"]) -> typing.Literal["started", "events", "decisions", "cancelled", "error"] | None: ...
 
 global___SessionResponse = SessionResponse
+
+@typing.final
+class SubmitRequest(google.protobuf.message.Message):
+    """Runs to start on a Submit stream."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    STARTS_FIELD_NUMBER: builtins.int
+    @property
+    def starts(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___StartRunRequest]:
+        """Each needs its `run_id`: answers are matched to requests by it."""
+
+    def __init__(
+        self,
+        *,
+        starts: collections.abc.Iterable[global___StartRunRequest] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["starts", b"starts"]) -> None: ...
+
+global___SubmitRequest = SubmitRequest
+
+@typing.final
+class SubmitResponse(google.protobuf.message.Message):
+    """Answers to earlier SubmitRequests."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: builtins.int
+    @property
+    def answers(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___SubmitAnswer]: ...
+    def __init__(
+        self,
+        *,
+        answers: collections.abc.Iterable[global___SubmitAnswer] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["answers", b"answers"]) -> None: ...
+
+global___SubmitResponse = SubmitResponse
+
+@typing.final
+class SubmitAnswer(google.protobuf.message.Message):
+    """The answer to one StartRunRequest of a Submit stream."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: builtins.int
+    FINISHED_FIELD_NUMBER: builtins.int
+    ERROR_FIELD_NUMBER: builtins.int
+    run_id: builtins.str
+    """The request's run id."""
+    @property
+    def finished(self) -> carsvc._proto.car.v1.events_pb2.RunFinished:
+        """The run ended; the same event WatchRun ends with."""
+
+    @property
+    def error(self) -> carsvc._proto.car.v1.worker_pb2.FrameError:
+        """The run did not start: the status StartRun would have answered, and the
+        offending field of the StartRunRequest.
+        """
+
+    def __init__(
+        self,
+        *,
+        run_id: builtins.str = ...,
+        finished: carsvc._proto.car.v1.events_pb2.RunFinished | None = ...,
+        error: carsvc._proto.car.v1.worker_pb2.FrameError | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["error", b"error", "finished", b"finished", "reply", b"reply"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["error", b"error", "finished", b"finished", "reply", b"reply", "run_id", b"run_id"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["reply", b"reply"]) -> typing.Literal["finished", "error"] | None: ...
+
+global___SubmitAnswer = SubmitAnswer

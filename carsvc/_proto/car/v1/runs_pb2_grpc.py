@@ -71,6 +71,11 @@ class RunServiceStub(object):
                 request_serializer=car_dot_v1_dot_runs__pb2.SessionRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.SessionResponse.FromString,
                 _registered_method=True)
+        self.Submit = channel.stream_stream(
+                '/car.v1.RunService/Submit',
+                request_serializer=car_dot_v1_dot_runs__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_runs__pb2.SubmitResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer(object):
@@ -132,6 +137,18 @@ class RunServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request_iterator, context):
+        """Many runs over one long-lived stream, for clients that start short runs
+        at a high rate: no stream is opened per run, and both directions batch.
+        Every StartRunRequest must carry a unique `run_id`; each is answered once,
+        when its run has ended (its `run_finished` event), or at once with an error
+        if it could not start. Answers come in the order runs end. A half-closed
+        stream ends once its runs have ended; a cancelled one leaves them running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +186,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=car_dot_v1_dot_runs__pb2.SessionRequest.FromString,
                     response_serializer=car_dot_v1_dot_runs__pb2.SessionResponse.SerializeToString,
+            ),
+            'Submit': grpc.stream_stream_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=car_dot_v1_dot_runs__pb2.SubmitRequest.FromString,
+                    response_serializer=car_dot_v1_dot_runs__pb2.SubmitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +383,33 @@ class RunService(object):
             '/car.v1.RunService/Session',
             car_dot_v1_dot_runs__pb2.SessionRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/car.v1.RunService/Submit',
+            car_dot_v1_dot_runs__pb2.SubmitRequest.SerializeToString,
+            car_dot_v1_dot_runs__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,18 @@ class RunServiceStub:
     send decisions and a cancel.
     """
 
+    Submit: grpc.StreamStreamMultiCallable[
+        carsvc._proto.car.v1.runs_pb2.SubmitRequest,
+        carsvc._proto.car.v1.runs_pb2.SubmitResponse,
+    ]
+    """Many runs over one long-lived stream, for clients that start short runs
+    at a high rate: no stream is opened per run, and both directions batch.
+    Every StartRunRequest must carry a unique `run_id`; each is answered once,
+    when its run has ended (its `run_finished` event), or at once with an error
+    if it could not start. Answers come in the order runs end. A half-closed
+    stream ends once its runs have ended; a cancelled one leaves them running.
+    """
+
 class RunServiceAsyncStub:
     """Start, watch, inspect, cancel and answer runs."""
 
@@ -127,6 +139,18 @@ class RunServiceAsyncStub:
     ]
     """One stream for an interactive client: start a run, receive its events,
     send decisions and a cancel.
+    """
+
+    Submit: grpc.aio.StreamStreamMultiCallable[
+        carsvc._proto.car.v1.runs_pb2.SubmitRequest,
+        carsvc._proto.car.v1.runs_pb2.SubmitResponse,
+    ]
+    """Many runs over one long-lived stream, for clients that start short runs
+    at a high rate: no stream is opened per run, and both directions batch.
+    Every StartRunRequest must carry a unique `run_id`; each is answered once,
+    when its run has ended (its `run_finished` event), or at once with an error
+    if it could not start. Answers come in the order runs end. A half-closed
+    stream ends once its runs have ended; a cancelled one leaves them running.
     """
 
 class RunServiceServicer(metaclass=abc.ABCMeta):
@@ -196,6 +220,20 @@ class RunServiceServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[collections.abc.Iterator[carsvc._proto.car.v1.runs_pb2.SessionResponse], collections.abc.AsyncIterator[carsvc._proto.car.v1.runs_pb2.SessionResponse]]:
         """One stream for an interactive client: start a run, receive its events,
         send decisions and a cancel.
+        """
+
+    @abc.abstractmethod
+    def Submit(
+        self,
+        request_iterator: _MaybeAsyncIterator[carsvc._proto.car.v1.runs_pb2.SubmitRequest],
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[carsvc._proto.car.v1.runs_pb2.SubmitResponse], collections.abc.AsyncIterator[carsvc._proto.car.v1.runs_pb2.SubmitResponse]]:
+        """Many runs over one long-lived stream, for clients that start short runs
+        at a high rate: no stream is opened per run, and both directions batch.
+        Every StartRunRequest must carry a unique `run_id`; each is answered once,
+        when its run has ended (its `run_finished` event), or at once with an error
+        if it could not start. Answers come in the order runs end. A half-closed
+        stream ends once its runs have ended; a cancelled one leaves them running.
         """
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -1471,6 +1471,192 @@ func (*SessionResponse_Cancelled) isSessionResponse_Reply() {}
 
 func (*SessionResponse_Error) isSessionResponse_Reply() {}
 
+// Runs to start on a Submit stream.
+type SubmitRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Each needs its `run_id`: answers are matched to requests by it.
+	Starts        []*StartRunRequest `protobuf:"bytes,1,rep,name=starts,proto3" json:"starts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitRequest) Reset() {
+	*x = SubmitRequest{}
+	mi := &file_car_v1_runs_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitRequest) ProtoMessage() {}
+
+func (x *SubmitRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_car_v1_runs_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitRequest.ProtoReflect.Descriptor instead.
+func (*SubmitRequest) Descriptor() ([]byte, []int) {
+	return file_car_v1_runs_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *SubmitRequest) GetStarts() []*StartRunRequest {
+	if x != nil {
+		return x.Starts
+	}
+	return nil
+}
+
+// Answers to earlier SubmitRequests.
+type SubmitResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Answers       []*SubmitAnswer        `protobuf:"bytes,1,rep,name=answers,proto3" json:"answers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitResponse) Reset() {
+	*x = SubmitResponse{}
+	mi := &file_car_v1_runs_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitResponse) ProtoMessage() {}
+
+func (x *SubmitResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_car_v1_runs_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitResponse.ProtoReflect.Descriptor instead.
+func (*SubmitResponse) Descriptor() ([]byte, []int) {
+	return file_car_v1_runs_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *SubmitResponse) GetAnswers() []*SubmitAnswer {
+	if x != nil {
+		return x.Answers
+	}
+	return nil
+}
+
+// The answer to one StartRunRequest of a Submit stream.
+type SubmitAnswer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request's run id.
+	RunId string `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// Types that are valid to be assigned to Reply:
+	//
+	//	*SubmitAnswer_Finished
+	//	*SubmitAnswer_Error
+	Reply         isSubmitAnswer_Reply `protobuf_oneof:"reply"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitAnswer) Reset() {
+	*x = SubmitAnswer{}
+	mi := &file_car_v1_runs_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitAnswer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitAnswer) ProtoMessage() {}
+
+func (x *SubmitAnswer) ProtoReflect() protoreflect.Message {
+	mi := &file_car_v1_runs_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitAnswer.ProtoReflect.Descriptor instead.
+func (*SubmitAnswer) Descriptor() ([]byte, []int) {
+	return file_car_v1_runs_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *SubmitAnswer) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *SubmitAnswer) GetReply() isSubmitAnswer_Reply {
+	if x != nil {
+		return x.Reply
+	}
+	return nil
+}
+
+func (x *SubmitAnswer) GetFinished() *RunFinished {
+	if x != nil {
+		if x, ok := x.Reply.(*SubmitAnswer_Finished); ok {
+			return x.Finished
+		}
+	}
+	return nil
+}
+
+func (x *SubmitAnswer) GetError() *FrameError {
+	if x != nil {
+		if x, ok := x.Reply.(*SubmitAnswer_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isSubmitAnswer_Reply interface {
+	isSubmitAnswer_Reply()
+}
+
+type SubmitAnswer_Finished struct {
+	// The run ended; the same event WatchRun ends with.
+	Finished *RunFinished `protobuf:"bytes,2,opt,name=finished,proto3,oneof"`
+}
+
+type SubmitAnswer_Error struct {
+	// The run did not start: the status StartRun would have answered, and the
+	// offending field of the StartRunRequest.
+	Error *FrameError `protobuf:"bytes,3,opt,name=error,proto3,oneof"`
+}
+
+func (*SubmitAnswer_Finished) isSubmitAnswer_Reply() {}
+
+func (*SubmitAnswer_Error) isSubmitAnswer_Reply() {}
+
 var File_car_v1_runs_proto protoreflect.FileDescriptor
 
 const file_car_v1_runs_proto_rawDesc = "" +
@@ -1585,12 +1771,21 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\tdecisions\x18\x03 \x01(\v2\x1f.car.v1.SubmitDecisionsResponseH\x00R\tdecisions\x129\n" +
 	"\tcancelled\x18\x04 \x01(\v2\x19.car.v1.CancelRunResponseH\x00R\tcancelled\x12*\n" +
 	"\x05error\x18\x05 \x01(\v2\x12.car.v1.FrameErrorH\x00R\x05errorB\a\n" +
+	"\x05reply\"@\n" +
+	"\rSubmitRequest\x12/\n" +
+	"\x06starts\x18\x01 \x03(\v2\x17.car.v1.StartRunRequestR\x06starts\"@\n" +
+	"\x0eSubmitResponse\x12.\n" +
+	"\aanswers\x18\x01 \x03(\v2\x14.car.v1.SubmitAnswerR\aanswers\"\x8d\x01\n" +
+	"\fSubmitAnswer\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x121\n" +
+	"\bfinished\x18\x02 \x01(\v2\x13.car.v1.RunFinishedH\x00R\bfinished\x12*\n" +
+	"\x05error\x18\x03 \x01(\v2\x12.car.v1.FrameErrorH\x00R\x05errorB\a\n" +
 	"\x05reply*a\n" +
 	"\x06OnBusy\x12\x17\n" +
 	"\x13ON_BUSY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eON_BUSY_REJECT\x10\x01\x12\x15\n" +
 	"\x11ON_BUSY_INTERRUPT\x10\x02\x12\x13\n" +
-	"\x0fON_BUSY_ENQUEUE\x10\x032\xe4\x03\n" +
+	"\x0fON_BUSY_ENQUEUE\x10\x032\xa1\x04\n" +
 	"\n" +
 	"RunService\x12=\n" +
 	"\bStartRun\x12\x17.car.v1.StartRunRequest\x1a\x18.car.v1.StartRunResponse\x12?\n" +
@@ -1599,7 +1794,8 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\bListRuns\x12\x17.car.v1.ListRunsRequest\x1a\x18.car.v1.ListRunsResponse\"\x03\x90\x02\x01\x12@\n" +
 	"\tCancelRun\x12\x18.car.v1.CancelRunRequest\x1a\x19.car.v1.CancelRunResponse\x12R\n" +
 	"\x0fSubmitDecisions\x12\x1e.car.v1.SubmitDecisionsRequest\x1a\x1f.car.v1.SubmitDecisionsResponse\x12>\n" +
-	"\aSession\x12\x16.car.v1.SessionRequest\x1a\x17.car.v1.SessionResponse(\x010\x01b\x06proto3"
+	"\aSession\x12\x16.car.v1.SessionRequest\x1a\x17.car.v1.SessionResponse(\x010\x01\x12;\n" +
+	"\x06Submit\x12\x15.car.v1.SubmitRequest\x1a\x16.car.v1.SubmitResponse(\x010\x01b\x06proto3"
 
 var (
 	file_car_v1_runs_proto_rawDescOnce sync.Once
@@ -1614,7 +1810,7 @@ func file_car_v1_runs_proto_rawDescGZIP() []byte {
 }
 
 var file_car_v1_runs_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_car_v1_runs_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_car_v1_runs_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_car_v1_runs_proto_goTypes = []any{
 	(OnBusy)(0),                     // 0: car.v1.OnBusy
 	(*StartRunRequest)(nil),         // 1: car.v1.StartRunRequest
@@ -1632,85 +1828,95 @@ var file_car_v1_runs_proto_goTypes = []any{
 	(*SubmitDecisionsResponse)(nil), // 13: car.v1.SubmitDecisionsResponse
 	(*SessionRequest)(nil),          // 14: car.v1.SessionRequest
 	(*SessionResponse)(nil),         // 15: car.v1.SessionResponse
-	nil,                             // 16: car.v1.StartRunRequest.LabelsEntry
-	nil,                             // 17: car.v1.Run.LabelsEntry
-	(*BudgetLimits)(nil),            // 18: car.v1.BudgetLimits
-	(*SingleRun)(nil),               // 19: car.v1.SingleRun
-	(*SwarmRun)(nil),                // 20: car.v1.SwarmRun
-	(*PipelineRun)(nil),             // 21: car.v1.PipelineRun
-	(*SupervisorRun)(nil),           // 22: car.v1.SupervisorRun
-	(*DelegatorRun)(nil),            // 23: car.v1.DelegatorRun
-	(*SpawnSubtaskRun)(nil),         // 24: car.v1.SpawnSubtaskRun
-	(*MapReduceRun)(nil),            // 25: car.v1.MapReduceRun
-	(*VoteRun)(nil),                 // 26: car.v1.VoteRun
-	(*FleetRun)(nil),                // 27: car.v1.FleetRun
-	(*AdversarialReviewRun)(nil),    // 28: car.v1.AdversarialReviewRun
-	(*TournamentRun)(nil),           // 29: car.v1.TournamentRun
-	(*AdvisorRun)(nil),              // 30: car.v1.AdvisorRun
-	(*ToolCallDecision)(nil),        // 31: car.v1.ToolCallDecision
-	(*RunHandle)(nil),               // 32: car.v1.RunHandle
-	(*RunEvent)(nil),                // 33: car.v1.RunEvent
-	(RunStatus)(0),                  // 34: car.v1.RunStatus
-	(*RunResult)(nil),               // 35: car.v1.RunResult
-	(*BudgetSnapshot)(nil),          // 36: car.v1.BudgetSnapshot
-	(*FrameError)(nil),              // 37: car.v1.FrameError
+	(*SubmitRequest)(nil),           // 16: car.v1.SubmitRequest
+	(*SubmitResponse)(nil),          // 17: car.v1.SubmitResponse
+	(*SubmitAnswer)(nil),            // 18: car.v1.SubmitAnswer
+	nil,                             // 19: car.v1.StartRunRequest.LabelsEntry
+	nil,                             // 20: car.v1.Run.LabelsEntry
+	(*BudgetLimits)(nil),            // 21: car.v1.BudgetLimits
+	(*SingleRun)(nil),               // 22: car.v1.SingleRun
+	(*SwarmRun)(nil),                // 23: car.v1.SwarmRun
+	(*PipelineRun)(nil),             // 24: car.v1.PipelineRun
+	(*SupervisorRun)(nil),           // 25: car.v1.SupervisorRun
+	(*DelegatorRun)(nil),            // 26: car.v1.DelegatorRun
+	(*SpawnSubtaskRun)(nil),         // 27: car.v1.SpawnSubtaskRun
+	(*MapReduceRun)(nil),            // 28: car.v1.MapReduceRun
+	(*VoteRun)(nil),                 // 29: car.v1.VoteRun
+	(*FleetRun)(nil),                // 30: car.v1.FleetRun
+	(*AdversarialReviewRun)(nil),    // 31: car.v1.AdversarialReviewRun
+	(*TournamentRun)(nil),           // 32: car.v1.TournamentRun
+	(*AdvisorRun)(nil),              // 33: car.v1.AdvisorRun
+	(*ToolCallDecision)(nil),        // 34: car.v1.ToolCallDecision
+	(*RunHandle)(nil),               // 35: car.v1.RunHandle
+	(*RunEvent)(nil),                // 36: car.v1.RunEvent
+	(RunStatus)(0),                  // 37: car.v1.RunStatus
+	(*RunResult)(nil),               // 38: car.v1.RunResult
+	(*BudgetSnapshot)(nil),          // 39: car.v1.BudgetSnapshot
+	(*FrameError)(nil),              // 40: car.v1.FrameError
+	(*RunFinished)(nil),             // 41: car.v1.RunFinished
 }
 var file_car_v1_runs_proto_depIdxs = []int32{
 	0,  // 0: car.v1.StartRunRequest.on_busy:type_name -> car.v1.OnBusy
-	18, // 1: car.v1.StartRunRequest.budget:type_name -> car.v1.BudgetLimits
-	16, // 2: car.v1.StartRunRequest.labels:type_name -> car.v1.StartRunRequest.LabelsEntry
-	19, // 3: car.v1.StartRunRequest.single:type_name -> car.v1.SingleRun
-	20, // 4: car.v1.StartRunRequest.swarm:type_name -> car.v1.SwarmRun
-	21, // 5: car.v1.StartRunRequest.pipeline:type_name -> car.v1.PipelineRun
-	22, // 6: car.v1.StartRunRequest.supervisor:type_name -> car.v1.SupervisorRun
-	23, // 7: car.v1.StartRunRequest.delegator:type_name -> car.v1.DelegatorRun
-	24, // 8: car.v1.StartRunRequest.spawn_subtask:type_name -> car.v1.SpawnSubtaskRun
-	25, // 9: car.v1.StartRunRequest.map_reduce:type_name -> car.v1.MapReduceRun
-	26, // 10: car.v1.StartRunRequest.vote:type_name -> car.v1.VoteRun
-	27, // 11: car.v1.StartRunRequest.fleet:type_name -> car.v1.FleetRun
-	28, // 12: car.v1.StartRunRequest.adversarial_review:type_name -> car.v1.AdversarialReviewRun
-	29, // 13: car.v1.StartRunRequest.tournament:type_name -> car.v1.TournamentRun
-	30, // 14: car.v1.StartRunRequest.advisor:type_name -> car.v1.AdvisorRun
-	31, // 15: car.v1.StartRunRequest.initial_decisions:type_name -> car.v1.ToolCallDecision
-	32, // 16: car.v1.StartRunResponse.run:type_name -> car.v1.RunHandle
-	33, // 17: car.v1.WatchRunResponse.events:type_name -> car.v1.RunEvent
-	34, // 18: car.v1.Run.status:type_name -> car.v1.RunStatus
-	35, // 19: car.v1.Run.result:type_name -> car.v1.RunResult
-	36, // 20: car.v1.Run.budget:type_name -> car.v1.BudgetSnapshot
-	17, // 21: car.v1.Run.labels:type_name -> car.v1.Run.LabelsEntry
+	21, // 1: car.v1.StartRunRequest.budget:type_name -> car.v1.BudgetLimits
+	19, // 2: car.v1.StartRunRequest.labels:type_name -> car.v1.StartRunRequest.LabelsEntry
+	22, // 3: car.v1.StartRunRequest.single:type_name -> car.v1.SingleRun
+	23, // 4: car.v1.StartRunRequest.swarm:type_name -> car.v1.SwarmRun
+	24, // 5: car.v1.StartRunRequest.pipeline:type_name -> car.v1.PipelineRun
+	25, // 6: car.v1.StartRunRequest.supervisor:type_name -> car.v1.SupervisorRun
+	26, // 7: car.v1.StartRunRequest.delegator:type_name -> car.v1.DelegatorRun
+	27, // 8: car.v1.StartRunRequest.spawn_subtask:type_name -> car.v1.SpawnSubtaskRun
+	28, // 9: car.v1.StartRunRequest.map_reduce:type_name -> car.v1.MapReduceRun
+	29, // 10: car.v1.StartRunRequest.vote:type_name -> car.v1.VoteRun
+	30, // 11: car.v1.StartRunRequest.fleet:type_name -> car.v1.FleetRun
+	31, // 12: car.v1.StartRunRequest.adversarial_review:type_name -> car.v1.AdversarialReviewRun
+	32, // 13: car.v1.StartRunRequest.tournament:type_name -> car.v1.TournamentRun
+	33, // 14: car.v1.StartRunRequest.advisor:type_name -> car.v1.AdvisorRun
+	34, // 15: car.v1.StartRunRequest.initial_decisions:type_name -> car.v1.ToolCallDecision
+	35, // 16: car.v1.StartRunResponse.run:type_name -> car.v1.RunHandle
+	36, // 17: car.v1.WatchRunResponse.events:type_name -> car.v1.RunEvent
+	37, // 18: car.v1.Run.status:type_name -> car.v1.RunStatus
+	38, // 19: car.v1.Run.result:type_name -> car.v1.RunResult
+	39, // 20: car.v1.Run.budget:type_name -> car.v1.BudgetSnapshot
+	20, // 21: car.v1.Run.labels:type_name -> car.v1.Run.LabelsEntry
 	5,  // 22: car.v1.GetRunResponse.run:type_name -> car.v1.Run
-	34, // 23: car.v1.ListRunsRequest.status:type_name -> car.v1.RunStatus
+	37, // 23: car.v1.ListRunsRequest.status:type_name -> car.v1.RunStatus
 	5,  // 24: car.v1.ListRunsResponse.runs:type_name -> car.v1.Run
-	32, // 25: car.v1.CancelRunResponse.run:type_name -> car.v1.RunHandle
-	31, // 26: car.v1.SubmitDecisionsRequest.decisions:type_name -> car.v1.ToolCallDecision
-	32, // 27: car.v1.SubmitDecisionsResponse.run:type_name -> car.v1.RunHandle
+	35, // 25: car.v1.CancelRunResponse.run:type_name -> car.v1.RunHandle
+	34, // 26: car.v1.SubmitDecisionsRequest.decisions:type_name -> car.v1.ToolCallDecision
+	35, // 27: car.v1.SubmitDecisionsResponse.run:type_name -> car.v1.RunHandle
 	1,  // 28: car.v1.SessionRequest.start:type_name -> car.v1.StartRunRequest
 	12, // 29: car.v1.SessionRequest.decisions:type_name -> car.v1.SubmitDecisionsRequest
 	10, // 30: car.v1.SessionRequest.cancel:type_name -> car.v1.CancelRunRequest
-	32, // 31: car.v1.SessionResponse.started:type_name -> car.v1.RunHandle
+	35, // 31: car.v1.SessionResponse.started:type_name -> car.v1.RunHandle
 	4,  // 32: car.v1.SessionResponse.events:type_name -> car.v1.WatchRunResponse
 	13, // 33: car.v1.SessionResponse.decisions:type_name -> car.v1.SubmitDecisionsResponse
 	11, // 34: car.v1.SessionResponse.cancelled:type_name -> car.v1.CancelRunResponse
-	37, // 35: car.v1.SessionResponse.error:type_name -> car.v1.FrameError
-	1,  // 36: car.v1.RunService.StartRun:input_type -> car.v1.StartRunRequest
-	3,  // 37: car.v1.RunService.WatchRun:input_type -> car.v1.WatchRunRequest
-	6,  // 38: car.v1.RunService.GetRun:input_type -> car.v1.GetRunRequest
-	8,  // 39: car.v1.RunService.ListRuns:input_type -> car.v1.ListRunsRequest
-	10, // 40: car.v1.RunService.CancelRun:input_type -> car.v1.CancelRunRequest
-	12, // 41: car.v1.RunService.SubmitDecisions:input_type -> car.v1.SubmitDecisionsRequest
-	14, // 42: car.v1.RunService.Session:input_type -> car.v1.SessionRequest
-	2,  // 43: car.v1.RunService.StartRun:output_type -> car.v1.StartRunResponse
-	4,  // 44: car.v1.RunService.WatchRun:output_type -> car.v1.WatchRunResponse
-	7,  // 45: car.v1.RunService.GetRun:output_type -> car.v1.GetRunResponse
-	9,  // 46: car.v1.RunService.ListRuns:output_type -> car.v1.ListRunsResponse
-	11, // 47: car.v1.RunService.CancelRun:output_type -> car.v1.CancelRunResponse
-	13, // 48: car.v1.RunService.SubmitDecisions:output_type -> car.v1.SubmitDecisionsResponse
-	15, // 49: car.v1.RunService.Session:output_type -> car.v1.SessionResponse
-	43, // [43:50] is the sub-list for method output_type
-	36, // [36:43] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	40, // 35: car.v1.SessionResponse.error:type_name -> car.v1.FrameError
+	1,  // 36: car.v1.SubmitRequest.starts:type_name -> car.v1.StartRunRequest
+	18, // 37: car.v1.SubmitResponse.answers:type_name -> car.v1.SubmitAnswer
+	41, // 38: car.v1.SubmitAnswer.finished:type_name -> car.v1.RunFinished
+	40, // 39: car.v1.SubmitAnswer.error:type_name -> car.v1.FrameError
+	1,  // 40: car.v1.RunService.StartRun:input_type -> car.v1.StartRunRequest
+	3,  // 41: car.v1.RunService.WatchRun:input_type -> car.v1.WatchRunRequest
+	6,  // 42: car.v1.RunService.GetRun:input_type -> car.v1.GetRunRequest
+	8,  // 43: car.v1.RunService.ListRuns:input_type -> car.v1.ListRunsRequest
+	10, // 44: car.v1.RunService.CancelRun:input_type -> car.v1.CancelRunRequest
+	12, // 45: car.v1.RunService.SubmitDecisions:input_type -> car.v1.SubmitDecisionsRequest
+	14, // 46: car.v1.RunService.Session:input_type -> car.v1.SessionRequest
+	16, // 47: car.v1.RunService.Submit:input_type -> car.v1.SubmitRequest
+	2,  // 48: car.v1.RunService.StartRun:output_type -> car.v1.StartRunResponse
+	4,  // 49: car.v1.RunService.WatchRun:output_type -> car.v1.WatchRunResponse
+	7,  // 50: car.v1.RunService.GetRun:output_type -> car.v1.GetRunResponse
+	9,  // 51: car.v1.RunService.ListRuns:output_type -> car.v1.ListRunsResponse
+	11, // 52: car.v1.RunService.CancelRun:output_type -> car.v1.CancelRunResponse
+	13, // 53: car.v1.RunService.SubmitDecisions:output_type -> car.v1.SubmitDecisionsResponse
+	15, // 54: car.v1.RunService.Session:output_type -> car.v1.SessionResponse
+	17, // 55: car.v1.RunService.Submit:output_type -> car.v1.SubmitResponse
+	48, // [48:56] is the sub-list for method output_type
+	40, // [40:48] is the sub-list for method input_type
+	40, // [40:40] is the sub-list for extension type_name
+	40, // [40:40] is the sub-list for extension extendee
+	0,  // [0:40] is the sub-list for field type_name
 }
 
 func init() { file_car_v1_runs_proto_init() }
@@ -1748,13 +1954,17 @@ func file_car_v1_runs_proto_init() {
 		(*SessionResponse_Cancelled)(nil),
 		(*SessionResponse_Error)(nil),
 	}
+	file_car_v1_runs_proto_msgTypes[17].OneofWrappers = []any{
+		(*SubmitAnswer_Finished)(nil),
+		(*SubmitAnswer_Error)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_car_v1_runs_proto_rawDesc), len(file_car_v1_runs_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

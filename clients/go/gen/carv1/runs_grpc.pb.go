@@ -26,6 +26,7 @@ const (
 	RunService_CancelRun_FullMethodName       = "/car.v1.RunService/CancelRun"
 	RunService_SubmitDecisions_FullMethodName = "/car.v1.RunService/SubmitDecisions"
 	RunService_Session_FullMethodName         = "/car.v1.RunService/Session"
+	RunService_Submit_FullMethodName          = "/car.v1.RunService/Submit"
 )
 
 // RunServiceClient is the client API for RunService service.
@@ -54,6 +55,13 @@ type RunServiceClient interface {
 	// One stream for an interactive client: start a run, receive its events,
 	// send decisions and a cancel.
 	Session(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SessionRequest, SessionResponse], error)
+	// Many runs over one long-lived stream, for clients that start short runs
+	// at a high rate: no stream is opened per run, and both directions batch.
+	// Every StartRunRequest must carry a unique `run_id`; each is answered once,
+	// when its run has ended (its `run_finished` event), or at once with an error
+	// if it could not start. Answers come in the order runs end. A half-closed
+	// stream ends once its runs have ended; a cancelled one leaves them running.
+	Submit(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SubmitRequest, SubmitResponse], error)
 }
 
 type runServiceClient struct {
@@ -146,6 +154,19 @@ func (c *runServiceClient) Session(ctx context.Context, opts ...grpc.CallOption)
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type RunService_SessionClient = grpc.BidiStreamingClient[SessionRequest, SessionResponse]
 
+func (c *runServiceClient) Submit(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SubmitRequest, SubmitResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &RunService_ServiceDesc.Streams[2], RunService_Submit_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SubmitRequest, SubmitResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type RunService_SubmitClient = grpc.BidiStreamingClient[SubmitRequest, SubmitResponse]
+
 // RunServiceServer is the server API for RunService service.
 // All implementations must embed UnimplementedRunServiceServer
 // for forward compatibility.
@@ -172,6 +193,13 @@ type RunServiceServer interface {
 	// One stream for an interactive client: start a run, receive its events,
 	// send decisions and a cancel.
 	Session(grpc.BidiStreamingServer[SessionRequest, SessionResponse]) error
+	// Many runs over one long-lived stream, for clients that start short runs
+	// at a high rate: no stream is opened per run, and both directions batch.
+	// Every StartRunRequest must carry a unique `run_id`; each is answered once,
+	// when its run has ended (its `run_finished` event), or at once with an error
+	// if it could not start. Answers come in the order runs end. A half-closed
+	// stream ends once its runs have ended; a cancelled one leaves them running.
+	Submit(grpc.BidiStreamingServer[SubmitRequest, SubmitResponse]) error
 	mustEmbedUnimplementedRunServiceServer()
 }
 
@@ -202,6 +230,9 @@ func (UnimplementedRunServiceServer) SubmitDecisions(context.Context, *SubmitDec
 }
 func (UnimplementedRunServiceServer) Session(grpc.BidiStreamingServer[SessionRequest, SessionResponse]) error {
 	return status.Error(codes.Unimplemented, "method Session not implemented")
+}
+func (UnimplementedRunServiceServer) Submit(grpc.BidiStreamingServer[SubmitRequest, SubmitResponse]) error {
+	return status.Error(codes.Unimplemented, "method Submit not implemented")
 }
 func (UnimplementedRunServiceServer) mustEmbedUnimplementedRunServiceServer() {}
 func (UnimplementedRunServiceServer) testEmbeddedByValue()                    {}
@@ -332,6 +363,13 @@ func _RunService_Session_Handler(srv interface{}, stream grpc.ServerStream) erro
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type RunService_SessionServer = grpc.BidiStreamingServer[SessionRequest, SessionResponse]
 
+func _RunService_Submit_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(RunServiceServer).Submit(&grpc.GenericServerStream[SubmitRequest, SubmitResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type RunService_SubmitServer = grpc.BidiStreamingServer[SubmitRequest, SubmitResponse]
+
 // RunService_ServiceDesc is the grpc.ServiceDesc for RunService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -369,6 +407,12 @@ var RunService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Session",
 			Handler:       _RunService_Session_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "Submit",
+			Handler:       _RunService_Submit_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

@@ -2662,6 +2662,45 @@ pub mod session_response {
         Error(super::FrameError),
     }
 }
+/// Runs to start on a Submit stream.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SubmitRequest {
+    /// Each needs its `run_id`: answers are matched to requests by it.
+    #[prost(message, repeated, tag = "1")]
+    pub starts: ::prost::alloc::vec::Vec<StartRunRequest>,
+}
+/// Answers to earlier SubmitRequests.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SubmitResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub answers: ::prost::alloc::vec::Vec<SubmitAnswer>,
+}
+/// The answer to one StartRunRequest of a Submit stream.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SubmitAnswer {
+    /// The request's run id.
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    #[prost(oneof = "submit_answer::Reply", tags = "2, 3")]
+    pub reply: ::core::option::Option<submit_answer::Reply>,
+}
+/// Nested message and enum types in `SubmitAnswer`.
+pub mod submit_answer {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Reply {
+        /// The run ended; the same event WatchRun ends with.
+        #[prost(message, tag = "2")]
+        Finished(super::RunFinished),
+        /// The run did not start: the status StartRun would have answered, and the
+        /// offending field of the StartRunRequest.
+        #[prost(message, tag = "3")]
+        Error(super::FrameError),
+    }
+}
 /// What StartRun does when the thread already has an active run.
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -2953,6 +2992,33 @@ pub mod run_service_client {
             );
             let mut req = request.into_streaming_request();
             req.extensions_mut().insert(GrpcMethod::new("car.v1.RunService", "Session"));
+            self.inner.streaming(req, path, codec).await
+        }
+        /// Many runs over one long-lived stream, for clients that start short runs
+        /// at a high rate: no stream is opened per run, and both directions batch.
+        /// Every StartRunRequest must carry a unique `run_id`; each is answered once,
+        /// when its run has ended (its `run_finished` event), or at once with an error
+        /// if it could not start. Answers come in the order runs end. A half-closed
+        /// stream ends once its runs have ended; a cancelled one leaves them running.
+        pub async fn submit(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::SubmitRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::SubmitResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/car.v1.RunService/Submit");
+            let mut req = request.into_streaming_request();
+            req.extensions_mut().insert(GrpcMethod::new("car.v1.RunService", "Submit"));
             self.inner.streaming(req, path, codec).await
         }
     }

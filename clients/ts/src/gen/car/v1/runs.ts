@@ -22,7 +22,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
-import { RunEvent } from "./events";
+import { RunEvent, RunFinished } from "./events";
 import {
   AdversarialReviewRun,
   AdvisorRun,
@@ -306,6 +306,32 @@ export interface SessionResponse {
   /**
    * A refused `decisions` or `cancel` (or a second `start`); the session
    * stays open.
+   */
+  error?: FrameError | undefined;
+}
+
+/** Runs to start on a Submit stream. */
+export interface SubmitRequest {
+  /** Each needs its `run_id`: answers are matched to requests by it. */
+  starts: StartRunRequest[];
+}
+
+/** Answers to earlier SubmitRequests. */
+export interface SubmitResponse {
+  answers: SubmitAnswer[];
+}
+
+/** The answer to one StartRunRequest of a Submit stream. */
+export interface SubmitAnswer {
+  /** The request's run id. */
+  runId: string;
+  /** The run ended; the same event WatchRun ends with. */
+  finished?:
+    | RunFinished
+    | undefined;
+  /**
+   * The run did not start: the status StartRun would have answered, and the
+   * offending field of the StartRunRequest.
    */
   error?: FrameError | undefined;
 }
@@ -2780,6 +2806,257 @@ export const SessionResponse: MessageFns<SessionResponse> = {
   },
 };
 
+function createBaseSubmitRequest(): SubmitRequest {
+  return { starts: [] };
+}
+
+export const SubmitRequest: MessageFns<SubmitRequest> = {
+  encode(message: SubmitRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.starts) {
+      StartRunRequest.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SubmitRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSubmitRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.starts.push(StartRunRequest.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SubmitRequest {
+    return {
+      starts: globalThis.Array.isArray(object?.starts)
+        ? object.starts.map((e: any) => StartRunRequest.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: SubmitRequest): unknown {
+    const obj: any = {};
+    if (message.starts?.length) {
+      obj.starts = message.starts.map((e) => StartRunRequest.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SubmitRequest>, I>>(base?: I): SubmitRequest {
+    return SubmitRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SubmitRequest>, I>>(object: I): SubmitRequest {
+    const message = createBaseSubmitRequest();
+    message.starts = object.starts?.map((e) => StartRunRequest.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSubmitResponse(): SubmitResponse {
+  return { answers: [] };
+}
+
+export const SubmitResponse: MessageFns<SubmitResponse> = {
+  encode(message: SubmitResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.answers) {
+      SubmitAnswer.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SubmitResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSubmitResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.answers.push(SubmitAnswer.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SubmitResponse {
+    return {
+      answers: globalThis.Array.isArray(object?.answers)
+        ? object.answers.map((e: any) => SubmitAnswer.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: SubmitResponse): unknown {
+    const obj: any = {};
+    if (message.answers?.length) {
+      obj.answers = message.answers.map((e) => SubmitAnswer.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SubmitResponse>, I>>(base?: I): SubmitResponse {
+    return SubmitResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SubmitResponse>, I>>(object: I): SubmitResponse {
+    const message = createBaseSubmitResponse();
+    message.answers = object.answers?.map((e) => SubmitAnswer.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSubmitAnswer(): SubmitAnswer {
+  return { runId: "", finished: undefined, error: undefined };
+}
+
+export const SubmitAnswer: MessageFns<SubmitAnswer> = {
+  encode(message: SubmitAnswer, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    if (message.finished !== undefined) {
+      RunFinished.encode(message.finished, writer.uint32(18).fork()).join();
+    }
+    if (message.error !== undefined) {
+      FrameError.encode(message.error, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SubmitAnswer {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSubmitAnswer();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.finished = RunFinished.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.error = FrameError.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SubmitAnswer {
+    return {
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+      finished: isSet(object.finished) ? RunFinished.fromJSON(object.finished) : undefined,
+      error: isSet(object.error) ? FrameError.fromJSON(object.error) : undefined,
+    };
+  },
+
+  toJSON(message: SubmitAnswer): unknown {
+    const obj: any = {};
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    if (message.finished !== undefined) {
+      obj.finished = RunFinished.toJSON(message.finished);
+    }
+    if (message.error !== undefined) {
+      obj.error = FrameError.toJSON(message.error);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SubmitAnswer>, I>>(base?: I): SubmitAnswer {
+    return SubmitAnswer.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SubmitAnswer>, I>>(object: I): SubmitAnswer {
+    const message = createBaseSubmitAnswer();
+    message.runId = object.runId ?? "";
+    message.finished = (object.finished !== undefined && object.finished !== null)
+      ? RunFinished.fromPartial(object.finished)
+      : undefined;
+    message.error = (object.error !== undefined && object.error !== null)
+      ? FrameError.fromPartial(object.error)
+      : undefined;
+    return message;
+  },
+};
+
 /** Start, watch, inspect, cancel and answer runs. */
 export type RunServiceService = typeof RunServiceService;
 export const RunServiceService = {
@@ -2869,6 +3146,23 @@ export const RunServiceService = {
     responseSerialize: (value: SessionResponse): Buffer => Buffer.from(SessionResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SessionResponse => SessionResponse.decode(value),
   },
+  /**
+   * Many runs over one long-lived stream, for clients that start short runs
+   * at a high rate: no stream is opened per run, and both directions batch.
+   * Every StartRunRequest must carry a unique `run_id`; each is answered once,
+   * when its run has ended (its `run_finished` event), or at once with an error
+   * if it could not start. Answers come in the order runs end. A half-closed
+   * stream ends once its runs have ended; a cancelled one leaves them running.
+   */
+  submit: {
+    path: "/car.v1.RunService/Submit" as const,
+    requestStream: true as const,
+    responseStream: true as const,
+    requestSerialize: (value: SubmitRequest): Buffer => Buffer.from(SubmitRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SubmitRequest => SubmitRequest.decode(value),
+    responseSerialize: (value: SubmitResponse): Buffer => Buffer.from(SubmitResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SubmitResponse => SubmitResponse.decode(value),
+  },
 } as const;
 
 export interface RunServiceServer extends UntypedServiceImplementation {
@@ -2900,6 +3194,15 @@ export interface RunServiceServer extends UntypedServiceImplementation {
    * send decisions and a cancel.
    */
   session: handleBidiStreamingCall<SessionRequest, SessionResponse>;
+  /**
+   * Many runs over one long-lived stream, for clients that start short runs
+   * at a high rate: no stream is opened per run, and both directions batch.
+   * Every StartRunRequest must carry a unique `run_id`; each is answered once,
+   * when its run has ended (its `run_finished` event), or at once with an error
+   * if it could not start. Answers come in the order runs end. A half-closed
+   * stream ends once its runs have ended; a cancelled one leaves them running.
+   */
+  submit: handleBidiStreamingCall<SubmitRequest, SubmitResponse>;
 }
 
 export interface RunServiceClient extends Client {
@@ -3008,6 +3311,17 @@ export interface RunServiceClient extends Client {
   session(): ClientDuplexStream<SessionRequest, SessionResponse>;
   session(options: Partial<CallOptions>): ClientDuplexStream<SessionRequest, SessionResponse>;
   session(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<SessionRequest, SessionResponse>;
+  /**
+   * Many runs over one long-lived stream, for clients that start short runs
+   * at a high rate: no stream is opened per run, and both directions batch.
+   * Every StartRunRequest must carry a unique `run_id`; each is answered once,
+   * when its run has ended (its `run_finished` event), or at once with an error
+   * if it could not start. Answers come in the order runs end. A half-closed
+   * stream ends once its runs have ended; a cancelled one leaves them running.
+   */
+  submit(): ClientDuplexStream<SubmitRequest, SubmitResponse>;
+  submit(options: Partial<CallOptions>): ClientDuplexStream<SubmitRequest, SubmitResponse>;
+  submit(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<SubmitRequest, SubmitResponse>;
 }
 
 export const RunServiceClient = makeGenericClientConstructor(RunServiceService, "car.v1.RunService") as unknown as {
