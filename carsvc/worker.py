@@ -16,7 +16,9 @@
 A handler gets an AgentContext and returns the answer (a str), a Result, or an
 AgentOutput. An exception becomes the output's error; cancellation by the
 sidecar cancels the handler's task. Heartbeats, batching of results and calls,
-and reconnecting after the sidecar restarts are handled here.
+and reconnecting after the sidecar restarts (a crash, or a drain before a
+graceful restart) are handled here. A refused credential is final: run() raises
+WorkerRefused instead of reconnecting.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from carsvc._version import __version__
 from carsvc.security.channel import TLS, bearer_metadata, open_channel
 from carsvc.values import from_value, to_value
 
-__all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "Worker"]
+__all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "Worker", "WorkerRefused"]
 
 log = logging.getLogger("carsvc.worker")
 
@@ -105,6 +107,26 @@ class RuntimeCallError(Exception):
         super().__init__(message)
         self.code = code
 
+
+class WorkerRefused(Exception):
+    """The sidecar refused the worker's credentials: Connect ended with
+    UNAUTHENTICATED (a missing or wrong worker token, or a token of the client
+    scope) or PERMISSION_DENIED. Retrying cannot fix a credential, so
+    Worker.run() raises this instead of reconnecting. `code` is the gRPC status
+    code, `details` the sidecar's message (which never contains the token)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, target: str) -> None:
+        super().__init__(
+            f"the sidecar at {target} refused the worker's credentials ({code.name}: {details}); "
+            "check the worker token"
+        )
+        self.code = code
+        self.details = details
+        self.target = target
+
+
+# Statuses of the Connect stream that no reconnect can fix.
+REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -325,13 +347,19 @@ class Worker:
         labels: dict[str, str] | None = None,
         reconnect: bool = True,
         reconnect_max_delay: float = 5.0,
+        stop_on_drain: bool = False,
         channel_options: list[tuple[str, Any]] | None = None,
         token: str | None = None,
         tls: TLS | bool | None = None,
     ) -> None:
-        """`token`: a worker token, sent as `authorization: Bearer` metadata on
-        the stream. `tls`: a carsvc.security.TLS (True: TLS with the system's
-        roots); plaintext by default."""
+        """`reconnect`: after the stream ends (the sidecar crashed, or drained
+        this worker because it is restarting), connect again with backoff from
+        0.1 s up to `reconnect_max_delay`; without it run() returns when the
+        first session ends. `stop_on_drain`: return from run() after a drain
+        instead of reconnecting. `token`: a worker token, sent as
+        `authorization: Bearer` metadata on the stream; a refused one makes
+        run() raise WorkerRefused. `tls`: a carsvc.security.TLS (True: TLS with
+        the system's roots); plaintext by default."""
         self.target = target
         self.tls = tls
         self._metadata = bearer_metadata(token)
@@ -340,6 +368,7 @@ class Worker:
         self.labels = dict(labels or {})
         self.reconnect = reconnect
         self.reconnect_max_delay = reconnect_max_delay
+        self.stop_on_drain = stop_on_drain
         self.channel_options = channel_options or []
         self._handlers: dict[str, Handler] = {}
         self._running: dict[str, tuple[asyncio.Task[None], AgentContext]] = {}
@@ -376,8 +405,11 @@ class Worker:
     # -- lifecycle ----------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serves until stop(), a drain from the sidecar, or (without reconnect) a
-        lost connection. Reconnects with backoff after the sidecar restarts."""
+        """Serves until stop(). Reconnects with backoff after the stream ends,
+        whether the sidecar crashed or drained this worker (a graceful restart).
+        Returns instead after a drain with `stop_on_drain`, and after the first
+        session without `reconnect`. Raises WorkerRefused, without retrying,
+        when the sidecar refuses the worker's credentials."""
         if not self._handlers:
             raise RuntimeError("register at least one agent before run()")
         delay = 0.1
@@ -387,11 +419,17 @@ class Worker:
             try:
                 drained = await self._session()
             except grpc.aio.AioRpcError as err:
+                if err.code() in REFUSED_CODES:
+                    refused = WorkerRefused(err.code(), err.details() or "", self.target)
+                    log.error("worker %s: %s; not reconnecting", self.worker_id, refused)
+                    raise refused from err
                 log.warning("worker %s: session ended: %s %s", self.worker_id, err.code().name, err.details())
-            if drained or not self.reconnect or self._stopping.is_set():
+            if self._stopping.is_set() or not self.reconnect or (drained and self.stop_on_drain):
                 return
             if time.monotonic() - started > 10:
                 delay = 0.1
+            if drained:
+                log.info("worker %s: drained; reconnecting in %.1fs", self.worker_id, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, self.reconnect_max_delay)

@@ -166,12 +166,13 @@ def test_cancel_is_answered_and_frees_the_slot(tmp_path: Path, lang: str) -> Non
 
 
 def test_workers_reconnect_after_the_sidecar_restarts(tmp_path: Path) -> None:
-    """Go, TypeScript and Rust workers stay registered while idle (heartbeats), come back after a
-    graceful restart (drain) and after a crash (SIGKILL), and serve runs again."""
-    ids = {"go-w", "ts-w", "rust-w"}
+    """Go, TypeScript, Rust and Python workers stay registered while idle (heartbeats), come back
+    after a graceful restart (drain) and after a crash (SIGKILL), and serve runs again."""
+    ids = {"go-w", "ts-w", "rust-w", "py-w"}
     with cluster(tmp_path) as c:
         c.worker("go", "go-w", "summarizer")
         c.worker("ts", "ts-w", "summarizer")
+        c.worker("python", "py-w", "summarizer")
         c.worker("rust", "rust-w", "combiner")
 
         async def workers(client: Client) -> set[str]:

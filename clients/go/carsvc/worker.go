@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"carsvc/clients/go/gen/carv1"
@@ -48,6 +49,35 @@ type CallError struct {
 
 func (e *CallError) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
 
+// RefusedError is what Run returns when the sidecar refused the worker's
+// credentials: Connect ended with Unauthenticated (a missing or wrong worker
+// token, or a client token) or PermissionDenied. Retrying cannot fix a
+// credential, so Run does not reconnect. It wraps the gRPC status error, so
+// status.Code(err) and status.FromError(err) see the status.
+type RefusedError struct {
+	Target string
+	Code   codes.Code
+	// Message is the sidecar's status message (it never contains the token).
+	Message string
+	Err     error
+}
+
+func (e *RefusedError) Error() string {
+	return fmt.Sprintf("carsvc: the sidecar at %s refused the worker's credentials (%s: %s); check the worker token",
+		e.Target, e.Code, e.Message)
+}
+
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// refused is a *RefusedError when err is a status no reconnect can fix.
+func refused(target string, err error) *RefusedError {
+	st, ok := status.FromError(err)
+	if err == nil || !ok || (st.Code() != codes.Unauthenticated && st.Code() != codes.PermissionDenied) {
+		return nil
+	}
+	return &RefusedError{Target: target, Code: st.Code(), Message: st.Message(), Err: err}
+}
+
 // Worker is one worker process's connection to the sidecar. Set the exported
 // fields before Run; NewWorker fills in the defaults.
 type Worker struct {
@@ -60,8 +90,12 @@ type Worker struct {
 	Reconnect         bool
 	ReconnectMaxDelay time.Duration
 	// StopOnDrain makes Run return after the sidecar drained the worker and
-	// its held work is done, instead of reconnecting (the Python SDK's way).
+	// its held work is done, instead of reconnecting.
 	StopOnDrain bool
+	// Token is a worker token, sent as "authorization: Bearer <token>"
+	// metadata on the Connect stream; empty sends none. A refused token ends
+	// Run with a *RefusedError.
+	Token       string
 	Logger      *slog.Logger
 	DialOptions []grpc.DialOption
 	// OnConnect, when set, is called with the session id after every welcome.
@@ -117,7 +151,10 @@ func (w *Worker) handlerFor(agent string) Handler {
 
 // Run serves until ctx ends (then it returns nil), or the session ends and
 // Reconnect is off (the error; nil after a drain). On a Drain, held work is
-// finished and its results sent, then the stream is closed.
+// finished and its results sent, then the stream is closed; Run then
+// reconnects, or returns nil with StopOnDrain. When the sidecar refuses the
+// worker's credentials, Run returns a *RefusedError at once, whatever
+// Reconnect says.
 func (w *Worker) Run(ctx context.Context) error {
 	w.mu.Lock()
 	n := len(w.order)
@@ -125,23 +162,34 @@ func (w *Worker) Run(ctx context.Context) error {
 	if n == 0 {
 		return errors.New("carsvc: register at least one agent with Handle before Run")
 	}
+	if w.Token != "" && !validToken(w.Token) {
+		return errors.New("carsvc: Worker.Token is not a valid token: tokens are printable ASCII without spaces")
+	}
 	delay := 100 * time.Millisecond
 	for {
 		started := time.Now()
 		drained, err := w.session(ctx)
-		if ctx.Err() != nil || (drained && (w.StopOnDrain || !w.Reconnect)) {
+		if ctx.Err() != nil {
+			return nil
+		}
+		if r := refused(w.Target, err); r != nil {
+			w.Logger.Error("carsvc worker: the sidecar refused the worker's credentials; not reconnecting",
+				"worker", w.WorkerID, "target", w.Target, "code", r.Code, "message", r.Message)
+			return r
+		}
+		if drained && (w.StopOnDrain || !w.Reconnect) {
 			return nil
 		}
 		if !w.Reconnect {
 			return err
 		}
+		if time.Since(started) > 10*time.Second {
+			delay = 100 * time.Millisecond
+		}
 		if drained {
 			w.Logger.Info("carsvc worker: drained; reconnecting", "worker", w.WorkerID, "in", delay)
 		} else {
 			w.Logger.Warn("carsvc worker: session ended; reconnecting", "worker", w.WorkerID, "err", err, "in", delay)
-		}
-		if time.Since(started) > 10*time.Second {
-			delay = 100 * time.Millisecond
 		}
 		select {
 		case <-ctx.Done():
@@ -150,6 +198,16 @@ func (w *Worker) Run(ctx context.Context) error {
 		}
 		delay = min(delay*2, w.ReconnectMaxDelay)
 	}
+}
+
+// validToken: a token travels as metadata, so it is printable ASCII without spaces.
+func validToken(token string) bool {
+	for _, c := range token {
+		if c <= ' ' || c > '~' {
+			return false
+		}
+	}
+	return token != ""
 }
 
 // session is one connection; it reports whether the sidecar drained us.
@@ -162,7 +220,11 @@ func (w *Worker) session(parent context.Context) (bool, error) {
 	defer conn.Close()
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
-	stream, err := carv1.NewWorkerServiceClient(conn).Connect(ctx)
+	callCtx := ctx
+	if w.Token != "" {
+		callCtx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+w.Token)
+	}
+	stream, err := carv1.NewWorkerServiceClient(conn).Connect(callCtx)
 	if err != nil {
 		return false, err
 	}

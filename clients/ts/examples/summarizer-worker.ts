@@ -3,12 +3,15 @@
  * mapper), "combiner" (its reducer) and "deployer" (asks a human first).
  *
  *     npm run summarizer-worker -- --target 127.0.0.1:50051
+ *
+ * CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command
+ * line is visible to every local user).
  */
 import { parseArgs } from "node:util";
 
 import { status } from "@grpc/grpc-js";
 
-import { AgentContext, RuntimeCallError, Worker } from "../src/index";
+import { AgentContext, RuntimeCallError, Worker, WorkerRefusedError } from "../src/index";
 
 const { values: args } = parseArgs({
   options: {
@@ -27,6 +30,7 @@ const worker = new Worker(args.target!, {
   workerId: args["worker-id"],
   maxInFlight: Number(args["max-in-flight"]),
   labels: { lang: "ts" },
+  token: process.env.CARSVC_WORKER_TOKEN || undefined,
   onConnect: (session) => console.log(`ready ${worker.workerId} ${session}`),
 });
 
@@ -109,6 +113,7 @@ for (const name of args.agents!.split(",")) {
 
 for (const signal of ["SIGINT", "SIGTERM"] as const) process.on(signal, () => worker.stop());
 worker.run().catch((err) => {
-  console.error("worker:", err);
+  // A refused token was logged by the worker already; its message says it all.
+  console.error("worker:", err instanceof WorkerRefusedError ? err.message : err);
   process.exit(1);
 });

@@ -13,10 +13,12 @@
  * Result. A thrown error becomes the output's error. When the sidecar cancels
  * an assignment, `ctx.signal` is aborted and the cancel is answered at once.
  * Heartbeats, batching of results and calls into frames, and reconnecting
- * after the sidecar restarts are handled here.
+ * after the sidecar restarts (a crash, or a drain before a graceful restart)
+ * are handled here. A refused credential is final: run() rejects with a
+ * WorkerRefusedError instead of reconnecting.
  */
 import * as os from "node:os";
-import { ChannelCredentials, ClientDuplexStream, ServiceError, status } from "@grpc/grpc-js";
+import { ChannelCredentials, ClientDuplexStream, Metadata, ServiceError, status } from "@grpc/grpc-js";
 
 import { AgentOutput, AgentSpec, DecisionAction, Message, MessageKind } from "./gen/car/v1/types";
 import { AdvisorConsultation } from "./gen/car/v1/patterns";
@@ -80,6 +82,36 @@ export class SessionEndedError extends Error {
   }
 }
 
+/** Statuses of the Connect stream that no reconnect can fix. */
+export const REFUSED_CODES: readonly status[] = [status.UNAUTHENTICATED, status.PERMISSION_DENIED];
+
+/**
+ * The sidecar refused the worker's credentials: Connect ended with
+ * UNAUTHENTICATED (a missing or wrong worker token, or a client token) or
+ * PERMISSION_DENIED. Retrying cannot fix a credential, so run() rejects with
+ * this instead of reconnecting. `details` is the sidecar's message (it never
+ * contains the token); `cause` is the grpc-js ServiceError.
+ */
+export class WorkerRefusedError extends Error {
+  constructor(
+    readonly code: status,
+    readonly details: string,
+    readonly target: string,
+    options?: { cause?: unknown },
+  ) {
+    super(
+      `the sidecar at ${target} refused the worker's credentials (${status[code]}: ${details}); check the worker token`,
+      options,
+    );
+    this.name = "WorkerRefusedError";
+  }
+}
+
+/** A token travels as metadata: printable ASCII without spaces. */
+function validToken(token: string): boolean {
+  return /^[\x21-\x7e]+$/.test(token);
+}
+
 export interface WorkerOptions {
   workerId?: string; // default host-pid
   maxInFlight?: number; // default 1
@@ -87,11 +119,16 @@ export interface WorkerOptions {
   /** Reconnect after the stream ends (crash, or a drain before a restart). Default true. */
   reconnect?: boolean;
   reconnectMaxDelayMs?: number; // default 5000
-  /** Stop (resolve run()) after a drain instead of reconnecting (the Python SDK's way). */
+  /** Stop (resolve run()) after a drain instead of reconnecting. Default false. */
   stopOnDrain?: boolean;
+  /**
+   * A worker token, sent as `authorization: Bearer <token>` metadata on the
+   * Connect stream. A refused token rejects run() with a WorkerRefusedError.
+   */
+  token?: string;
   /** Called with the session id after every welcome. */
   onConnect?: (sessionId: string) => void;
-  log?: (level: "info" | "warn", message: string) => void;
+  log?: (level: "info" | "warn" | "error", message: string) => void;
   channelOptions?: Record<string, unknown>;
 }
 
@@ -395,24 +432,38 @@ export class Worker {
     return undefined;
   }
 
-  private log(level: "info" | "warn", message: string): void {
+  private log(level: "info" | "warn" | "error", message: string): void {
     if (this.options.log) this.options.log(level, message);
-    else console.error(`carsvc worker ${this.workerId}: ${message}`);
+    else console.error(`carsvc worker ${this.workerId}: ${level === "error" ? "error: " : ""}${message}`);
   }
 
   /**
-   * Serves until stop(). Reconnects with backoff after the stream ends, unless
-   * `reconnect` is false (then a lost session rejects) or `stopOnDrain` is set
-   * and the sidecar drained this worker.
+   * Serves until stop(). Reconnects with backoff after the stream ends (a
+   * crash, or a drain before a graceful restart), unless `reconnect` is false
+   * (then a lost session rejects, a drain resolves) or `stopOnDrain` is set and
+   * the sidecar drained this worker. Rejects with a WorkerRefusedError, without
+   * retrying, when the sidecar refuses the worker's credentials.
    */
   async run(): Promise<void> {
     if (this.handlers.size === 0) throw new Error("register at least one agent before run()");
+    const token = this.options.token;
+    if (token !== undefined && !validToken(token)) {
+      throw new Error("the worker token is not a valid token: tokens are printable ASCII without spaces");
+    }
     const maxDelay = this.options.reconnectMaxDelayMs ?? 5000;
     let delay = 100;
     while (!this.stopped) {
       const started = Date.now();
       const { drained, error } = await this.session();
       if (this.stopped) return;
+      const code = (error as ServiceError | undefined)?.code;
+      if (code !== undefined && REFUSED_CODES.includes(code)) {
+        const refused = new WorkerRefusedError(code, (error as ServiceError).details ?? "", this.target, {
+          cause: error,
+        });
+        this.log("error", `${refused.message}; not reconnecting`);
+        throw refused;
+      }
       if (drained && (this.options.stopOnDrain || this.options.reconnect === false)) return;
       if (this.options.reconnect === false) throw error ?? new SessionEndedError();
       if (Date.now() - started > 10_000) delay = 100;
@@ -438,7 +489,9 @@ export class Worker {
 
   private session(): Promise<{ drained: boolean; error?: Error }> {
     const client = new WorkerServiceClient(this.target, ChannelCredentials.createInsecure(), this.options.channelOptions);
-    const stream = client.connect();
+    const metadata = new Metadata();
+    if (this.options.token !== undefined) metadata.set("authorization", `Bearer ${this.options.token}`);
+    const stream = client.connect(metadata);
     this.stream = stream;
     const link = new Link(stream);
     let heartbeat: NodeJS.Timeout | undefined;

@@ -3,6 +3,9 @@
 // (a single agent that asks a human before it deploys).
 //
 //	go run ./cmd/summarizer-worker --target 127.0.0.1:50051
+//
+// CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command
+// line is visible to every local user).
 package main
 
 import (
@@ -37,6 +40,7 @@ func main() {
 		w.WorkerID = *workerID
 	}
 	w.MaxInFlight = *maxInFlight
+	w.Token = os.Getenv("CARSVC_WORKER_TOKEN")
 	w.Labels = map[string]string{"lang": "go"}
 	w.OnConnect = func(session string) { fmt.Printf("ready %s %s\n", w.WorkerID, session) }
 	handlers := map[string]carsvc.Handler{

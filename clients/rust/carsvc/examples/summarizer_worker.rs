@@ -2,6 +2,9 @@
 //! mapper), "combiner" (its reducer) and "deployer" (asks a human first).
 //!
 //!     cargo run --example summarizer_worker -- --target 127.0.0.1:50051
+//!
+//! CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command
+//! line is visible to every local user).
 
 use std::time::Duration;
 
@@ -104,6 +107,9 @@ async fn main() {
     let id = flag("--worker-id", "");
     if !id.is_empty() {
         worker = worker.worker_id(id);
+    }
+    if let Some(token) = std::env::var("CARSVC_WORKER_TOKEN").ok().filter(|t| !t.is_empty()) {
+        worker = worker.token(token);
     }
     let worker_id = worker.id().to_string();
     let sleep = Duration::from_millis(flag("--sleep-ms", "0").parse().expect("--sleep-ms"));

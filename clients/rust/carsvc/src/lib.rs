@@ -52,6 +52,12 @@ pub enum Error {
     Transport(tonic::transport::Error),
     /// An RPC failed.
     Status(tonic::Status),
+    /// The sidecar refused the worker's credentials: `Connect` ended with
+    /// `Unauthenticated` (a missing or wrong worker token, or a client token)
+    /// or `PermissionDenied`. Retrying cannot fix a credential, so the worker
+    /// returns this instead of reconnecting. The status message never
+    /// contains the token.
+    Refused { target: String, status: tonic::Status },
     /// The sidecar refused a runtime call.
     Call { code: tonic::Code, message: String },
     /// The worker's session with the sidecar ended while a call waited.
@@ -67,6 +73,12 @@ impl std::fmt::Display for Error {
         match self {
             Error::Transport(e) => write!(f, "transport: {e}"),
             Error::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
+            Error::Refused { target, status } => write!(
+                f,
+                "the sidecar at {target} refused the worker's credentials ({:?}: {}); check the worker token",
+                status.code(),
+                status.message()
+            ),
             Error::Call { code, message } => write!(f, "{code:?}: {message}"),
             Error::SessionEnded => f.write_str("the worker's session with the sidecar has ended"),
             Error::Cancelled(reason) => write!(f, "cancelled: {reason}"),
@@ -75,7 +87,14 @@ impl std::fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Refused { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+}
 
 impl From<tonic::transport::Error> for Error {
     fn from(e: tonic::transport::Error) -> Self {

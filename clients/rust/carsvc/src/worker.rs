@@ -1,5 +1,7 @@
 //! The worker helper: one `WorkerService/Connect` stream per session, with
-//! batching, heartbeats, cancels, drains and reconnects handled here.
+//! batching, heartbeats, cancels, drains and reconnects handled here. A
+//! refused credential is final: `run` returns `Error::Refused` instead of
+//! reconnecting.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +13,7 @@ use serde_json::Value as Json;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 
 use crate::carv1::{
@@ -38,8 +41,17 @@ pub struct Worker {
     reconnect: bool,
     reconnect_max_delay: Duration,
     stop_on_drain: bool,
+    token: Option<String>,
     on_connect: Option<ConnectHook>,
     handlers: Vec<(String, HandlerFn)>,
+}
+
+/// Statuses of the `Connect` stream that no reconnect can fix.
+pub const REFUSED_CODES: [tonic::Code; 2] = [tonic::Code::Unauthenticated, tonic::Code::PermissionDenied];
+
+/// A token travels as metadata: printable ASCII without spaces.
+fn valid_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl Worker {
@@ -59,6 +71,7 @@ impl Worker {
             reconnect: true,
             reconnect_max_delay: Duration::from_secs(5),
             stop_on_drain: false,
+            token: None,
             on_connect: None,
             handlers: Vec::new(),
         }
@@ -91,9 +104,16 @@ impl Worker {
         self
     }
 
-    /// Return from `run` after a drain instead of reconnecting (the Python SDK's way).
+    /// Return from `run` after a drain instead of reconnecting (default false).
     pub fn stop_on_drain(mut self, on: bool) -> Self {
         self.stop_on_drain = on;
+        self
+    }
+
+    /// A worker token, sent as `authorization: Bearer <token>` metadata on the
+    /// `Connect` stream. A refused token ends `run` with `Error::Refused`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
         self
     }
 
@@ -134,10 +154,18 @@ impl Worker {
     }
 
     /// Serves until `shutdown` completes (then running handlers are dropped and
-    /// the stream closed), or the session ends and reconnecting is off.
+    /// the stream closed), or the session ends and reconnecting is off (`Ok`
+    /// after a drain). After a drain it reconnects, or returns `Ok` with
+    /// `stop_on_drain`. When the sidecar refuses the worker's credentials it
+    /// returns `Error::Refused` at once, whatever `reconnect` says.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         if self.handlers.is_empty() {
             return Err(Error::Other("register at least one agent before run".into()));
+        }
+        if self.token.as_deref().is_some_and(|t| !valid_token(t)) {
+            return Err(Error::Other(
+                "the worker token is not a valid token: tokens are printable ASCII without spaces".into(),
+            ));
         }
         let me = Arc::new(self);
         tokio::pin!(shutdown);
@@ -150,6 +178,11 @@ impl Worker {
             };
             let (drained, err) = match outcome {
                 Ok(drained) => (drained, None),
+                Err(Error::Status(status)) if REFUSED_CODES.contains(&status.code()) => {
+                    let refused = Error::Refused { target: me.target.clone(), status };
+                    eprintln!("carsvc worker {}: error: {refused}; not reconnecting", me.worker_id);
+                    return Err(refused);
+                }
                 Err(e) => (false, Some(e)),
             };
             if drained && (me.stop_on_drain || !me.reconnect) {
@@ -186,7 +219,13 @@ impl Worker {
             sdk: SDK.into(),
         };
         let _ = tx.send(ConnectRequest { hello: Some(hello), ..Default::default() }).await;
-        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = &self.token {
+            let value = MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| Error::Other("the worker token is not a valid token".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut inbound = client.connect(request).await?.into_inner();
         let first = inbound.message().await?.ok_or(Error::SessionEnded)?;
         let mut heartbeat = Duration::from_millis(2500);
         if let Some(welcome) = &first.welcome {
@@ -660,7 +699,43 @@ impl AgentContext {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, valid_token, Worker, REFUSED_CODES};
+    use crate::Error;
+
+    #[test]
+    fn refused_credentials_are_final() {
+        assert!(REFUSED_CODES.contains(&tonic::Code::Unauthenticated));
+        assert!(REFUSED_CODES.contains(&tonic::Code::PermissionDenied));
+        assert!(!REFUSED_CODES.contains(&tonic::Code::Unavailable));
+        let e = Error::Refused {
+            target: "127.0.0.1:50051".into(),
+            status: tonic::Status::unauthenticated("the bearer token is not a worker token of this sidecar"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the sidecar at 127.0.0.1:50051 refused the worker's credentials \
+             (Unauthenticated: the bearer token is not a worker token of this sidecar); check the worker token"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn tokens_are_printable_ascii_without_spaces() {
+        assert!(valid_token("w-8b7f2c41d0e6a95f3e1b"));
+        assert!(!valid_token(""));
+        assert!(!valid_token("two words"));
+        assert!(!valid_token("tab\there"));
+        assert!(!valid_token("caf\u{e9}"));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_token_fails_before_connecting() {
+        let worker = Worker::new("127.0.0.1:1").token("two words").agent("a", |_ctx| async { Ok(String::new()) });
+        match worker.run().await {
+            Err(Error::Other(m)) => assert!(m.contains("not a valid token") && !m.contains("two words"), "{m}"),
+            other => panic!("run returned {other:?}"),
+        }
+    }
 
     #[test]
     fn globs() {
