@@ -34,6 +34,9 @@ unformatted="$(cd "$CLIENTS/go" && gofmt -l carsvc cmd)"
 (cd "$CLIENTS/rust" && cargo fmt --check)
 echo "gofmt, go vet, cargo fmt: clean"
 
+section "Go unit tests"
+(cd "$CLIENTS/go" && go test -count=1 ./...)
+
 section "Rust unit tests and doc examples"
 (cd "$CLIENTS/rust" && cargo test --locked -q -p carsvc)
 

@@ -54,7 +54,9 @@ async def test_metrics_count_runs_agents_workers_and_denials(
     assert values["carsvc_budget_denials_total"] == 2  # m_2 and the reducer
     assert values["carsvc_workers_connected"] == 1
     assert values["carsvc_assignments_in_flight"] == 0
-    assert values['carsvc_rpc_seconds_count{code="OK",method="/car.v1.RunService/StartRun"}'] == 2
+    # Client.run() starts on a Session stream (not timed) and reads the run back with GetRun.
+    assert values['carsvc_rpc_seconds_count{code="OK",method="/car.v1.RunService/GetRun"}'] == 2
+    assert 'carsvc_rpc_seconds_count{code="OK",method="/car.v1.RunService/StartRun"}' not in values
 
 
 def test_metrics_port_is_validated() -> None:

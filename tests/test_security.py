@@ -25,7 +25,7 @@ from carsvc.security.auth import SERVICE_SCOPES, Scope, bearer_token
 from carsvc.security.server import ServerSecurity, is_loopback
 from carsvc.security.tokens import TokenSet, parse_token_file, parse_token_list, read_token_file
 from carsvc.server import SERVICE_NAMES, Sidecar
-from carsvc.worker import AgentContext, Worker
+from carsvc.worker import AgentContext, Worker, WorkerRefused
 from tests.certs import CertificateAuthority
 from tests.conftest import TEST_SETTINGS, Workers
 
@@ -277,10 +277,11 @@ async def test_the_worker_sdk_is_refused_without_a_worker_token(
 ) -> None:
     worker = Worker(secured, reconnect=False, token=token)
     worker.add_agent("a", _echo)
-    with caplog.at_level(logging.WARNING):
-        await asyncio.wait_for(worker.run(), 10)  # the refused session ends run()
+    with caplog.at_level(logging.WARNING), pytest.raises(WorkerRefused) as caught:
+        await asyncio.wait_for(worker.run(), 10)  # a refused credential is final: run() raises
+    assert caught.value.code == UNAUTHENTICATED
     assert not worker.connected.is_set()
-    assert "session ended: UNAUTHENTICATED" in caplog.text
+    assert "refused the worker's credentials (UNAUTHENTICATED: " in caplog.text
     async with Client(secured, token=CLIENT_TOKEN) as client:
         assert await client.list_workers() == []
 
