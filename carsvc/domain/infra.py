@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
 from carsvc.domain.budget import CoordinationBudget
-from carsvc.domain.budget_types import BudgetError, BudgetLimits, BudgetSnapshot
+from carsvc.domain.budget_types import BudgetError, BudgetLimits, BudgetSnapshot, usd_to_micros
 from carsvc.domain.decisions import DecisionBox
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.eventlog import RunEventLog
@@ -28,6 +28,12 @@ RunEvent = events_pb2.RunEvent
 log = logging.getLogger("carsvc.runs")
 
 BUDGET_SKIPPED_PREFIX = "coordination budget exhausted: "
+
+# The budget keeps tokens and micro-dollars in int64 counters.
+MAX_BUDGET_COUNT = 2**63 - 1
+# The longest deadline an agent may be given (a spec's metadata.timeout_secs,
+# fleet's agent_timeout_secs): a year.
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
 # A hook a pattern installs for a runtime call it supports (delegate, spawn, ...):
 # it receives the calling agent's context and the call's arguments.
@@ -76,6 +82,14 @@ def limits_from_proto(msg: types_pb2.BudgetLimits, field: str = "budget") -> Bud
         cost = msg.max_cost_usd
         if not math.isfinite(cost) or cost < 0:
             raise InvalidArgument(f"must be a finite, non-negative number, not {cost}", field=f"{field}.max_cost_usd")
+        if usd_to_micros(cost) > MAX_BUDGET_COUNT:
+            raise InvalidArgument(
+                f"must be at most {MAX_BUDGET_COUNT // 1_000_000} (int64 micro-dollars), not {cost}",
+                field=f"{field}.max_cost_usd",
+            )
+    for name in ("max_input_tokens", "max_output_tokens", "max_total_tokens"):
+        if msg.HasField(name) and getattr(msg, name) > MAX_BUDGET_COUNT:
+            raise InvalidArgument(f"must be at most 2**63-1, not {getattr(msg, name)}", field=f"{field}.{name}")
     return BudgetLimits(
         max_input_tokens=msg.max_input_tokens if msg.HasField("max_input_tokens") else None,
         max_output_tokens=msg.max_output_tokens if msg.HasField("max_output_tokens") else None,
@@ -241,7 +255,9 @@ def spec_timeout(spec: AgentSpec) -> float | None:
     if spec.HasField("metadata"):
         value = spec.metadata.fields.get("timeout_secs")
         if value is not None and value.WhichOneof("kind") == "number_value" and value.number_value > 0:
-            return float(value.number_value)
+            # check_spec refuses what is out of range; never hand on a deadline
+            # a timer cannot hold.
+            return min(float(value.number_value), MAX_TIMEOUT_S)
     return None
 
 

@@ -6,14 +6,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from google.protobuf import struct_pb2
+
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import FailedPrecondition, InvalidArgument
-from carsvc.domain.infra import BUDGET_SKIPPED_PREFIX, AgentContext, CallHook, RunInfra, succeeded
+from carsvc.domain.infra import (
+    BUDGET_SKIPPED_PREFIX,
+    MAX_TIMEOUT_S,
+    AgentContext,
+    CallHook,
+    RunInfra,
+    succeeded,
+)
 from carsvc.domain.overlay import Overlay, StateStore
 from carsvc.patterns.prompts import ANSWER_LINE
 
@@ -64,6 +74,20 @@ def check_spec(spec: AgentSpec, field: str) -> None:
         )
     if any(c.isspace() for c in spec.name):
         raise InvalidArgument(f"'{spec.name}' must not contain whitespace", field=f"{field}.name")
+    if spec.HasField("metadata"):
+        check_timeout(spec.metadata.fields.get("timeout_secs"), f"{field}.metadata.timeout_secs")
+
+
+def check_timeout(value: struct_pb2.Value | None, field: str) -> None:
+    """A spec's `metadata.timeout_secs`, when it is a number, must be finite and
+    at most MAX_TIMEOUT_S (zero or less means no deadline of its own)."""
+    if value is None or value.WhichOneof("kind") != "number_value":
+        return
+    seconds = value.number_value
+    if not (math.isfinite(seconds) and seconds <= MAX_TIMEOUT_S):
+        raise InvalidArgument(
+            f"must be a finite number of seconds up to {MAX_TIMEOUT_S:.0f}, not {seconds}", field=field
+        )
 
 
 def check_text(value: str, field: str, limits: Limits) -> None:

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import InvalidArgument
-from carsvc.domain.infra import RunInfra, succeeded
+from carsvc.domain.infra import MAX_TIMEOUT_S, RunInfra, succeeded
 from carsvc.patterns.base import Job, Limits, PatternOutcome, Resolver, check_text, no_output, resolve_agents, run_batch
 
 AgentSpec = types_pb2.AgentSpec
@@ -36,9 +36,10 @@ class Fleet:
         timeout = None
         if msg.HasField("agent_timeout_secs"):
             timeout = msg.agent_timeout_secs
-            if not (math.isfinite(timeout) and timeout > 0):
+            if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
                 raise InvalidArgument(
-                    f"must be a positive number of seconds, not {timeout}", field="fleet.agent_timeout_secs"
+                    f"must be a positive number of seconds up to {MAX_TIMEOUT_S:.0f}, not {timeout}",
+                    field="fleet.agent_timeout_secs",
                 )
         return cls(agents, msg.task, timeout)
 

@@ -18,12 +18,16 @@ from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import AgentContext
 from carsvc.domain.workers import Dispatcher, WorkerSession
+from carsvc.services.errors import shown
 
 log = logging.getLogger("carsvc.calls")
 
 CallResult = worker_pb2.CallResult
 RuntimeCall = worker_pb2.RuntimeCall
 _ACK = empty_pb2.Empty()
+# A call id is echoed in its answer: a longer one is refused (so an answer never
+# outgrows the frame that asked).
+MAX_CALL_ID_CHARS = 256
 
 # Calls a pattern serves through RunInfra.hooks, with the tool the caller's
 # spec must list for the policy check.
@@ -49,6 +53,16 @@ class CallHandler:
 
     def handle(self, session: WorkerSession, call: RuntimeCall, index: int) -> None:
         field = f"calls[{index}]"
+        if len(call.call_id) > MAX_CALL_ID_CHARS:
+            if not session.closed:
+                session.reply(
+                    worker_pb2.FrameError(
+                        code=int(Code.INVALID_ARGUMENT),
+                        field=f"{field}.call_id",
+                        message=f"is {len(call.call_id)} characters; the limit is {MAX_CALL_ID_CHARS}",
+                    )
+                )
+            return
         op = call.WhichOneof("op")
         try:
             if op is None:
@@ -56,7 +70,7 @@ class CallHandler:
             a = self.dispatcher.running(session, call.assignment_id)
             if a is None or a.context is None:
                 raise FailedPrecondition(
-                    f"assignment '{call.assignment_id}' is not running on this worker session",
+                    f"assignment '{shown(call.assignment_id)}' is not running on this worker session",
                     field=f"{field}.assignment_id",
                 )
             ctx = a.context

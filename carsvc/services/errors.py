@@ -16,6 +16,17 @@ _Resp = TypeVar("_Resp")
 
 STATUS: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
+# How much of a caller's value an error message echoes back.
+SHOWN_CHARS = 200
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` for an error message: cut to `limit` characters (and says how long
+    it was), so echoing a huge id never makes the answer bigger than the request."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} characters)"
+
 
 def status_of(err: CarError) -> grpc.StatusCode:
     return STATUS.get(int(err.code), grpc.StatusCode.UNKNOWN)

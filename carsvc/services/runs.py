@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import (
     events_pb2,
@@ -22,20 +24,31 @@ from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
 from carsvc.patterns import BUILDERS, Limits
-from carsvc.patterns.base import check_spec
+from carsvc.patterns.base import check_spec, check_text
 from carsvc.services.convert import limits_from_proto
-from carsvc.services.errors import abort, streaming, unary
+from carsvc.services.errors import abort, shown, streaming, unary
 from carsvc.services.submit import SubmitStream
+
+log = logging.getLogger("carsvc.runs")
 
 MAX_ID_CHARS = 256
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _READ_BATCH = 500
+_ON_BUSY = frozenset(runs_pb2.OnBusy.values())
+# A page token is a run ordinal: at most 19 ASCII digits (an int64).
+_MAX_TOKEN_DIGITS = 19
 
 
 def _check_id(value: str, field: str) -> None:
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_ID_CHARS}", field=field)
+
+
+def _undecodable(err: DecodeError) -> CarError:
+    return InvalidArgument(
+        f"is not a valid {runs_pb2.SessionRequest.DESCRIPTOR.full_name} ({err})", field="request"
+    )
 
 
 class RunService(runs_pb2_grpc.RunServiceServicer):
@@ -50,8 +63,18 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     def _resolve(self, ref: patterns_pb2.AgentRef, field: str) -> types_pb2.AgentSpec:
         source = ref.WhichOneof("source")
         if source == "spec":
-            check_spec(ref.spec, f"{field}.spec")
-            return ref.spec
+            spec = ref.spec
+            check_spec(spec, f"{field}.spec")
+            check_text(spec.system_prompt, f"{field}.spec.system_prompt", self.limits)
+            for i, tool in enumerate(spec.tools):
+                check_text(tool, f"{field}.spec.tools[{i}]", self.limits)
+            if spec.HasField("metadata") and spec.metadata.ByteSize() > self.limits.max_field_bytes:
+                raise InvalidArgument(
+                    f"is {spec.metadata.ByteSize()} bytes; the limit is {self.limits.max_field_bytes} "
+                    "(max_field_bytes)",
+                    field=f"{field}.spec.metadata",
+                )
+            return spec
         if source == "registered_name":
             return self.registry.get(ref.registered_name, field=f"{field}.registered_name")
         raise InvalidArgument("must give an inline spec or a registered_name", field=field)
@@ -60,6 +83,19 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         """Checks a StartRunRequest and starts (or queues) its run."""
         for name in ("thread_id", "agent_id", "run_id", "budget_id", "state_scope"):
             _check_id(getattr(request, name), name)
+        if request.on_busy not in _ON_BUSY:
+            raise InvalidArgument(
+                f"unknown value {request.on_busy} (REJECT, INTERRUPT or ENQUEUE)", field="on_busy"
+            )
+        limit = self.limits.max_field_bytes
+        for key, value in request.labels.items():
+            for what, text in (("key", key), ("value", value)):
+                if (size := len(text.encode())) > limit:
+                    raise InvalidArgument(
+                        f"the {what} of label '{shown(key, 64)}' is {size} bytes; the limit is {limit} "
+                        "(max_field_bytes)",
+                        field="labels",
+                    )
         which = request.WhichOneof("pattern")
         if which is None:
             raise InvalidArgument(
@@ -116,9 +152,10 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         size = request.page_size or DEFAULT_PAGE_SIZE
         before = 0
         if request.page_token:
-            if not request.page_token.isdigit():
+            token = request.page_token
+            if not (token.isascii() and token.isdigit() and len(token) <= _MAX_TOKEN_DIGITS):
                 raise InvalidArgument("is not a token from a previous ListRuns", field="page_token")
-            before = int(request.page_token)
+            before = int(token)
         response = runs_pb2.ListRunsResponse()
         last = None
         for record in self.runs.select(
@@ -166,6 +203,8 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        except DecodeError as err:
+            await abort(context, _undecodable(err))
         if first.WhichOneof("action") != "start":
             await abort(context, InvalidArgument("the first message must be start", field="action"))
         try:
@@ -191,6 +230,11 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+        if reader.done() and not reader.cancelled():
+            if (failure := reader.exception()) is not None:
+                log.warning("run %s: a session's request reader failed: %r", record.run_id, failure)
+            elif (error := reader.result()) is not None:
+                await abort(context, error)
 
     async def _session_events(
         self, record: RunRecord, replies: asyncio.Queue[runs_pb2.SessionResponse | None]
@@ -209,34 +253,49 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         requests: AsyncIterator[runs_pb2.SessionRequest],
         replies: asyncio.Queue[runs_pb2.SessionResponse | None],
         idle: asyncio.Event,
-    ) -> None:
-        async for message in requests:
-            idle.clear()
-            action = message.WhichOneof("action")
-            try:
-                if action == "decisions":
-                    decisions = message.decisions
-                    if not decisions.agent_id:
-                        decisions.agent_id = record.agent_id
-                    replies.put_nowait(runs_pb2.SessionResponse(decisions=self._decide(record, decisions)))
-                elif action == "cancel":
-                    cancel = message.cancel
-                    record.check_owner(cancel.agent_id or record.agent_id)
-                    cancelled = await self.runs.cancel(record, cancel.reason, wait=cancel.wait)
-                    replies.put_nowait(
-                        runs_pb2.SessionResponse(
-                            cancelled=runs_pb2.CancelRunResponse(run=record.handle(), already_finished=not cancelled)
-                        )
-                    )
-                elif action == "start":
-                    raise InvalidArgument("a session runs one run; start another session", field="start")
-                else:
-                    raise InvalidArgument("must set decisions or cancel", field="action")
-            except CarError as err:
-                replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, action or "action")))
-            finally:
-                idle.set()
+    ) -> CarError | None:
+        """Answers the client's requests; a request that is not a SessionRequest
+        ends the stream (the run goes on) with the error returned."""
+        try:
+            async for message in requests:
+                await self._session_request(record, message, replies, idle)
+        except DecodeError as err:
+            replies.put_nowait(None)
+            return _undecodable(err)
+        return None
 
+    async def _session_request(
+        self,
+        record: RunRecord,
+        message: runs_pb2.SessionRequest,
+        replies: asyncio.Queue[runs_pb2.SessionResponse | None],
+        idle: asyncio.Event,
+    ) -> None:
+        idle.clear()
+        action = message.WhichOneof("action")
+        try:
+            if action == "decisions":
+                decisions = message.decisions
+                if not decisions.agent_id:
+                    decisions.agent_id = record.agent_id
+                replies.put_nowait(runs_pb2.SessionResponse(decisions=self._decide(record, decisions)))
+            elif action == "cancel":
+                cancel = message.cancel
+                record.check_owner(cancel.agent_id or record.agent_id)
+                cancelled = await self.runs.cancel(record, cancel.reason, wait=cancel.wait)
+                replies.put_nowait(
+                    runs_pb2.SessionResponse(
+                        cancelled=runs_pb2.CancelRunResponse(run=record.handle(), already_finished=not cancelled)
+                    )
+                )
+            elif action == "start":
+                raise InvalidArgument("a session runs one run; start another session", field="start")
+            else:
+                raise InvalidArgument("must set decisions or cancel", field="action")
+        except CarError as err:
+            replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, action or "action")))
+        finally:
+            idle.set()
 
     async def Submit(
         self,

@@ -8,17 +8,28 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import worker_pb2, worker_pb2_grpc
-from carsvc.domain.errors import CarError, Code
+from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.workers import Assignment, Dispatcher, State, Verdict, WorkerSession
 from carsvc.services.calls import CallHandler
-from carsvc.services.errors import abort
+from carsvc.services.errors import abort, shown
 
 log = logging.getLogger("carsvc.workers")
 
 ConnectRequest = worker_pb2.ConnectRequest
 ConnectResponse = worker_pb2.ConnectResponse
+
+# What one entry of a repeated field costs in a frame besides its own bytes (a
+# tag and a length), and what a frame keeps free for its drain notice.
+_ENTRY_OVERHEAD = 6
+_FRAME_SLACK = 1024
+
+
+def undecodable(err: DecodeError) -> CarError:
+    """The error ending a stream whose worker sent bytes that are not a ConnectRequest."""
+    return InvalidArgument(f"is not a valid {ConnectRequest.DESCRIPTOR.full_name} ({err})", field="frame")
 
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
@@ -45,6 +56,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             first = await anext(frames)
         except StopAsyncIteration:
             return
+        except DecodeError as err:
+            await abort(context, undecodable(err))
         if not first.HasField("hello"):
             await abort(
                 context, CarError("the first frame must carry hello", field="hello", code=Code.INVALID_ARGUMENT)
@@ -71,14 +84,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             while True:
                 await session.wakeup.wait()
                 session.wakeup.clear()
-                frame = self._frame(session)
+                frames_out = self._frames(session)
                 if session.drain_notice is not None and not drain_sent:
                     drain_sent = True
                     reason, grace_ms = session.drain_notice
-                    frame = frame or ConnectResponse()
-                    frame.drain.reason = reason
-                    frame.drain.grace_ms = grace_ms
-                if frame is not None:
+                    if not frames_out:
+                        frames_out.append(ConnectResponse())
+                    frames_out[-1].drain.reason = reason
+                    frames_out[-1].drain.grace_ms = grace_ms
+                for frame in frames_out:
                     yield frame
                 if session.closed:
                     break
@@ -86,20 +100,36 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             reader.cancel()
             self.calls.session_closed(session)
             self.dispatcher.close_session(session, "the stream ended")
+        error = reader.result() if reader.done() and not reader.cancelled() else None
+        if error is not None:
+            await abort(context, error)
         if session.close_reason.startswith("no frame"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"session closed: {session.close_reason}")
 
-    async def _read(self, session: WorkerSession, frames: AsyncIterator[ConnectRequest]) -> None:
+    async def _read(self, session: WorkerSession, frames: AsyncIterator[ConnectRequest]) -> CarError | None:
+        """Handles the worker's frames until its stream ends; returns the error
+        to end the stream with, if any."""
         reason = "the worker closed its stream"
+        error: CarError | None = None
         try:
             async for frame in frames:
                 session.touch()
-                self._handle(session, frame)
+                try:
+                    self._handle(session, frame)
+                except Exception as err:  # a bug in the sidecar: say so, do not end quietly
+                    log.exception("handling a frame of worker %s failed", session.worker_id)
+                    error = CarError(f"internal error handling a frame: {err!r}", code=Code.INTERNAL)
+                    reason = str(error)
+                    break
         except asyncio.CancelledError:
             raise
+        except DecodeError as err:
+            error = undecodable(err)
+            reason = f"the worker sent an undecodable frame ({err})"
         except Exception as err:  # the stream broke (worker died, network)
             reason = f"the stream broke: {err!r}"
         self.dispatcher.close_session(session, reason)
+        return error
 
     def _handle(self, session: WorkerSession, frame: ConnectRequest, *, first_frame: bool = False) -> None:
         if not first_frame and frame.HasField("hello"):
@@ -133,7 +163,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 worker_pb2.FrameError(
                     code=int(Code.NOT_FOUND),
                     field=f"results[{i}].assignment_id",
-                    message=f"unknown assignment '{result.assignment_id}'",
+                    message=f"unknown assignment '{shown(result.assignment_id)}'",
                 )
             )
         elif verdict is Verdict.SUPERSEDED:
@@ -142,10 +172,13 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 result.assignment_id, result.attempt, session.worker_id,
             )
 
-    def _frame(self, session: WorkerSession) -> ConnectResponse | None:
+    def _frames(self, session: WorkerSession) -> list[ConnectResponse]:
+        """What the session's outbox holds, as frames that each stay within
+        max_message_bytes (a batch of many answers is split, never refused by
+        gRPC as too large)."""
         assignments, cancels, replies = session.take_outbox()
         if not (assignments or cancels or replies):
-            return None
+            return []
         frame = ConnectResponse()
         for a in assignments:
             if a.session is session and a.state is not State.DONE:
@@ -157,7 +190,29 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 frame.call_results.append(item)
             elif isinstance(item, worker_pb2.FrameError):
                 frame.errors.append(item)
-        return frame
+        budget = max(self.max_message_bytes - _FRAME_SLACK, self.max_message_bytes // 2)
+        if frame.ByteSize() <= budget:
+            return [frame]
+        return _split(frame, budget)
+
+
+def _split(frame: ConnectResponse, budget: int) -> list[ConnectResponse]:
+    """`frame`'s entries, in order, over as many frames of at most `budget` bytes
+    as they need (an entry larger than that gets a frame of its own)."""
+    frames: list[ConnectResponse] = []
+    current, size = ConnectResponse(), 0
+    for name in ("assignments", "cancels", "call_results", "errors"):
+        entries: Any = getattr(frame, name)
+        for entry in entries:
+            cost = entry.ByteSize() + _ENTRY_OVERHEAD
+            if size and size + cost > budget:
+                frames.append(current)
+                current, size = ConnectResponse(), 0
+            getattr(current, name).append(entry)
+            size += cost
+    if size:
+        frames.append(current)
+    return frames
 
 
 def _assignment(a: Assignment) -> worker_pb2.Assignment:
