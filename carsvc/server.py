@@ -38,6 +38,7 @@ from carsvc.patterns import Limits
 from carsvc.security.server import ServerSecurity
 from carsvc.services.budget import BudgetService
 from carsvc.services.calls import CallHandler
+from carsvc.services.decoding import UndecodableRequests
 from carsvc.services.registry import RegistryService
 from carsvc.services.runs import EventService, RunService
 from carsvc.services.state import StateService
@@ -109,7 +110,12 @@ class Sidecar:
         """Binds, starts serving and reports SERVING; returns the bound port."""
         s = self.settings
         # Metrics first: they see the status of every call, refused ones included.
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.metrics.interceptor(), *self.security.interceptors()]
+        # Last, the decoder guard: it wraps the servicers' own handlers.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            self.metrics.interceptor(),
+            *self.security.interceptors(),
+            UndecodableRequests(),
+        ]
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -1650,12 +1650,6 @@ def _deep_start_run(depth: int) -> bytes:
     return field(10, field(1, field(1, spec)) + field(2, b"t"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="carsvc/server.py registers every servicer with protobuf's FromString as the request "
-    "deserializer: a unary request gRPC cannot decode ends UNKNOWN 'Unexpected DecodeError' before "
-    "any servicer runs (the streams decode in the servicer, and answer INVALID_ARGUMENT)",
-)
 async def test_an_undecodable_unary_request_is_invalid_argument(client: Client) -> None:
     start_run = client.channel.unary_unary(
         "/car.v1.RunService/StartRun",

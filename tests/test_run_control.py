@@ -355,3 +355,19 @@ async def _wait_for_status(client: Client, run_id: str, status: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"run never reached status {status}")
+
+
+async def test_only_the_owner_may_interrupt_a_run(client: Client, workers: Workers) -> None:
+    async def slow(ctx: AgentContext) -> str:
+        await asyncio.sleep(30)
+        return "never"
+
+    await workers.start({"slow": slow})
+    old = await client.start_run(single(agent("slow"), "old"), thread_id="shared", agent_id="alice")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.start_run(single(agent("slow"), "new"), thread_id="shared", agent_id="eve", on_busy="interrupt")
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "agent_id" in (refused.value.details() or "") and "alice" in (refused.value.details() or "")
+    assert (await client.get_run(old.run_id)).status == types_pb2.RUN_STATUS_RUNNING
+    assert len(await client.list_runs(thread_id="shared")) == 1  # the refused run was never recorded
+    await client.cancel(old.run_id, agent_id="alice")

@@ -248,6 +248,8 @@ class RunManager:
                 "(set on_busy to INTERRUPT or ENQUEUE to run after it)",
                 field="thread_id",
             )
+        if active is not None and on_busy == ON_BUSY_INTERRUPT:
+            active.check_owner(agent_id)  # interrupting is cancelling: the owner's call
         queue = self._queued_by_thread.get(thread_id)
         if active is not None and len(queue or ()) >= self.settings.max_queued_per_thread:
             raise ResourceExhausted(

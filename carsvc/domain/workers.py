@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
+# The longest deadline a timer is set for (a year); callers check their inputs,
+# this keeps the dispatcher safe from any that did not.
+MAX_DEADLINE_S = 365 * 24 * 3600.0
+
 log = logging.getLogger("carsvc.workers")
 
 _FINISHED_MEMORY = 100_000  # finished assignment ids remembered to tell "late" from "unknown"
@@ -258,8 +262,9 @@ class Dispatcher:
             raise InvalidArgument("must name at least one agent or glob", field="hello.agents")
         for i, agent in enumerate(agents):
             if not agent or any(c.isspace() for c in agent):
+                shown = agent if len(agent) <= 200 else f"{agent[:200]}... ({len(agent)} characters)"
                 raise InvalidArgument(
-                    f"'{agent}' is not an agent name or glob", field=f"hello.agents[{i}]"
+                    f"'{shown}' is not an agent name or glob", field=f"hello.agents[{i}]"
                 )
         if not self.accepting:
             raise Unavailable("the sidecar is draining and takes no new workers")
@@ -383,6 +388,7 @@ class Dispatcher:
         if context is not None:
             context.on_assigned(a)
         if timeout is not None and timeout > 0:
+            timeout = min(timeout, MAX_DEADLINE_S)  # inf or absurd values: no OverflowError
             a.deadline_ms = now_ms() + int(timeout * 1000)
             a.timer = loop.call_later(timeout, self._expire, a, timeout)
         self._place(a)
