@@ -95,7 +95,7 @@ async def _suite(args: argparse.Namespace, sizes: Sizes, progress: Progress) -> 
     doc["baselines"] = baselines
     doc["notes"] = notes
     doc["metrics"] = [asdict(m) | {"stats": report.stats(m.values)} for m in metrics]
-    doc["table"] = report.table(metrics, baselines, notes)
+    doc["table"] = report.table(metrics, baselines, notes, smoke=args.quick)
     if "hotpaths" not in args.skip:
         progress("hot paths")
         rows, hot_baselines = await asyncio.to_thread(hotpaths.run, 3 if args.quick else 9)

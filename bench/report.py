@@ -27,9 +27,11 @@ def ratio(metric: Metric, baseline: float) -> float:
     return baseline / ours
 
 
-def _target_cell(metric: Metric) -> str:
+def _target_cell(metric: Metric, smoke: bool) -> str:
     if metric.target is None:
         return ""
+    if smoke:
+        return "(smoke run)"  # tiny sizes: a target says nothing here
     ours = statistics.median(metric.values)
     met = ours >= metric.target if metric.better == "higher" else ours <= metric.target
     sign = "≥" if metric.better == "higher" else "≤"
@@ -39,7 +41,13 @@ def _target_cell(metric: Metric) -> str:
 BASELINE_NAMES = {"raw": "raw gRPC", "autogen": "AutoGen"}
 
 
-def table(metrics: list[Metric], baselines: dict[str, dict[str, dict[str, float]]], notes: dict[str, str]) -> str:
+def table(
+    metrics: list[Metric],
+    baselines: dict[str, dict[str, dict[str, float]]],
+    notes: dict[str, str],
+    *,
+    smoke: bool = False,
+) -> str:
     """One row per metric: median [min, max], target, and ratios to baselines."""
     rows = [("metric", "unit", "median [min, max]", "target", "vs raw gRPC", "vs AutoGen")]
     for m in metrics:
@@ -57,7 +65,7 @@ def table(metrics: list[Metric], baselines: dict[str, dict[str, dict[str, float]
                 m.label,
                 m.unit,
                 f"{_fmt(s['median'])} [{_fmt(s['min'])}, {_fmt(s['max'])}]",
-                _target_cell(m),
+                _target_cell(m, smoke),
                 cells["raw"],
                 cells["autogen"],
             )
