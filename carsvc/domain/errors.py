@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import enum
 
+# How much of a caller's value an error message echoes back.
+SHOWN_CHARS = 200
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` for an error message: cut to `limit` characters (and says how long
+    it was), so echoing a huge id never makes the answer bigger than the request."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} characters)"
+
 
 class Code(enum.IntEnum):
     """The gRPC status code a domain error maps to (values follow google.rpc.Code)."""

@@ -115,6 +115,18 @@ class RunRecord:
     def events(self) -> RunEventLog:
         return self.infra.events
 
+    def finished_event(self) -> events_pb2.RunFinished:
+        """The run_finished event of this (ended) run."""
+        finished = events_pb2.RunFinished(
+            status=self.status,  # type: ignore[arg-type]
+            reason=self.termination_reason,
+            detail=self.termination_detail,
+            budget=self.final_budget,
+        )
+        if self.result is not None:
+            finished.result.CopyFrom(self.result)
+        return finished
+
     def handle(self) -> types_pb2.RunHandle:
         return types_pb2.RunHandle(
             run_id=self.run_id,
@@ -360,15 +372,7 @@ class RunManager:
         record.termination_detail = detail
         record.finished_ms = now_ms()
         record.final_budget = snapshot_to_proto(record.infra.budget.snapshot())
-        finished = events_pb2.RunFinished(
-            status=status,  # type: ignore[arg-type]
-            reason=reason,
-            detail=detail,
-            budget=record.final_budget,
-        )
-        if record.result is not None:
-            finished.result.CopyFrom(record.result)
-        record.events.append(RunEvent(run_finished=finished))
+        record.events.append(RunEvent(run_finished=record.finished_event()))
         record.events.close()
         record.pattern = _Ended(record.pattern.name)  # its request messages can go
         record.done.set()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from carsvc._proto.car.v1 import types_pb2
 from carsvc.domain.clock import now_ms
-from carsvc.domain.errors import InvalidArgument, Unavailable
+from carsvc.domain.errors import InvalidArgument, Unavailable, shown
 from carsvc.logs import ids
 
 if TYPE_CHECKING:
@@ -262,9 +262,8 @@ class Dispatcher:
             raise InvalidArgument("must name at least one agent or glob", field="hello.agents")
         for i, agent in enumerate(agents):
             if not agent or any(c.isspace() for c in agent):
-                shown = agent if len(agent) <= 200 else f"{agent[:200]}... ({len(agent)} characters)"
                 raise InvalidArgument(
-                    f"'{shown}' is not an agent name or glob", field=f"hello.agents[{i}]"
+                    f"'{shown(agent)}' is not an agent name or glob", field=f"hello.agents[{i}]"
                 )
         if not self.accepting:
             raise Unavailable("the sidecar is draining and takes no new workers")

@@ -18,7 +18,7 @@ from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import AgentContext
 from carsvc.domain.workers import Dispatcher, WorkerSession
-from carsvc.services.errors import shown
+from carsvc.services.errors import frame_error, shown
 
 log = logging.getLogger("carsvc.calls")
 
@@ -209,7 +209,7 @@ class CallHandler:
                 CallResult(call_id=call.call_id, error=worker_pb2.CallError(code=int(err.code), message=str(err)))
             )
         else:
-            session.reply(worker_pb2.FrameError(code=int(err.code), message=err.detail, field=err.field or field))
+            session.reply(frame_error(err, field))
 
     @staticmethod
     def _key(key: str, field: str) -> None:

@@ -8,7 +8,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from carsvc.domain.errors import CarError
+from carsvc._proto.car.v1 import worker_pb2
+from carsvc.domain.errors import SHOWN_CHARS, CarError, shown
 
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
@@ -16,16 +17,12 @@ _Resp = TypeVar("_Resp")
 
 STATUS: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
-# How much of a caller's value an error message echoes back.
-SHOWN_CHARS = 200
+__all__ = ["SHOWN_CHARS", "STATUS", "abort", "frame_error", "shown", "status_of", "streaming", "unary"]
 
 
-def shown(value: str, limit: int = SHOWN_CHARS) -> str:
-    """`value` for an error message: cut to `limit` characters (and says how long
-    it was), so echoing a huge id never makes the answer bigger than the request."""
-    if len(value) <= limit:
-        return value
-    return f"{value[:limit]}... ({len(value)} characters)"
+def frame_error(err: CarError, field: str) -> worker_pb2.FrameError:
+    """`err` as a FrameError; `field` names the part at fault when err names none."""
+    return worker_pb2.FrameError(code=int(err.code), message=err.detail, field=err.field or field)
 
 
 def status_of(err: CarError) -> grpc.StatusCode:

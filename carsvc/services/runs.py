@@ -18,7 +18,6 @@ from carsvc._proto.car.v1 import (
     runs_pb2,
     runs_pb2_grpc,
     types_pb2,
-    worker_pb2,
 )
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.registry import AgentRegistry
@@ -26,7 +25,7 @@ from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
 from carsvc.patterns import BUILDERS, Limits
 from carsvc.patterns.base import check_spec, check_text
 from carsvc.services.convert import limits_from_proto
-from carsvc.services.errors import abort, shown, streaming, unary
+from carsvc.services.errors import abort, frame_error, shown, streaming, unary
 from carsvc.services.submit import SubmitStream
 
 log = logging.getLogger("carsvc.runs")
@@ -244,7 +243,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             async for batch in subscription.batches():
                 replies.put_nowait(runs_pb2.SessionResponse(events=runs_pb2.WatchRunResponse(events=batch)))
         except CarError as err:
-            replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, "events")))
+            replies.put_nowait(runs_pb2.SessionResponse(error=frame_error(err, "events")))
         replies.put_nowait(None)
 
     async def _session_requests(
@@ -293,7 +292,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             else:
                 raise InvalidArgument("must set decisions or cancel", field="action")
         except CarError as err:
-            replies.put_nowait(runs_pb2.SessionResponse(error=_frame_error(err, action or "action")))
+            replies.put_nowait(runs_pb2.SessionResponse(error=frame_error(err, action or "action")))
         finally:
             idle.set()
 
@@ -307,10 +306,6 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             yield response
         if stream.error is not None:
             await abort(context, stream.error)
-
-
-def _frame_error(err: CarError, field: str) -> worker_pb2.FrameError:
-    return worker_pb2.FrameError(code=int(err.code), message=err.detail, field=err.field or field)
 
 
 class EventService(events_pb2_grpc.EventServiceServicer):

@@ -8,32 +8,16 @@ from collections.abc import AsyncIterator, Callable
 
 from google.protobuf.message import DecodeError
 
-from carsvc._proto.car.v1 import events_pb2, runs_pb2, worker_pb2
+from carsvc._proto.car.v1 import runs_pb2
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.runs import RunRecord
+from carsvc.services.errors import frame_error
 
 Starter = Callable[[runs_pb2.StartRunRequest], RunRecord]
 
 
-def finished_event(record: RunRecord) -> events_pb2.RunFinished:
-    """The run_finished event of an ended run, rebuilt from its record."""
-    finished = events_pb2.RunFinished(
-        status=record.status,  # type: ignore[arg-type]
-        reason=record.termination_reason,
-        detail=record.termination_detail,
-    )
-    if record.final_budget is not None:
-        finished.budget.CopyFrom(record.final_budget)
-    if record.result is not None:
-        finished.result.CopyFrom(record.result)
-    return finished
-
-
-def _refused(run_id: str, err: CarError, field: str) -> runs_pb2.SubmitAnswer:
-    return runs_pb2.SubmitAnswer(
-        run_id=run_id,
-        error=worker_pb2.FrameError(code=int(err.code), message=err.detail, field=err.field or field),
-    )
+def _refused(run_id: str, err: CarError) -> runs_pb2.SubmitAnswer:
+    return runs_pb2.SubmitAnswer(run_id=run_id, error=frame_error(err, ""))
 
 
 class SubmitStream:
@@ -55,17 +39,17 @@ class SubmitStream:
 
     async def _answer_when_ended(self, record: RunRecord) -> None:
         await record.done.wait()
-        self._add(runs_pb2.SubmitAnswer(run_id=record.run_id, finished=finished_event(record)))
+        self._add(runs_pb2.SubmitAnswer(run_id=record.run_id, finished=record.finished_event()))
 
     def _submit(self, request: runs_pb2.StartRunRequest) -> None:
         if not request.run_id:
             required = InvalidArgument("is required on a Submit stream (answers are matched by it)", field="run_id")
-            self._add(_refused("", required, ""))
+            self._add(_refused("", required))
             return
         try:
             record = self._start(request)
         except CarError as err:
-            self._add(_refused(request.run_id, err, ""))
+            self._add(_refused(request.run_id, err))
             return
         task = asyncio.get_running_loop().create_task(self._answer_when_ended(record))
         self._waiting.add(task)
