@@ -78,3 +78,12 @@ def test_text_format_is_the_default_and_unknown_formats_are_refused() -> None:
     assert as_json["run_id"] == "r1" and "assignment_id" not in as_json
     with pytest.raises(ValueError, match="log_format must be one of text, json"):
         formatter("yaml")
+
+
+def test_bad_log_settings_are_refused_with_the_setting_named() -> None:
+    from carsvc.config import Settings
+
+    with pytest.raises(ValueError, match="log_format must be 'text' or 'json', not 'yaml'"):
+        Settings(log_format="yaml").validate()
+    with pytest.raises(ValueError, match="log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not 'LOUD'"):
+        Settings.from_env({"CARSVC_LOG_LEVEL": "LOUD"})
