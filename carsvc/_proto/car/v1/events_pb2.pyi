@@ -472,6 +472,8 @@ class RunFinished(google.protobuf.message.Message):
     DETAIL_FIELD_NUMBER: builtins.int
     RESULT_FIELD_NUMBER: builtins.int
     BUDGET_FIELD_NUMBER: builtins.int
+    RESULT_OMITTED_FIELD_NUMBER: builtins.int
+    RESULT_BYTES_FIELD_NUMBER: builtins.int
     status: carsvc._proto.car.v1.types_pb2.RunStatus.ValueType
     reason: builtins.str
     """Machine-readable reason: completed, agent_failed, cancelled,
@@ -479,8 +481,16 @@ class RunFinished(google.protobuf.message.Message):
     """
     detail: builtins.str
     """Human-readable detail."""
+    result_omitted: builtins.bool
+    """The result was too large to send inline; read it with
+    RunService.ReadRunResult (`result_bytes` long).
+    """
+    result_bytes: builtins.int
+    """Size of the serialized result."""
     @property
-    def result(self) -> carsvc._proto.car.v1.patterns_pb2.RunResult: ...
+    def result(self) -> carsvc._proto.car.v1.patterns_pb2.RunResult:
+        """Absent when `result_omitted` (too large to send inline)."""
+
     @property
     def budget(self) -> carsvc._proto.car.v1.types_pb2.BudgetSnapshot: ...
     def __init__(
@@ -491,9 +501,11 @@ class RunFinished(google.protobuf.message.Message):
         detail: builtins.str = ...,
         result: carsvc._proto.car.v1.patterns_pb2.RunResult | None = ...,
         budget: carsvc._proto.car.v1.types_pb2.BudgetSnapshot | None = ...,
+        result_omitted: builtins.bool = ...,
+        result_bytes: builtins.int = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["budget", b"budget", "result", b"result"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["budget", b"budget", "detail", b"detail", "reason", b"reason", "result", b"result", "status", b"status"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["budget", b"budget", "detail", b"detail", "reason", b"reason", "result", b"result", "result_bytes", b"result_bytes", "result_omitted", b"result_omitted", "status", b"status"]) -> None: ...
 
 global___RunFinished = RunFinished
 

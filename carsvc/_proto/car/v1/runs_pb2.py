@@ -29,7 +29,7 @@ from carsvc._proto.car.v1 import types_pb2 as car_dot_v1_dot_types__pb2
 from carsvc._proto.car.v1 import worker_pb2 as car_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63\x61r/v1/runs.proto\x12\x06\x63\x61r.v1\x1a\x13\x63\x61r/v1/events.proto\x1a\x15\x63\x61r/v1/patterns.proto\x1a\x12\x63\x61r/v1/types.proto\x1a\x13\x63\x61r/v1/worker.proto\"\xe8\x06\n\x0fStartRunRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1f\n\x07on_busy\x18\x04 \x01(\x0e\x32\x0e.car.v1.OnBusy\x12$\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x14.car.v1.BudgetLimits\x12\x11\n\tbudget_id\x18\x06 \x01(\t\x12\x13\n\x0bstate_scope\x18\x07 \x01(\t\x12\x33\n\x06labels\x18\x08 \x03(\x0b\x32#.car.v1.StartRunRequest.LabelsEntry\x12#\n\x06single\x18\n \x01(\x0b\x32\x11.car.v1.SingleRunH\x00\x12!\n\x05swarm\x18\x0b \x01(\x0b\x32\x10.car.v1.SwarmRunH\x00\x12\'\n\x08pipeline\x18\x0c \x01(\x0b\x32\x13.car.v1.PipelineRunH\x00\x12+\n\nsupervisor\x18\r \x01(\x0b\x32\x15.car.v1.SupervisorRunH\x00\x12)\n\tdelegator\x18\x0e \x01(\x0b\x32\x14.car.v1.DelegatorRunH\x00\x12\x30\n\rspawn_subtask\x18\x0f \x01(\x0b\x32\x17.car.v1.SpawnSubtaskRunH\x00\x12*\n\nmap_reduce\x18\x10 \x01(\x0b\x32\x14.car.v1.MapReduceRunH\x00\x12\x1f\n\x04vote\x18\x11 \x01(\x0b\x32\x0f.car.v1.VoteRunH\x00\x12!\n\x05\x66leet\x18\x12 \x01(\x0b\x32\x10.car.v1.FleetRunH\x00\x12:\n\x12\x61\x64versarial_review\x18\x13 \x01(\x0b\x32\x1c.car.v1.AdversarialReviewRunH\x00\x12+\n\ntournament\x18\x14 \x01(\x0b\x32\x15.car.v1.TournamentRunH\x00\x12%\n\x07\x61\x64visor\x18\x15 \x01(\x0b\x32\x12.car.v1.AdvisorRunH\x00\x12\x33\n\x11initial_decisions\x18\x1e \x03(\x0b\x32\x18.car.v1.ToolCallDecision\x12\x12\n\ntimeout_ms\x18\x1f \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07pattern\"2\n\x10StartRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandle\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"4\n\x10WatchRunResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.car.v1.RunEvent\"\xbc\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12!\n\x06status\x18\x04 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x0f\n\x07pattern\x18\x05 \x01(\t\x12\x1a\n\x12termination_reason\x18\x06 \x01(\t\x12\x1a\n\x12termination_detail\x18\x07 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\t \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\n \x01(\x03\x12!\n\x06result\x18\x0b \x01(\x0b\x32\x11.car.v1.RunResult\x12&\n\x06\x62udget\x18\x0c \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\x12\x10\n\x08last_seq\x18\r \x01(\x04\x12\'\n\x06labels\x18\x0e \x03(\x0b\x32\x17.car.v1.Run.LabelsEntry\x12\x13\n\x0bstate_scope\x18\x0f \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\"*\n\x0eGetRunResponse\x12\x18\n\x03run\x18\x01 \x01(\x0b\x32\x0b.car.v1.Run\"\x99\x01\n\x0fListRunsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x17\n\x0finclude_results\x18\x06 \x01(\x08\"F\n\x10ListRunsResponse\x12\x19\n\x04runs\x18\x01 \x03(\x0b\x32\x0b.car.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"M\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandle\x12\x18\n\x10\x61lready_finished\x18\x02 \x01(\x08\"z\n\x16SubmitDecisionsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12+\n\tdecisions\x18\x04 \x03(\x0b\x32\x18.car.v1.ToolCallDecision\"\x94\x01\n\x17SubmitDecisionsResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandle\x12\x1c\n\x14\x61pplied_decision_ids\x18\x02 \x03(\t\x12\x1b\n\x13queued_decision_ids\x18\x03 \x03(\t\x12\x1e\n\x16\x64uplicate_decision_ids\x18\x04 \x03(\t\"\xa5\x01\n\x0eSessionRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.car.v1.StartRunRequestH\x00\x12\x33\n\tdecisions\x18\x02 \x01(\x0b\x32\x1e.car.v1.SubmitDecisionsRequestH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.car.v1.CancelRunRequestH\x00\x42\x08\n\x06\x61\x63tion\"\xf7\x01\n\x0fSessionResponse\x12$\n\x07started\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandleH\x00\x12*\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x18.car.v1.WatchRunResponseH\x00\x12\x34\n\tdecisions\x18\x03 \x01(\x0b\x32\x1f.car.v1.SubmitDecisionsResponseH\x00\x12.\n\tcancelled\x18\x04 \x01(\x0b\x32\x19.car.v1.CancelRunResponseH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.car.v1.FrameErrorH\x00\x42\x07\n\x05reply\"8\n\rSubmitRequest\x12\'\n\x06starts\x18\x01 \x03(\x0b\x32\x17.car.v1.StartRunRequest\"7\n\x0eSubmitResponse\x12%\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x14.car.v1.SubmitAnswer\"u\n\x0cSubmitAnswer\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x13.car.v1.RunFinishedH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.car.v1.FrameErrorH\x00\x42\x07\n\x05reply*a\n\x06OnBusy\x12\x17\n\x13ON_BUSY_UNSPECIFIED\x10\x00\x12\x12\n\x0eON_BUSY_REJECT\x10\x01\x12\x15\n\x11ON_BUSY_INTERRUPT\x10\x02\x12\x13\n\x0fON_BUSY_ENQUEUE\x10\x03\x32\xa1\x04\n\nRunService\x12=\n\x08StartRun\x12\x17.car.v1.StartRunRequest\x1a\x18.car.v1.StartRunResponse\x12?\n\x08WatchRun\x12\x17.car.v1.WatchRunRequest\x1a\x18.car.v1.WatchRunResponse0\x01\x12<\n\x06GetRun\x12\x15.car.v1.GetRunRequest\x1a\x16.car.v1.GetRunResponse\"\x03\x90\x02\x01\x12\x42\n\x08ListRuns\x12\x17.car.v1.ListRunsRequest\x1a\x18.car.v1.ListRunsResponse\"\x03\x90\x02\x01\x12@\n\tCancelRun\x12\x18.car.v1.CancelRunRequest\x1a\x19.car.v1.CancelRunResponse\x12R\n\x0fSubmitDecisions\x12\x1e.car.v1.SubmitDecisionsRequest\x1a\x1f.car.v1.SubmitDecisionsResponse\x12>\n\x07Session\x12\x16.car.v1.SessionRequest\x1a\x17.car.v1.SessionResponse(\x01\x30\x01\x12;\n\x06Submit\x12\x15.car.v1.SubmitRequest\x1a\x16.car.v1.SubmitResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63\x61r/v1/runs.proto\x12\x06\x63\x61r.v1\x1a\x13\x63\x61r/v1/events.proto\x1a\x15\x63\x61r/v1/patterns.proto\x1a\x12\x63\x61r/v1/types.proto\x1a\x13\x63\x61r/v1/worker.proto\"\xe8\x06\n\x0fStartRunRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1f\n\x07on_busy\x18\x04 \x01(\x0e\x32\x0e.car.v1.OnBusy\x12$\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x14.car.v1.BudgetLimits\x12\x11\n\tbudget_id\x18\x06 \x01(\t\x12\x13\n\x0bstate_scope\x18\x07 \x01(\t\x12\x33\n\x06labels\x18\x08 \x03(\x0b\x32#.car.v1.StartRunRequest.LabelsEntry\x12#\n\x06single\x18\n \x01(\x0b\x32\x11.car.v1.SingleRunH\x00\x12!\n\x05swarm\x18\x0b \x01(\x0b\x32\x10.car.v1.SwarmRunH\x00\x12\'\n\x08pipeline\x18\x0c \x01(\x0b\x32\x13.car.v1.PipelineRunH\x00\x12+\n\nsupervisor\x18\r \x01(\x0b\x32\x15.car.v1.SupervisorRunH\x00\x12)\n\tdelegator\x18\x0e \x01(\x0b\x32\x14.car.v1.DelegatorRunH\x00\x12\x30\n\rspawn_subtask\x18\x0f \x01(\x0b\x32\x17.car.v1.SpawnSubtaskRunH\x00\x12*\n\nmap_reduce\x18\x10 \x01(\x0b\x32\x14.car.v1.MapReduceRunH\x00\x12\x1f\n\x04vote\x18\x11 \x01(\x0b\x32\x0f.car.v1.VoteRunH\x00\x12!\n\x05\x66leet\x18\x12 \x01(\x0b\x32\x10.car.v1.FleetRunH\x00\x12:\n\x12\x61\x64versarial_review\x18\x13 \x01(\x0b\x32\x1c.car.v1.AdversarialReviewRunH\x00\x12+\n\ntournament\x18\x14 \x01(\x0b\x32\x15.car.v1.TournamentRunH\x00\x12%\n\x07\x61\x64visor\x18\x15 \x01(\x0b\x32\x12.car.v1.AdvisorRunH\x00\x12\x33\n\x11initial_decisions\x18\x1e \x03(\x0b\x32\x18.car.v1.ToolCallDecision\x12\x12\n\ntimeout_ms\x18\x1f \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07pattern\"2\n\x10StartRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandle\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"4\n\x10WatchRunResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.car.v1.RunEvent\"\x86\x04\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12!\n\x06status\x18\x04 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x0f\n\x07pattern\x18\x05 \x01(\t\x12\x1a\n\x12termination_reason\x18\x06 \x01(\t\x12\x1a\n\x12termination_detail\x18\x07 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\t \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\n \x01(\x03\x12!\n\x06result\x18\x0b \x01(\x0b\x32\x11.car.v1.RunResult\x12&\n\x06\x62udget\x18\x0c \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\x12\x10\n\x08last_seq\x18\r \x01(\x04\x12\'\n\x06labels\x18\x0e \x03(\x0b\x32\x17.car.v1.Run.LabelsEntry\x12\x13\n\x0bstate_scope\x18\x0f \x01(\t\x12\x16\n\x0eresult_omitted\x18\x10 \x01(\x08\x12\x14\n\x0cresult_bytes\x18\x11 \x01(\x04\x12\x1a\n\x12history_incomplete\x18\x12 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\"*\n\x0eGetRunResponse\x12\x18\n\x03run\x18\x01 \x01(\x0b\x32\x0b.car.v1.Run\"\x99\x01\n\x0fListRunsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x17\n\x0finclude_results\x18\x06 \x01(\x08\"F\n\x10ListRunsResponse\x12\x19\n\x04runs\x18\x01 \x03(\x0b\x32\x0b.car.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"M\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandle\x12\x18\n\x10\x61lready_finished\x18\x02 \x01(\x08\"z\n\x16SubmitDecisionsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12+\n\tdecisions\x18\x04 \x03(\x0b\x32\x18.car.v1.ToolCallDecision\"\x94\x01\n\x17SubmitDecisionsResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandle\x12\x1c\n\x14\x61pplied_decision_ids\x18\x02 \x03(\t\x12\x1b\n\x13queued_decision_ids\x18\x03 \x03(\t\x12\x1e\n\x16\x64uplicate_decision_ids\x18\x04 \x03(\t\"\xa5\x01\n\x0eSessionRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.car.v1.StartRunRequestH\x00\x12\x33\n\tdecisions\x18\x02 \x01(\x0b\x32\x1e.car.v1.SubmitDecisionsRequestH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.car.v1.CancelRunRequestH\x00\x42\x08\n\x06\x61\x63tion\"\xf7\x01\n\x0fSessionResponse\x12$\n\x07started\x18\x01 \x01(\x0b\x32\x11.car.v1.RunHandleH\x00\x12*\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x18.car.v1.WatchRunResponseH\x00\x12\x34\n\tdecisions\x18\x03 \x01(\x0b\x32\x1f.car.v1.SubmitDecisionsResponseH\x00\x12.\n\tcancelled\x18\x04 \x01(\x0b\x32\x19.car.v1.CancelRunResponseH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.car.v1.FrameErrorH\x00\x42\x07\n\x05reply\"8\n\rSubmitRequest\x12\'\n\x06starts\x18\x01 \x03(\x0b\x32\x17.car.v1.StartRunRequest\"7\n\x0eSubmitResponse\x12%\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x14.car.v1.SubmitAnswer\"u\n\x0cSubmitAnswer\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\'\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x13.car.v1.RunFinishedH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.car.v1.FrameErrorH\x00\x42\x07\n\x05reply\"6\n\x14ReadRunResultRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"K\n\x15ReadRunResultResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04*a\n\x06OnBusy\x12\x17\n\x13ON_BUSY_UNSPECIFIED\x10\x00\x12\x12\n\x0eON_BUSY_REJECT\x10\x01\x12\x15\n\x11ON_BUSY_INTERRUPT\x10\x02\x12\x13\n\x0fON_BUSY_ENQUEUE\x10\x03\x32\xf6\x04\n\nRunService\x12=\n\x08StartRun\x12\x17.car.v1.StartRunRequest\x1a\x18.car.v1.StartRunResponse\x12?\n\x08WatchRun\x12\x17.car.v1.WatchRunRequest\x1a\x18.car.v1.WatchRunResponse0\x01\x12<\n\x06GetRun\x12\x15.car.v1.GetRunRequest\x1a\x16.car.v1.GetRunResponse\"\x03\x90\x02\x01\x12\x42\n\x08ListRuns\x12\x17.car.v1.ListRunsRequest\x1a\x18.car.v1.ListRunsResponse\"\x03\x90\x02\x01\x12@\n\tCancelRun\x12\x18.car.v1.CancelRunRequest\x1a\x19.car.v1.CancelRunResponse\x12R\n\x0fSubmitDecisions\x12\x1e.car.v1.SubmitDecisionsRequest\x1a\x1f.car.v1.SubmitDecisionsResponse\x12>\n\x07Session\x12\x16.car.v1.SessionRequest\x1a\x17.car.v1.SessionResponse(\x01\x30\x01\x12;\n\x06Submit\x12\x15.car.v1.SubmitRequest\x1a\x16.car.v1.SubmitResponse(\x01\x30\x01\x12S\n\rReadRunResult\x12\x1c.car.v1.ReadRunResultRequest\x1a\x1d.car.v1.ReadRunResultResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,8 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSERVICE'].methods_by_name['GetRun']._serialized_options = b'\220\002\001'
   _globals['_RUNSERVICE'].methods_by_name['ListRuns']._loaded_options = None
   _globals['_RUNSERVICE'].methods_by_name['ListRuns']._serialized_options = b'\220\002\001'
-  _globals['_ONBUSY']._serialized_start=3029
-  _globals['_ONBUSY']._serialized_end=3126
+  _globals['_RUNSERVICE'].methods_by_name['ReadRunResult']._loaded_options = None
+  _globals['_RUNSERVICE'].methods_by_name['ReadRunResult']._serialized_options = b'\220\002\001'
+  _globals['_ONBUSY']._serialized_start=3236
+  _globals['_ONBUSY']._serialized_end=3333
   _globals['_STARTRUNREQUEST']._serialized_start=115
   _globals['_STARTRUNREQUEST']._serialized_end=987
   _globals['_STARTRUNREQUEST_LABELSENTRY']._serialized_start=931
@@ -57,35 +59,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHRUNRESPONSE']._serialized_start=1095
   _globals['_WATCHRUNRESPONSE']._serialized_end=1147
   _globals['_RUN']._serialized_start=1150
-  _globals['_RUN']._serialized_end=1594
+  _globals['_RUN']._serialized_end=1668
   _globals['_RUN_LABELSENTRY']._serialized_start=931
   _globals['_RUN_LABELSENTRY']._serialized_end=976
-  _globals['_GETRUNREQUEST']._serialized_start=1596
-  _globals['_GETRUNREQUEST']._serialized_end=1646
-  _globals['_GETRUNRESPONSE']._serialized_start=1648
-  _globals['_GETRUNRESPONSE']._serialized_end=1690
-  _globals['_LISTRUNSREQUEST']._serialized_start=1693
-  _globals['_LISTRUNSREQUEST']._serialized_end=1846
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1848
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1918
-  _globals['_CANCELRUNREQUEST']._serialized_start=1920
-  _globals['_CANCELRUNREQUEST']._serialized_end=2021
-  _globals['_CANCELRUNRESPONSE']._serialized_start=2023
-  _globals['_CANCELRUNRESPONSE']._serialized_end=2100
-  _globals['_SUBMITDECISIONSREQUEST']._serialized_start=2102
-  _globals['_SUBMITDECISIONSREQUEST']._serialized_end=2224
-  _globals['_SUBMITDECISIONSRESPONSE']._serialized_start=2227
-  _globals['_SUBMITDECISIONSRESPONSE']._serialized_end=2375
-  _globals['_SESSIONREQUEST']._serialized_start=2378
-  _globals['_SESSIONREQUEST']._serialized_end=2543
-  _globals['_SESSIONRESPONSE']._serialized_start=2546
-  _globals['_SESSIONRESPONSE']._serialized_end=2793
-  _globals['_SUBMITREQUEST']._serialized_start=2795
-  _globals['_SUBMITREQUEST']._serialized_end=2851
-  _globals['_SUBMITRESPONSE']._serialized_start=2853
-  _globals['_SUBMITRESPONSE']._serialized_end=2908
-  _globals['_SUBMITANSWER']._serialized_start=2910
-  _globals['_SUBMITANSWER']._serialized_end=3027
-  _globals['_RUNSERVICE']._serialized_start=3129
-  _globals['_RUNSERVICE']._serialized_end=3674
+  _globals['_GETRUNREQUEST']._serialized_start=1670
+  _globals['_GETRUNREQUEST']._serialized_end=1720
+  _globals['_GETRUNRESPONSE']._serialized_start=1722
+  _globals['_GETRUNRESPONSE']._serialized_end=1764
+  _globals['_LISTRUNSREQUEST']._serialized_start=1767
+  _globals['_LISTRUNSREQUEST']._serialized_end=1920
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1922
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1992
+  _globals['_CANCELRUNREQUEST']._serialized_start=1994
+  _globals['_CANCELRUNREQUEST']._serialized_end=2095
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2097
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2174
+  _globals['_SUBMITDECISIONSREQUEST']._serialized_start=2176
+  _globals['_SUBMITDECISIONSREQUEST']._serialized_end=2298
+  _globals['_SUBMITDECISIONSRESPONSE']._serialized_start=2301
+  _globals['_SUBMITDECISIONSRESPONSE']._serialized_end=2449
+  _globals['_SESSIONREQUEST']._serialized_start=2452
+  _globals['_SESSIONREQUEST']._serialized_end=2617
+  _globals['_SESSIONRESPONSE']._serialized_start=2620
+  _globals['_SESSIONRESPONSE']._serialized_end=2867
+  _globals['_SUBMITREQUEST']._serialized_start=2869
+  _globals['_SUBMITREQUEST']._serialized_end=2925
+  _globals['_SUBMITRESPONSE']._serialized_start=2927
+  _globals['_SUBMITRESPONSE']._serialized_end=2982
+  _globals['_SUBMITANSWER']._serialized_start=2984
+  _globals['_SUBMITANSWER']._serialized_end=3101
+  _globals['_READRUNRESULTREQUEST']._serialized_start=3103
+  _globals['_READRUNRESULTREQUEST']._serialized_end=3157
+  _globals['_READRUNRESULTRESPONSE']._serialized_start=3159
+  _globals['_READRUNRESULTRESPONSE']._serialized_end=3234
+  _globals['_RUNSERVICE']._serialized_start=3336
+  _globals['_RUNSERVICE']._serialized_end=3966
 # @@protoc_insertion_point(module_scope)

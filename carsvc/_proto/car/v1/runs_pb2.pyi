@@ -274,6 +274,9 @@ class Run(google.protobuf.message.Message):
     LAST_SEQ_FIELD_NUMBER: builtins.int
     LABELS_FIELD_NUMBER: builtins.int
     STATE_SCOPE_FIELD_NUMBER: builtins.int
+    RESULT_OMITTED_FIELD_NUMBER: builtins.int
+    RESULT_BYTES_FIELD_NUMBER: builtins.int
+    HISTORY_INCOMPLETE_FIELD_NUMBER: builtins.int
     run_id: builtins.str
     thread_id: builtins.str
     agent_id: builtins.str
@@ -289,6 +292,16 @@ class Run(google.protobuf.message.Message):
     last_seq: builtins.int
     """Seq of the run's latest event."""
     state_scope: builtins.str
+    result_omitted: builtins.bool
+    """The run has finished and its result was too large to send inline:
+    `result` is absent; read it with ReadRunResult (`result_bytes` long).
+    """
+    result_bytes: builtins.int
+    """Size of the serialized result once the run has finished."""
+    history_incomplete: builtins.bool
+    """The journal held a record of this run it could not read back after a
+    restart: some of its events (or its result) are missing.
+    """
     @property
     def result(self) -> carsvc._proto.car.v1.patterns_pb2.RunResult:
         """Set once the run has finished (only with `include_results` in ListRuns)."""
@@ -315,9 +328,12 @@ class Run(google.protobuf.message.Message):
         last_seq: builtins.int = ...,
         labels: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
         state_scope: builtins.str = ...,
+        result_omitted: builtins.bool = ...,
+        result_bytes: builtins.int = ...,
+        history_incomplete: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["budget", b"budget", "result", b"result"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "budget", b"budget", "created_unix_ms", b"created_unix_ms", "finished_unix_ms", b"finished_unix_ms", "labels", b"labels", "last_seq", b"last_seq", "pattern", b"pattern", "result", b"result", "run_id", b"run_id", "started_unix_ms", b"started_unix_ms", "state_scope", b"state_scope", "status", b"status", "termination_detail", b"termination_detail", "termination_reason", b"termination_reason", "thread_id", b"thread_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "budget", b"budget", "created_unix_ms", b"created_unix_ms", "finished_unix_ms", b"finished_unix_ms", "history_incomplete", b"history_incomplete", "labels", b"labels", "last_seq", b"last_seq", "pattern", b"pattern", "result", b"result", "result_bytes", b"result_bytes", "result_omitted", b"result_omitted", "run_id", b"run_id", "started_unix_ms", b"started_unix_ms", "state_scope", b"state_scope", "status", b"status", "termination_detail", b"termination_detail", "termination_reason", b"termination_reason", "thread_id", b"thread_id"]) -> None: ...
 
 global___Run = Run
 
@@ -689,3 +705,51 @@ class SubmitAnswer(google.protobuf.message.Message):
     def WhichOneof(self, oneof_group: typing.Literal["reply", b"reply"]) -> typing.Literal["finished", "error"] | None: ...
 
 global___SubmitAnswer = SubmitAnswer
+
+@typing.final
+class ReadRunResultRequest(google.protobuf.message.Message):
+    """Read a finished run's result."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: builtins.int
+    OFFSET_FIELD_NUMBER: builtins.int
+    run_id: builtins.str
+    offset: builtins.int
+    """Start at this byte of the serialized result (to resume a broken read)."""
+    def __init__(
+        self,
+        *,
+        run_id: builtins.str = ...,
+        offset: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["offset", b"offset", "run_id", b"run_id"]) -> None: ...
+
+global___ReadRunResultRequest = ReadRunResultRequest
+
+@typing.final
+class ReadRunResultResponse(google.protobuf.message.Message):
+    """One piece of a serialized RunResult. Concatenated in order, the chunks are
+    the whole result; parse them as one RunResult.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: builtins.int
+    OFFSET_FIELD_NUMBER: builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: builtins.int
+    chunk: builtins.bytes
+    offset: builtins.int
+    """Where `chunk` starts in the serialized result."""
+    total_bytes: builtins.int
+    """Size of the whole serialized result."""
+    def __init__(
+        self,
+        *,
+        chunk: builtins.bytes = ...,
+        offset: builtins.int = ...,
+        total_bytes: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["chunk", b"chunk", "offset", b"offset", "total_bytes", b"total_bytes"]) -> None: ...
+
+global___ReadRunResultResponse = ReadRunResultResponse

@@ -76,6 +76,11 @@ class RunServiceStub(object):
                 request_serializer=car_dot_v1_dot_runs__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=car_dot_v1_dot_runs__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.ReadRunResult = channel.unary_stream(
+                '/car.v1.RunService/ReadRunResult',
+                request_serializer=car_dot_v1_dot_runs__pb2.ReadRunResultRequest.SerializeToString,
+                response_deserializer=car_dot_v1_dot_runs__pb2.ReadRunResultResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer(object):
@@ -149,6 +154,17 @@ class RunServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadRunResult(self, request, context):
+        """Streams a finished run's result as chunks of its serialized RunResult.
+        GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+        only while it is small enough for any client's default 4 MiB receive
+        limit; a larger one is marked `result_omitted` and read here, in pieces
+        that each fit that limit (docs/contract.md, "Sizes").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +207,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=car_dot_v1_dot_runs__pb2.SubmitRequest.FromString,
                     response_serializer=car_dot_v1_dot_runs__pb2.SubmitResponse.SerializeToString,
+            ),
+            'ReadRunResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadRunResult,
+                    request_deserializer=car_dot_v1_dot_runs__pb2.ReadRunResultRequest.FromString,
+                    response_serializer=car_dot_v1_dot_runs__pb2.ReadRunResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -410,6 +431,33 @@ class RunService(object):
             '/car.v1.RunService/Submit',
             car_dot_v1_dot_runs__pb2.SubmitRequest.SerializeToString,
             car_dot_v1_dot_runs__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRunResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/car.v1.RunService/ReadRunResult',
+            car_dot_v1_dot_runs__pb2.ReadRunResultRequest.SerializeToString,
+            car_dot_v1_dot_runs__pb2.ReadRunResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,17 @@ class RunServiceStub:
     stream ends once its runs have ended; a cancelled one leaves them running.
     """
 
+    ReadRunResult: grpc.UnaryStreamMultiCallable[
+        carsvc._proto.car.v1.runs_pb2.ReadRunResultRequest,
+        carsvc._proto.car.v1.runs_pb2.ReadRunResultResponse,
+    ]
+    """Streams a finished run's result as chunks of its serialized RunResult.
+    GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+    only while it is small enough for any client's default 4 MiB receive
+    limit; a larger one is marked `result_omitted` and read here, in pieces
+    that each fit that limit (docs/contract.md, "Sizes").
+    """
+
 class RunServiceAsyncStub:
     """Start, watch, inspect, cancel and answer runs."""
 
@@ -151,6 +162,17 @@ class RunServiceAsyncStub:
     when its run has ended (its `run_finished` event), or at once with an error
     if it could not start. Answers come in the order runs end. A half-closed
     stream ends once its runs have ended; a cancelled one leaves them running.
+    """
+
+    ReadRunResult: grpc.aio.UnaryStreamMultiCallable[
+        carsvc._proto.car.v1.runs_pb2.ReadRunResultRequest,
+        carsvc._proto.car.v1.runs_pb2.ReadRunResultResponse,
+    ]
+    """Streams a finished run's result as chunks of its serialized RunResult.
+    GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+    only while it is small enough for any client's default 4 MiB receive
+    limit; a larger one is marked `result_omitted` and read here, in pieces
+    that each fit that limit (docs/contract.md, "Sizes").
     """
 
 class RunServiceServicer(metaclass=abc.ABCMeta):
@@ -234,6 +256,19 @@ class RunServiceServicer(metaclass=abc.ABCMeta):
         when its run has ended (its `run_finished` event), or at once with an error
         if it could not start. Answers come in the order runs end. A half-closed
         stream ends once its runs have ended; a cancelled one leaves them running.
+        """
+
+    @abc.abstractmethod
+    def ReadRunResult(
+        self,
+        request: carsvc._proto.car.v1.runs_pb2.ReadRunResultRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[carsvc._proto.car.v1.runs_pb2.ReadRunResultResponse], collections.abc.AsyncIterator[carsvc._proto.car.v1.runs_pb2.ReadRunResultResponse]]:
+        """Streams a finished run's result as chunks of its serialized RunResult.
+        GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+        only while it is small enough for any client's default 4 MiB receive
+        limit; a larger one is marked `result_omitted` and read here, in pieces
+        that each fit that limit (docs/contract.md, "Sizes").
         """
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

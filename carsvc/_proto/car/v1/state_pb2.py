@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63\x61r/v1/state.proto\x12\x06\x63\x61r.v1\x1a\x1cgoogle/protobuf/struct.proto\"(\n\nGetRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"S\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06writer\x18\x03 \x01(\t\"_\n\nSetRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06writer\x18\x04 \x01(\t\"\x1c\n\x0bSetResponse\x12\r\n\x05index\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06writer\x18\x03 \x01(\t\"0\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x12\r\n\x05index\x18\x02 \x01(\x04\"0\n\x0fListKeysRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\" \n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\"F\n\x0cWatchRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_index\x18\x02 \x01(\x04\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"=\n\rWatchResponse\x12,\n\x0btransitions\x18\x01 \x03(\x0b\x32\x17.car.v1.StateTransition\"\xa9\x01\n\x0fStateTransition\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\t\x12)\n\told_value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06writer\x18\x05 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x06 \x01(\x03\x32\xa8\x02\n\x0cStateService\x12\x33\n\x03Get\x12\x12.car.v1.GetRequest\x1a\x13.car.v1.GetResponse\"\x03\x90\x02\x01\x12.\n\x03Set\x12\x12.car.v1.SetRequest\x1a\x13.car.v1.SetResponse\x12\x37\n\x06\x44\x65lete\x12\x15.car.v1.DeleteRequest\x1a\x16.car.v1.DeleteResponse\x12\x42\n\x08ListKeys\x12\x17.car.v1.ListKeysRequest\x1a\x18.car.v1.ListKeysResponse\"\x03\x90\x02\x01\x12\x36\n\x05Watch\x12\x14.car.v1.WatchRequest\x1a\x15.car.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63\x61r/v1/state.proto\x12\x06\x63\x61r.v1\x1a\x1cgoogle/protobuf/struct.proto\"(\n\nGetRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"S\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06writer\x18\x03 \x01(\t\"_\n\nSetRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06writer\x18\x04 \x01(\t\"\x1c\n\x0bSetResponse\x12\r\n\x05index\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06writer\x18\x03 \x01(\t\"0\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x12\r\n\x05index\x18\x02 \x01(\x04\"W\n\x0fListKeysRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"9\n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x0cWatchRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_index\x18\x02 \x01(\x04\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"=\n\rWatchResponse\x12,\n\x0btransitions\x18\x01 \x03(\x0b\x32\x17.car.v1.StateTransition\"\xa9\x01\n\x0fStateTransition\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\t\x12)\n\told_value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06writer\x18\x05 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x06 \x01(\x03\x32\xa8\x02\n\x0cStateService\x12\x33\n\x03Get\x12\x12.car.v1.GetRequest\x1a\x13.car.v1.GetResponse\"\x03\x90\x02\x01\x12.\n\x03Set\x12\x12.car.v1.SetRequest\x1a\x13.car.v1.SetResponse\x12\x37\n\x06\x44\x65lete\x12\x15.car.v1.DeleteRequest\x1a\x16.car.v1.DeleteResponse\x12\x42\n\x08ListKeys\x12\x17.car.v1.ListKeysRequest\x1a\x18.car.v1.ListKeysResponse\"\x03\x90\x02\x01\x12\x36\n\x05Watch\x12\x14.car.v1.WatchRequest\x1a\x15.car.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,15 +50,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETERESPONSE']._serialized_start=375
   _globals['_DELETERESPONSE']._serialized_end=423
   _globals['_LISTKEYSREQUEST']._serialized_start=425
-  _globals['_LISTKEYSREQUEST']._serialized_end=473
-  _globals['_LISTKEYSRESPONSE']._serialized_start=475
-  _globals['_LISTKEYSRESPONSE']._serialized_end=507
-  _globals['_WATCHREQUEST']._serialized_start=509
-  _globals['_WATCHREQUEST']._serialized_end=579
-  _globals['_WATCHRESPONSE']._serialized_start=581
-  _globals['_WATCHRESPONSE']._serialized_end=642
-  _globals['_STATETRANSITION']._serialized_start=645
-  _globals['_STATETRANSITION']._serialized_end=814
-  _globals['_STATESERVICE']._serialized_start=817
-  _globals['_STATESERVICE']._serialized_end=1113
+  _globals['_LISTKEYSREQUEST']._serialized_end=512
+  _globals['_LISTKEYSRESPONSE']._serialized_start=514
+  _globals['_LISTKEYSRESPONSE']._serialized_end=571
+  _globals['_WATCHREQUEST']._serialized_start=573
+  _globals['_WATCHREQUEST']._serialized_end=643
+  _globals['_WATCHRESPONSE']._serialized_start=645
+  _globals['_WATCHRESPONSE']._serialized_end=706
+  _globals['_STATETRANSITION']._serialized_start=709
+  _globals['_STATETRANSITION']._serialized_end=878
+  _globals['_STATESERVICE']._serialized_start=881
+  _globals['_STATESERVICE']._serialized_end=1177
 # @@protoc_insertion_point(module_scope)

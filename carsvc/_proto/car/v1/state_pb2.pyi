@@ -158,15 +158,25 @@ class ListKeysRequest(google.protobuf.message.Message):
 
     SCOPE_FIELD_NUMBER: builtins.int
     PREFIX_FIELD_NUMBER: builtins.int
+    PAGE_SIZE_FIELD_NUMBER: builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: builtins.int
     scope: builtins.str
     prefix: builtins.str
+    page_size: builtins.int
+    """At most this many keys (default 1000, max 10000); a page also ends
+    before it would exceed 1 MiB.
+    """
+    page_token: builtins.str
+    """From a previous response's `next_page_token`."""
     def __init__(
         self,
         *,
         scope: builtins.str = ...,
         prefix: builtins.str = ...,
+        page_size: builtins.int = ...,
+        page_token: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["prefix", b"prefix", "scope", b"scope"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix", "scope", b"scope"]) -> None: ...
 
 global___ListKeysRequest = ListKeysRequest
 
@@ -177,14 +187,18 @@ class ListKeysResponse(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
+    next_page_token: builtins.str
+    """Set when more keys follow: pass it as `page_token`."""
     @property
     def keys(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
     def __init__(
         self,
         *,
         keys: collections.abc.Iterable[builtins.str] | None = ...,
+        next_page_token: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["keys", b"keys"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]) -> None: ...
 
 global___ListKeysResponse = ListKeysResponse
 

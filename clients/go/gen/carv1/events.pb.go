@@ -1231,9 +1231,15 @@ type RunFinished struct {
 	// budget_exhausted, error, sidecar_restarted, ...
 	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
 	// Human-readable detail.
-	Detail        string          `protobuf:"bytes,3,opt,name=detail,proto3" json:"detail,omitempty"`
-	Result        *RunResult      `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
-	Budget        *BudgetSnapshot `protobuf:"bytes,5,opt,name=budget,proto3" json:"budget,omitempty"`
+	Detail string `protobuf:"bytes,3,opt,name=detail,proto3" json:"detail,omitempty"`
+	// Absent when `result_omitted` (too large to send inline).
+	Result *RunResult      `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
+	Budget *BudgetSnapshot `protobuf:"bytes,5,opt,name=budget,proto3" json:"budget,omitempty"`
+	// The result was too large to send inline; read it with
+	// RunService.ReadRunResult (`result_bytes` long).
+	ResultOmitted bool `protobuf:"varint,6,opt,name=result_omitted,json=resultOmitted,proto3" json:"result_omitted,omitempty"`
+	// Size of the serialized result.
+	ResultBytes   uint64 `protobuf:"varint,7,opt,name=result_bytes,json=resultBytes,proto3" json:"result_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1301,6 +1307,20 @@ func (x *RunFinished) GetBudget() *BudgetSnapshot {
 		return x.Budget
 	}
 	return nil
+}
+
+func (x *RunFinished) GetResultOmitted() bool {
+	if x != nil {
+		return x.ResultOmitted
+	}
+	return false
+}
+
+func (x *RunFinished) GetResultBytes() uint64 {
+	if x != nil {
+		return x.ResultBytes
+	}
+	return 0
 }
 
 // Read a run's events.
@@ -1511,13 +1531,15 @@ const file_car_v1_events_proto_rawDesc = "" +
 	"\x06record\x18\x01 \x01(\v2\x15.car.v1.SubtaskRecordR\x06record\"i\n" +
 	"\x10AdvisorConsulted\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12?\n" +
-	"\fconsultation\x18\x02 \x01(\v2\x1b.car.v1.AdvisorConsultationR\fconsultation\"\xc3\x01\n" +
+	"\fconsultation\x18\x02 \x01(\v2\x1b.car.v1.AdvisorConsultationR\fconsultation\"\x8d\x02\n" +
 	"\vRunFinished\x12)\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x11.car.v1.RunStatusR\x06status\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x16\n" +
 	"\x06detail\x18\x03 \x01(\tR\x06detail\x12)\n" +
 	"\x06result\x18\x04 \x01(\v2\x11.car.v1.RunResultR\x06result\x12.\n" +
-	"\x06budget\x18\x05 \x01(\v2\x16.car.v1.BudgetSnapshotR\x06budget\"u\n" +
+	"\x06budget\x18\x05 \x01(\v2\x16.car.v1.BudgetSnapshotR\x06budget\x12%\n" +
+	"\x0eresult_omitted\x18\x06 \x01(\bR\rresultOmitted\x12!\n" +
+	"\fresult_bytes\x18\a \x01(\x04R\vresultBytes\"u\n" +
 	"\x11ReadEventsRequest\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x1b\n" +
 	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\x12\x14\n" +

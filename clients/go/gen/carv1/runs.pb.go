@@ -576,11 +576,19 @@ type Run struct {
 	Result *RunResult      `protobuf:"bytes,11,opt,name=result,proto3" json:"result,omitempty"`
 	Budget *BudgetSnapshot `protobuf:"bytes,12,opt,name=budget,proto3" json:"budget,omitempty"`
 	// Seq of the run's latest event.
-	LastSeq       uint64            `protobuf:"varint,13,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
-	Labels        map[string]string `protobuf:"bytes,14,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	StateScope    string            `protobuf:"bytes,15,opt,name=state_scope,json=stateScope,proto3" json:"state_scope,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LastSeq    uint64            `protobuf:"varint,13,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
+	Labels     map[string]string `protobuf:"bytes,14,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	StateScope string            `protobuf:"bytes,15,opt,name=state_scope,json=stateScope,proto3" json:"state_scope,omitempty"`
+	// The run has finished and its result was too large to send inline:
+	// `result` is absent; read it with ReadRunResult (`result_bytes` long).
+	ResultOmitted bool `protobuf:"varint,16,opt,name=result_omitted,json=resultOmitted,proto3" json:"result_omitted,omitempty"`
+	// Size of the serialized result once the run has finished.
+	ResultBytes uint64 `protobuf:"varint,17,opt,name=result_bytes,json=resultBytes,proto3" json:"result_bytes,omitempty"`
+	// The journal held a record of this run it could not read back after a
+	// restart: some of its events (or its result) are missing.
+	HistoryIncomplete bool `protobuf:"varint,18,opt,name=history_incomplete,json=historyIncomplete,proto3" json:"history_incomplete,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Run) Reset() {
@@ -716,6 +724,27 @@ func (x *Run) GetStateScope() string {
 		return x.StateScope
 	}
 	return ""
+}
+
+func (x *Run) GetResultOmitted() bool {
+	if x != nil {
+		return x.ResultOmitted
+	}
+	return false
+}
+
+func (x *Run) GetResultBytes() uint64 {
+	if x != nil {
+		return x.ResultBytes
+	}
+	return 0
+}
+
+func (x *Run) GetHistoryIncomplete() bool {
+	if x != nil {
+		return x.HistoryIncomplete
+	}
+	return false
 }
 
 // Get one run: by `run_id`, or the active (else latest) run of `thread_id`.
@@ -1657,6 +1686,124 @@ func (*SubmitAnswer_Finished) isSubmitAnswer_Reply() {}
 
 func (*SubmitAnswer_Error) isSubmitAnswer_Reply() {}
 
+// Read a finished run's result.
+type ReadRunResultRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	RunId string                 `protobuf:"bytes,1,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
+	// Start at this byte of the serialized result (to resume a broken read).
+	Offset        uint64 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadRunResultRequest) Reset() {
+	*x = ReadRunResultRequest{}
+	mi := &file_car_v1_runs_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadRunResultRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadRunResultRequest) ProtoMessage() {}
+
+func (x *ReadRunResultRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_car_v1_runs_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadRunResultRequest.ProtoReflect.Descriptor instead.
+func (*ReadRunResultRequest) Descriptor() ([]byte, []int) {
+	return file_car_v1_runs_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ReadRunResultRequest) GetRunId() string {
+	if x != nil {
+		return x.RunId
+	}
+	return ""
+}
+
+func (x *ReadRunResultRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+// One piece of a serialized RunResult. Concatenated in order, the chunks are
+// the whole result; parse them as one RunResult.
+type ReadRunResultResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Chunk []byte                 `protobuf:"bytes,1,opt,name=chunk,proto3" json:"chunk,omitempty"`
+	// Where `chunk` starts in the serialized result.
+	Offset uint64 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	// Size of the whole serialized result.
+	TotalBytes    uint64 `protobuf:"varint,3,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadRunResultResponse) Reset() {
+	*x = ReadRunResultResponse{}
+	mi := &file_car_v1_runs_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadRunResultResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadRunResultResponse) ProtoMessage() {}
+
+func (x *ReadRunResultResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_car_v1_runs_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadRunResultResponse.ProtoReflect.Descriptor instead.
+func (*ReadRunResultResponse) Descriptor() ([]byte, []int) {
+	return file_car_v1_runs_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ReadRunResultResponse) GetChunk() []byte {
+	if x != nil {
+		return x.Chunk
+	}
+	return nil
+}
+
+func (x *ReadRunResultResponse) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *ReadRunResultResponse) GetTotalBytes() uint64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
+}
+
 var File_car_v1_runs_proto protoreflect.FileDescriptor
 
 const file_car_v1_runs_proto_rawDesc = "" +
@@ -1703,7 +1850,7 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x1b\n" +
 	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\"<\n" +
 	"\x10WatchRunResponse\x12(\n" +
-	"\x06events\x18\x01 \x03(\v2\x10.car.v1.RunEventR\x06events\"\xf4\x04\n" +
+	"\x06events\x18\x01 \x03(\v2\x10.car.v1.RunEventR\x06events\"\xed\x05\n" +
 	"\x03Run\x12\x15\n" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x1b\n" +
 	"\tthread_id\x18\x02 \x01(\tR\bthreadId\x12\x19\n" +
@@ -1721,7 +1868,10 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\blast_seq\x18\r \x01(\x04R\alastSeq\x12/\n" +
 	"\x06labels\x18\x0e \x03(\v2\x17.car.v1.Run.LabelsEntryR\x06labels\x12\x1f\n" +
 	"\vstate_scope\x18\x0f \x01(\tR\n" +
-	"stateScope\x1a9\n" +
+	"stateScope\x12%\n" +
+	"\x0eresult_omitted\x18\x10 \x01(\bR\rresultOmitted\x12!\n" +
+	"\fresult_bytes\x18\x11 \x01(\x04R\vresultBytes\x12-\n" +
+	"\x12history_incomplete\x18\x12 \x01(\bR\x11historyIncomplete\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"C\n" +
@@ -1780,12 +1930,20 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\x06run_id\x18\x01 \x01(\tR\x05runId\x121\n" +
 	"\bfinished\x18\x02 \x01(\v2\x13.car.v1.RunFinishedH\x00R\bfinished\x12*\n" +
 	"\x05error\x18\x03 \x01(\v2\x12.car.v1.FrameErrorH\x00R\x05errorB\a\n" +
-	"\x05reply*a\n" +
+	"\x05reply\"E\n" +
+	"\x14ReadRunResultRequest\x12\x15\n" +
+	"\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\"f\n" +
+	"\x15ReadRunResultResponse\x12\x14\n" +
+	"\x05chunk\x18\x01 \x01(\fR\x05chunk\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x1f\n" +
+	"\vtotal_bytes\x18\x03 \x01(\x04R\n" +
+	"totalBytes*a\n" +
 	"\x06OnBusy\x12\x17\n" +
 	"\x13ON_BUSY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eON_BUSY_REJECT\x10\x01\x12\x15\n" +
 	"\x11ON_BUSY_INTERRUPT\x10\x02\x12\x13\n" +
-	"\x0fON_BUSY_ENQUEUE\x10\x032\xa1\x04\n" +
+	"\x0fON_BUSY_ENQUEUE\x10\x032\xf6\x04\n" +
 	"\n" +
 	"RunService\x12=\n" +
 	"\bStartRun\x12\x17.car.v1.StartRunRequest\x1a\x18.car.v1.StartRunResponse\x12?\n" +
@@ -1795,7 +1953,8 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\tCancelRun\x12\x18.car.v1.CancelRunRequest\x1a\x19.car.v1.CancelRunResponse\x12R\n" +
 	"\x0fSubmitDecisions\x12\x1e.car.v1.SubmitDecisionsRequest\x1a\x1f.car.v1.SubmitDecisionsResponse\x12>\n" +
 	"\aSession\x12\x16.car.v1.SessionRequest\x1a\x17.car.v1.SessionResponse(\x010\x01\x12;\n" +
-	"\x06Submit\x12\x15.car.v1.SubmitRequest\x1a\x16.car.v1.SubmitResponse(\x010\x01b\x06proto3"
+	"\x06Submit\x12\x15.car.v1.SubmitRequest\x1a\x16.car.v1.SubmitResponse(\x010\x01\x12S\n" +
+	"\rReadRunResult\x12\x1c.car.v1.ReadRunResultRequest\x1a\x1d.car.v1.ReadRunResultResponse\"\x03\x90\x02\x010\x01b\x06proto3"
 
 var (
 	file_car_v1_runs_proto_rawDescOnce sync.Once
@@ -1810,7 +1969,7 @@ func file_car_v1_runs_proto_rawDescGZIP() []byte {
 }
 
 var file_car_v1_runs_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_car_v1_runs_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_car_v1_runs_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_car_v1_runs_proto_goTypes = []any{
 	(OnBusy)(0),                     // 0: car.v1.OnBusy
 	(*StartRunRequest)(nil),         // 1: car.v1.StartRunRequest
@@ -1831,71 +1990,73 @@ var file_car_v1_runs_proto_goTypes = []any{
 	(*SubmitRequest)(nil),           // 16: car.v1.SubmitRequest
 	(*SubmitResponse)(nil),          // 17: car.v1.SubmitResponse
 	(*SubmitAnswer)(nil),            // 18: car.v1.SubmitAnswer
-	nil,                             // 19: car.v1.StartRunRequest.LabelsEntry
-	nil,                             // 20: car.v1.Run.LabelsEntry
-	(*BudgetLimits)(nil),            // 21: car.v1.BudgetLimits
-	(*SingleRun)(nil),               // 22: car.v1.SingleRun
-	(*SwarmRun)(nil),                // 23: car.v1.SwarmRun
-	(*PipelineRun)(nil),             // 24: car.v1.PipelineRun
-	(*SupervisorRun)(nil),           // 25: car.v1.SupervisorRun
-	(*DelegatorRun)(nil),            // 26: car.v1.DelegatorRun
-	(*SpawnSubtaskRun)(nil),         // 27: car.v1.SpawnSubtaskRun
-	(*MapReduceRun)(nil),            // 28: car.v1.MapReduceRun
-	(*VoteRun)(nil),                 // 29: car.v1.VoteRun
-	(*FleetRun)(nil),                // 30: car.v1.FleetRun
-	(*AdversarialReviewRun)(nil),    // 31: car.v1.AdversarialReviewRun
-	(*TournamentRun)(nil),           // 32: car.v1.TournamentRun
-	(*AdvisorRun)(nil),              // 33: car.v1.AdvisorRun
-	(*ToolCallDecision)(nil),        // 34: car.v1.ToolCallDecision
-	(*RunHandle)(nil),               // 35: car.v1.RunHandle
-	(*RunEvent)(nil),                // 36: car.v1.RunEvent
-	(RunStatus)(0),                  // 37: car.v1.RunStatus
-	(*RunResult)(nil),               // 38: car.v1.RunResult
-	(*BudgetSnapshot)(nil),          // 39: car.v1.BudgetSnapshot
-	(*FrameError)(nil),              // 40: car.v1.FrameError
-	(*RunFinished)(nil),             // 41: car.v1.RunFinished
+	(*ReadRunResultRequest)(nil),    // 19: car.v1.ReadRunResultRequest
+	(*ReadRunResultResponse)(nil),   // 20: car.v1.ReadRunResultResponse
+	nil,                             // 21: car.v1.StartRunRequest.LabelsEntry
+	nil,                             // 22: car.v1.Run.LabelsEntry
+	(*BudgetLimits)(nil),            // 23: car.v1.BudgetLimits
+	(*SingleRun)(nil),               // 24: car.v1.SingleRun
+	(*SwarmRun)(nil),                // 25: car.v1.SwarmRun
+	(*PipelineRun)(nil),             // 26: car.v1.PipelineRun
+	(*SupervisorRun)(nil),           // 27: car.v1.SupervisorRun
+	(*DelegatorRun)(nil),            // 28: car.v1.DelegatorRun
+	(*SpawnSubtaskRun)(nil),         // 29: car.v1.SpawnSubtaskRun
+	(*MapReduceRun)(nil),            // 30: car.v1.MapReduceRun
+	(*VoteRun)(nil),                 // 31: car.v1.VoteRun
+	(*FleetRun)(nil),                // 32: car.v1.FleetRun
+	(*AdversarialReviewRun)(nil),    // 33: car.v1.AdversarialReviewRun
+	(*TournamentRun)(nil),           // 34: car.v1.TournamentRun
+	(*AdvisorRun)(nil),              // 35: car.v1.AdvisorRun
+	(*ToolCallDecision)(nil),        // 36: car.v1.ToolCallDecision
+	(*RunHandle)(nil),               // 37: car.v1.RunHandle
+	(*RunEvent)(nil),                // 38: car.v1.RunEvent
+	(RunStatus)(0),                  // 39: car.v1.RunStatus
+	(*RunResult)(nil),               // 40: car.v1.RunResult
+	(*BudgetSnapshot)(nil),          // 41: car.v1.BudgetSnapshot
+	(*FrameError)(nil),              // 42: car.v1.FrameError
+	(*RunFinished)(nil),             // 43: car.v1.RunFinished
 }
 var file_car_v1_runs_proto_depIdxs = []int32{
 	0,  // 0: car.v1.StartRunRequest.on_busy:type_name -> car.v1.OnBusy
-	21, // 1: car.v1.StartRunRequest.budget:type_name -> car.v1.BudgetLimits
-	19, // 2: car.v1.StartRunRequest.labels:type_name -> car.v1.StartRunRequest.LabelsEntry
-	22, // 3: car.v1.StartRunRequest.single:type_name -> car.v1.SingleRun
-	23, // 4: car.v1.StartRunRequest.swarm:type_name -> car.v1.SwarmRun
-	24, // 5: car.v1.StartRunRequest.pipeline:type_name -> car.v1.PipelineRun
-	25, // 6: car.v1.StartRunRequest.supervisor:type_name -> car.v1.SupervisorRun
-	26, // 7: car.v1.StartRunRequest.delegator:type_name -> car.v1.DelegatorRun
-	27, // 8: car.v1.StartRunRequest.spawn_subtask:type_name -> car.v1.SpawnSubtaskRun
-	28, // 9: car.v1.StartRunRequest.map_reduce:type_name -> car.v1.MapReduceRun
-	29, // 10: car.v1.StartRunRequest.vote:type_name -> car.v1.VoteRun
-	30, // 11: car.v1.StartRunRequest.fleet:type_name -> car.v1.FleetRun
-	31, // 12: car.v1.StartRunRequest.adversarial_review:type_name -> car.v1.AdversarialReviewRun
-	32, // 13: car.v1.StartRunRequest.tournament:type_name -> car.v1.TournamentRun
-	33, // 14: car.v1.StartRunRequest.advisor:type_name -> car.v1.AdvisorRun
-	34, // 15: car.v1.StartRunRequest.initial_decisions:type_name -> car.v1.ToolCallDecision
-	35, // 16: car.v1.StartRunResponse.run:type_name -> car.v1.RunHandle
-	36, // 17: car.v1.WatchRunResponse.events:type_name -> car.v1.RunEvent
-	37, // 18: car.v1.Run.status:type_name -> car.v1.RunStatus
-	38, // 19: car.v1.Run.result:type_name -> car.v1.RunResult
-	39, // 20: car.v1.Run.budget:type_name -> car.v1.BudgetSnapshot
-	20, // 21: car.v1.Run.labels:type_name -> car.v1.Run.LabelsEntry
+	23, // 1: car.v1.StartRunRequest.budget:type_name -> car.v1.BudgetLimits
+	21, // 2: car.v1.StartRunRequest.labels:type_name -> car.v1.StartRunRequest.LabelsEntry
+	24, // 3: car.v1.StartRunRequest.single:type_name -> car.v1.SingleRun
+	25, // 4: car.v1.StartRunRequest.swarm:type_name -> car.v1.SwarmRun
+	26, // 5: car.v1.StartRunRequest.pipeline:type_name -> car.v1.PipelineRun
+	27, // 6: car.v1.StartRunRequest.supervisor:type_name -> car.v1.SupervisorRun
+	28, // 7: car.v1.StartRunRequest.delegator:type_name -> car.v1.DelegatorRun
+	29, // 8: car.v1.StartRunRequest.spawn_subtask:type_name -> car.v1.SpawnSubtaskRun
+	30, // 9: car.v1.StartRunRequest.map_reduce:type_name -> car.v1.MapReduceRun
+	31, // 10: car.v1.StartRunRequest.vote:type_name -> car.v1.VoteRun
+	32, // 11: car.v1.StartRunRequest.fleet:type_name -> car.v1.FleetRun
+	33, // 12: car.v1.StartRunRequest.adversarial_review:type_name -> car.v1.AdversarialReviewRun
+	34, // 13: car.v1.StartRunRequest.tournament:type_name -> car.v1.TournamentRun
+	35, // 14: car.v1.StartRunRequest.advisor:type_name -> car.v1.AdvisorRun
+	36, // 15: car.v1.StartRunRequest.initial_decisions:type_name -> car.v1.ToolCallDecision
+	37, // 16: car.v1.StartRunResponse.run:type_name -> car.v1.RunHandle
+	38, // 17: car.v1.WatchRunResponse.events:type_name -> car.v1.RunEvent
+	39, // 18: car.v1.Run.status:type_name -> car.v1.RunStatus
+	40, // 19: car.v1.Run.result:type_name -> car.v1.RunResult
+	41, // 20: car.v1.Run.budget:type_name -> car.v1.BudgetSnapshot
+	22, // 21: car.v1.Run.labels:type_name -> car.v1.Run.LabelsEntry
 	5,  // 22: car.v1.GetRunResponse.run:type_name -> car.v1.Run
-	37, // 23: car.v1.ListRunsRequest.status:type_name -> car.v1.RunStatus
+	39, // 23: car.v1.ListRunsRequest.status:type_name -> car.v1.RunStatus
 	5,  // 24: car.v1.ListRunsResponse.runs:type_name -> car.v1.Run
-	35, // 25: car.v1.CancelRunResponse.run:type_name -> car.v1.RunHandle
-	34, // 26: car.v1.SubmitDecisionsRequest.decisions:type_name -> car.v1.ToolCallDecision
-	35, // 27: car.v1.SubmitDecisionsResponse.run:type_name -> car.v1.RunHandle
+	37, // 25: car.v1.CancelRunResponse.run:type_name -> car.v1.RunHandle
+	36, // 26: car.v1.SubmitDecisionsRequest.decisions:type_name -> car.v1.ToolCallDecision
+	37, // 27: car.v1.SubmitDecisionsResponse.run:type_name -> car.v1.RunHandle
 	1,  // 28: car.v1.SessionRequest.start:type_name -> car.v1.StartRunRequest
 	12, // 29: car.v1.SessionRequest.decisions:type_name -> car.v1.SubmitDecisionsRequest
 	10, // 30: car.v1.SessionRequest.cancel:type_name -> car.v1.CancelRunRequest
-	35, // 31: car.v1.SessionResponse.started:type_name -> car.v1.RunHandle
+	37, // 31: car.v1.SessionResponse.started:type_name -> car.v1.RunHandle
 	4,  // 32: car.v1.SessionResponse.events:type_name -> car.v1.WatchRunResponse
 	13, // 33: car.v1.SessionResponse.decisions:type_name -> car.v1.SubmitDecisionsResponse
 	11, // 34: car.v1.SessionResponse.cancelled:type_name -> car.v1.CancelRunResponse
-	40, // 35: car.v1.SessionResponse.error:type_name -> car.v1.FrameError
+	42, // 35: car.v1.SessionResponse.error:type_name -> car.v1.FrameError
 	1,  // 36: car.v1.SubmitRequest.starts:type_name -> car.v1.StartRunRequest
 	18, // 37: car.v1.SubmitResponse.answers:type_name -> car.v1.SubmitAnswer
-	41, // 38: car.v1.SubmitAnswer.finished:type_name -> car.v1.RunFinished
-	40, // 39: car.v1.SubmitAnswer.error:type_name -> car.v1.FrameError
+	43, // 38: car.v1.SubmitAnswer.finished:type_name -> car.v1.RunFinished
+	42, // 39: car.v1.SubmitAnswer.error:type_name -> car.v1.FrameError
 	1,  // 40: car.v1.RunService.StartRun:input_type -> car.v1.StartRunRequest
 	3,  // 41: car.v1.RunService.WatchRun:input_type -> car.v1.WatchRunRequest
 	6,  // 42: car.v1.RunService.GetRun:input_type -> car.v1.GetRunRequest
@@ -1904,16 +2065,18 @@ var file_car_v1_runs_proto_depIdxs = []int32{
 	12, // 45: car.v1.RunService.SubmitDecisions:input_type -> car.v1.SubmitDecisionsRequest
 	14, // 46: car.v1.RunService.Session:input_type -> car.v1.SessionRequest
 	16, // 47: car.v1.RunService.Submit:input_type -> car.v1.SubmitRequest
-	2,  // 48: car.v1.RunService.StartRun:output_type -> car.v1.StartRunResponse
-	4,  // 49: car.v1.RunService.WatchRun:output_type -> car.v1.WatchRunResponse
-	7,  // 50: car.v1.RunService.GetRun:output_type -> car.v1.GetRunResponse
-	9,  // 51: car.v1.RunService.ListRuns:output_type -> car.v1.ListRunsResponse
-	11, // 52: car.v1.RunService.CancelRun:output_type -> car.v1.CancelRunResponse
-	13, // 53: car.v1.RunService.SubmitDecisions:output_type -> car.v1.SubmitDecisionsResponse
-	15, // 54: car.v1.RunService.Session:output_type -> car.v1.SessionResponse
-	17, // 55: car.v1.RunService.Submit:output_type -> car.v1.SubmitResponse
-	48, // [48:56] is the sub-list for method output_type
-	40, // [40:48] is the sub-list for method input_type
+	19, // 48: car.v1.RunService.ReadRunResult:input_type -> car.v1.ReadRunResultRequest
+	2,  // 49: car.v1.RunService.StartRun:output_type -> car.v1.StartRunResponse
+	4,  // 50: car.v1.RunService.WatchRun:output_type -> car.v1.WatchRunResponse
+	7,  // 51: car.v1.RunService.GetRun:output_type -> car.v1.GetRunResponse
+	9,  // 52: car.v1.RunService.ListRuns:output_type -> car.v1.ListRunsResponse
+	11, // 53: car.v1.RunService.CancelRun:output_type -> car.v1.CancelRunResponse
+	13, // 54: car.v1.RunService.SubmitDecisions:output_type -> car.v1.SubmitDecisionsResponse
+	15, // 55: car.v1.RunService.Session:output_type -> car.v1.SessionResponse
+	17, // 56: car.v1.RunService.Submit:output_type -> car.v1.SubmitResponse
+	20, // 57: car.v1.RunService.ReadRunResult:output_type -> car.v1.ReadRunResultResponse
+	49, // [49:58] is the sub-list for method output_type
+	40, // [40:49] is the sub-list for method input_type
 	40, // [40:40] is the sub-list for extension type_name
 	40, // [40:40] is the sub-list for extension extendee
 	0,  // [0:40] is the sub-list for field type_name
@@ -1964,7 +2127,7 @@ func file_car_v1_runs_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_car_v1_runs_proto_rawDesc), len(file_car_v1_runs_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,7 @@ const (
 	RunService_SubmitDecisions_FullMethodName = "/car.v1.RunService/SubmitDecisions"
 	RunService_Session_FullMethodName         = "/car.v1.RunService/Session"
 	RunService_Submit_FullMethodName          = "/car.v1.RunService/Submit"
+	RunService_ReadRunResult_FullMethodName   = "/car.v1.RunService/ReadRunResult"
 )
 
 // RunServiceClient is the client API for RunService service.
@@ -62,6 +63,12 @@ type RunServiceClient interface {
 	// if it could not start. Answers come in the order runs end. A half-closed
 	// stream ends once its runs have ended; a cancelled one leaves them running.
 	Submit(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SubmitRequest, SubmitResponse], error)
+	// Streams a finished run's result as chunks of its serialized RunResult.
+	// GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+	// only while it is small enough for any client's default 4 MiB receive
+	// limit; a larger one is marked `result_omitted` and read here, in pieces
+	// that each fit that limit (docs/contract.md, "Sizes").
+	ReadRunResult(ctx context.Context, in *ReadRunResultRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReadRunResultResponse], error)
 }
 
 type runServiceClient struct {
@@ -167,6 +174,25 @@ func (c *runServiceClient) Submit(ctx context.Context, opts ...grpc.CallOption) 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type RunService_SubmitClient = grpc.BidiStreamingClient[SubmitRequest, SubmitResponse]
 
+func (c *runServiceClient) ReadRunResult(ctx context.Context, in *ReadRunResultRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReadRunResultResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &RunService_ServiceDesc.Streams[3], RunService_ReadRunResult_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ReadRunResultRequest, ReadRunResultResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type RunService_ReadRunResultClient = grpc.ServerStreamingClient[ReadRunResultResponse]
+
 // RunServiceServer is the server API for RunService service.
 // All implementations must embed UnimplementedRunServiceServer
 // for forward compatibility.
@@ -200,6 +226,12 @@ type RunServiceServer interface {
 	// if it could not start. Answers come in the order runs end. A half-closed
 	// stream ends once its runs have ended; a cancelled one leaves them running.
 	Submit(grpc.BidiStreamingServer[SubmitRequest, SubmitResponse]) error
+	// Streams a finished run's result as chunks of its serialized RunResult.
+	// GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+	// only while it is small enough for any client's default 4 MiB receive
+	// limit; a larger one is marked `result_omitted` and read here, in pieces
+	// that each fit that limit (docs/contract.md, "Sizes").
+	ReadRunResult(*ReadRunResultRequest, grpc.ServerStreamingServer[ReadRunResultResponse]) error
 	mustEmbedUnimplementedRunServiceServer()
 }
 
@@ -233,6 +265,9 @@ func (UnimplementedRunServiceServer) Session(grpc.BidiStreamingServer[SessionReq
 }
 func (UnimplementedRunServiceServer) Submit(grpc.BidiStreamingServer[SubmitRequest, SubmitResponse]) error {
 	return status.Error(codes.Unimplemented, "method Submit not implemented")
+}
+func (UnimplementedRunServiceServer) ReadRunResult(*ReadRunResultRequest, grpc.ServerStreamingServer[ReadRunResultResponse]) error {
+	return status.Error(codes.Unimplemented, "method ReadRunResult not implemented")
 }
 func (UnimplementedRunServiceServer) mustEmbedUnimplementedRunServiceServer() {}
 func (UnimplementedRunServiceServer) testEmbeddedByValue()                    {}
@@ -370,6 +405,17 @@ func _RunService_Submit_Handler(srv interface{}, stream grpc.ServerStream) error
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type RunService_SubmitServer = grpc.BidiStreamingServer[SubmitRequest, SubmitResponse]
 
+func _RunService_ReadRunResult_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ReadRunResultRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(RunServiceServer).ReadRunResult(m, &grpc.GenericServerStream[ReadRunResultRequest, ReadRunResultResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type RunService_ReadRunResultServer = grpc.ServerStreamingServer[ReadRunResultResponse]
+
 // RunService_ServiceDesc is the grpc.ServiceDesc for RunService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -415,6 +461,11 @@ var RunService_ServiceDesc = grpc.ServiceDesc{
 			Handler:       _RunService_Submit_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
+		},
+		{
+			StreamName:    "ReadRunResult",
+			Handler:       _RunService_ReadRunResult_Handler,
+			ServerStreams: true,
 		},
 	},
 	Metadata: "car/v1/runs.proto",

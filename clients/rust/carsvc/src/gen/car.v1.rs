@@ -1413,10 +1413,18 @@ pub struct RunFinished {
     /// Human-readable detail.
     #[prost(string, tag = "3")]
     pub detail: ::prost::alloc::string::String,
+    /// Absent when `result_omitted` (too large to send inline).
     #[prost(message, optional, tag = "4")]
     pub result: ::core::option::Option<RunResult>,
     #[prost(message, optional, tag = "5")]
     pub budget: ::core::option::Option<BudgetSnapshot>,
+    /// The result was too large to send inline; read it with
+    /// RunService.ReadRunResult (`result_bytes` long).
+    #[prost(bool, tag = "6")]
+    pub result_omitted: bool,
+    /// Size of the serialized result.
+    #[prost(uint64, tag = "7")]
+    pub result_bytes: u64,
 }
 /// Read a run's events.
 #[allow(clippy::all)]
@@ -2506,6 +2514,17 @@ pub struct Run {
     >,
     #[prost(string, tag = "15")]
     pub state_scope: ::prost::alloc::string::String,
+    /// The run has finished and its result was too large to send inline:
+    /// `result` is absent; read it with ReadRunResult (`result_bytes` long).
+    #[prost(bool, tag = "16")]
+    pub result_omitted: bool,
+    /// Size of the serialized result once the run has finished.
+    #[prost(uint64, tag = "17")]
+    pub result_bytes: u64,
+    /// The journal held a record of this run it could not read back after a
+    /// restart: some of its events (or its result) are missing.
+    #[prost(bool, tag = "18")]
+    pub history_incomplete: bool,
 }
 /// Get one run: by `run_id`, or the active (else latest) run of `thread_id`.
 #[allow(clippy::all)]
@@ -2700,6 +2719,30 @@ pub mod submit_answer {
         #[prost(message, tag = "3")]
         Error(super::FrameError),
     }
+}
+/// Read a finished run's result.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadRunResultRequest {
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    /// Start at this byte of the serialized result (to resume a broken read).
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+}
+/// One piece of a serialized RunResult. Concatenated in order, the chunks are
+/// the whole result; parse them as one RunResult.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadRunResultResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    pub chunk: ::prost::alloc::vec::Vec<u8>,
+    /// Where `chunk` starts in the serialized result.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    /// Size of the whole serialized result.
+    #[prost(uint64, tag = "3")]
+    pub total_bytes: u64,
 }
 /// What StartRun does when the thread already has an active run.
 #[allow(clippy::all)]
@@ -3021,6 +3064,35 @@ pub mod run_service_client {
             req.extensions_mut().insert(GrpcMethod::new("car.v1.RunService", "Submit"));
             self.inner.streaming(req, path, codec).await
         }
+        /// Streams a finished run's result as chunks of its serialized RunResult.
+        /// GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+        /// only while it is small enough for any client's default 4 MiB receive
+        /// limit; a larger one is marked `result_omitted` and read here, in pieces
+        /// that each fit that limit (docs/contract.md, "Sizes").
+        pub async fn read_run_result(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReadRunResultRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ReadRunResultResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/car.v1.RunService/ReadRunResult",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("car.v1.RunService", "ReadRunResult"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Read a key.
@@ -3094,6 +3166,13 @@ pub struct ListKeysRequest {
     pub scope: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub prefix: ::prost::alloc::string::String,
+    /// At most this many keys (default 1000, max 10000); a page also ends
+    /// before it would exceed 1 MiB.
+    #[prost(uint32, tag = "3")]
+    pub page_size: u32,
+    /// From a previous response's `next_page_token`.
+    #[prost(string, tag = "4")]
+    pub page_token: ::prost::alloc::string::String,
 }
 /// Keys, sorted.
 #[allow(clippy::all)]
@@ -3101,6 +3180,9 @@ pub struct ListKeysRequest {
 pub struct ListKeysResponse {
     #[prost(string, repeated, tag = "1")]
     pub keys: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Set when more keys follow: pass it as `page_token`.
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
 }
 /// Watch a scope's transitions.
 #[allow(clippy::all)]

@@ -168,8 +168,18 @@ export interface RunFinished {
   reason: string;
   /** Human-readable detail. */
   detail: string;
+  /** Absent when `result_omitted` (too large to send inline). */
   result: RunResult | undefined;
-  budget: BudgetSnapshot | undefined;
+  budget:
+    | BudgetSnapshot
+    | undefined;
+  /**
+   * The result was too large to send inline; read it with
+   * RunService.ReadRunResult (`result_bytes` long).
+   */
+  resultOmitted: boolean;
+  /** Size of the serialized result. */
+  resultBytes: number;
 }
 
 /** Read a run's events. */
@@ -2170,7 +2180,15 @@ export const AdvisorConsulted: MessageFns<AdvisorConsulted> = {
 };
 
 function createBaseRunFinished(): RunFinished {
-  return { status: 0, reason: "", detail: "", result: undefined, budget: undefined };
+  return {
+    status: 0,
+    reason: "",
+    detail: "",
+    result: undefined,
+    budget: undefined,
+    resultOmitted: false,
+    resultBytes: 0,
+  };
 }
 
 export const RunFinished: MessageFns<RunFinished> = {
@@ -2189,6 +2207,12 @@ export const RunFinished: MessageFns<RunFinished> = {
     }
     if (message.budget !== undefined) {
       BudgetSnapshot.encode(message.budget, writer.uint32(42).fork()).join();
+    }
+    if (message.resultOmitted !== false) {
+      writer.uint32(48).bool(message.resultOmitted);
+    }
+    if (message.resultBytes !== 0) {
+      writer.uint32(56).uint64(message.resultBytes);
     }
     return writer;
   },
@@ -2246,6 +2270,22 @@ export const RunFinished: MessageFns<RunFinished> = {
             message.budget = BudgetSnapshot.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.resultOmitted = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.resultBytes = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2265,6 +2305,16 @@ export const RunFinished: MessageFns<RunFinished> = {
       detail: isSet(object.detail) ? globalThis.String(object.detail) : "",
       result: isSet(object.result) ? RunResult.fromJSON(object.result) : undefined,
       budget: isSet(object.budget) ? BudgetSnapshot.fromJSON(object.budget) : undefined,
+      resultOmitted: isSet(object.resultOmitted)
+        ? globalThis.Boolean(object.resultOmitted)
+        : isSet(object.result_omitted)
+        ? globalThis.Boolean(object.result_omitted)
+        : false,
+      resultBytes: isSet(object.resultBytes)
+        ? globalThis.Number(object.resultBytes)
+        : isSet(object.result_bytes)
+        ? globalThis.Number(object.result_bytes)
+        : 0,
     };
   },
 
@@ -2285,6 +2335,12 @@ export const RunFinished: MessageFns<RunFinished> = {
     if (message.budget !== undefined) {
       obj.budget = BudgetSnapshot.toJSON(message.budget);
     }
+    if (message.resultOmitted !== false) {
+      obj.resultOmitted = message.resultOmitted;
+    }
+    if (message.resultBytes !== 0) {
+      obj.resultBytes = Math.round(message.resultBytes);
+    }
     return obj;
   },
 
@@ -2302,6 +2358,8 @@ export const RunFinished: MessageFns<RunFinished> = {
     message.budget = (object.budget !== undefined && object.budget !== null)
       ? BudgetSnapshot.fromPartial(object.budget)
       : undefined;
+    message.resultOmitted = object.resultOmitted ?? false;
+    message.resultBytes = object.resultBytes ?? 0;
     return message;
   },
 };

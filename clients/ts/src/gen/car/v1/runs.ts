@@ -190,6 +190,18 @@ export interface Run {
   lastSeq: number;
   labels: { [key: string]: string };
   stateScope: string;
+  /**
+   * The run has finished and its result was too large to send inline:
+   * `result` is absent; read it with ReadRunResult (`result_bytes` long).
+   */
+  resultOmitted: boolean;
+  /** Size of the serialized result once the run has finished. */
+  resultBytes: number;
+  /**
+   * The journal held a record of this run it could not read back after a
+   * restart: some of its events (or its result) are missing.
+   */
+  historyIncomplete: boolean;
 }
 
 export interface Run_LabelsEntry {
@@ -334,6 +346,25 @@ export interface SubmitAnswer {
    * offending field of the StartRunRequest.
    */
   error?: FrameError | undefined;
+}
+
+/** Read a finished run's result. */
+export interface ReadRunResultRequest {
+  runId: string;
+  /** Start at this byte of the serialized result (to resume a broken read). */
+  offset: number;
+}
+
+/**
+ * One piece of a serialized RunResult. Concatenated in order, the chunks are
+ * the whole result; parse them as one RunResult.
+ */
+export interface ReadRunResultResponse {
+  chunk: Buffer;
+  /** Where `chunk` starts in the serialized result. */
+  offset: number;
+  /** Size of the whole serialized result. */
+  totalBytes: number;
 }
 
 function createBaseStartRunRequest(): StartRunRequest {
@@ -1193,6 +1224,9 @@ function createBaseRun(): Run {
     lastSeq: 0,
     labels: {},
     stateScope: "",
+    resultOmitted: false,
+    resultBytes: 0,
+    historyIncomplete: false,
   };
 }
 
@@ -1242,6 +1276,15 @@ export const Run: MessageFns<Run> = {
     });
     if (message.stateScope !== "") {
       writer.uint32(122).string(message.stateScope);
+    }
+    if (message.resultOmitted !== false) {
+      writer.uint32(128).bool(message.resultOmitted);
+    }
+    if (message.resultBytes !== 0) {
+      writer.uint32(136).uint64(message.resultBytes);
+    }
+    if (message.historyIncomplete !== false) {
+      writer.uint32(144).bool(message.historyIncomplete);
     }
     return writer;
   },
@@ -1382,6 +1425,30 @@ export const Run: MessageFns<Run> = {
             message.stateScope = reader.string();
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.resultOmitted = reader.bool();
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.resultBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.historyIncomplete = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1464,6 +1531,21 @@ export const Run: MessageFns<Run> = {
         : isSet(object.state_scope)
         ? globalThis.String(object.state_scope)
         : "",
+      resultOmitted: isSet(object.resultOmitted)
+        ? globalThis.Boolean(object.resultOmitted)
+        : isSet(object.result_omitted)
+        ? globalThis.Boolean(object.result_omitted)
+        : false,
+      resultBytes: isSet(object.resultBytes)
+        ? globalThis.Number(object.resultBytes)
+        : isSet(object.result_bytes)
+        ? globalThis.Number(object.result_bytes)
+        : 0,
+      historyIncomplete: isSet(object.historyIncomplete)
+        ? globalThis.Boolean(object.historyIncomplete)
+        : isSet(object.history_incomplete)
+        ? globalThis.Boolean(object.history_incomplete)
+        : false,
     };
   },
 
@@ -1520,6 +1602,15 @@ export const Run: MessageFns<Run> = {
     if (message.stateScope !== "") {
       obj.stateScope = message.stateScope;
     }
+    if (message.resultOmitted !== false) {
+      obj.resultOmitted = message.resultOmitted;
+    }
+    if (message.resultBytes !== 0) {
+      obj.resultBytes = Math.round(message.resultBytes);
+    }
+    if (message.historyIncomplete !== false) {
+      obj.historyIncomplete = message.historyIncomplete;
+    }
     return obj;
   },
 
@@ -1555,6 +1646,9 @@ export const Run: MessageFns<Run> = {
       {},
     );
     message.stateScope = object.stateScope ?? "";
+    message.resultOmitted = object.resultOmitted ?? false;
+    message.resultBytes = object.resultBytes ?? 0;
+    message.historyIncomplete = object.historyIncomplete ?? false;
     return message;
   },
 };
@@ -3057,6 +3151,200 @@ export const SubmitAnswer: MessageFns<SubmitAnswer> = {
   },
 };
 
+function createBaseReadRunResultRequest(): ReadRunResultRequest {
+  return { runId: "", offset: 0 };
+}
+
+export const ReadRunResultRequest: MessageFns<ReadRunResultRequest> = {
+  encode(message: ReadRunResultRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    if (message.offset !== 0) {
+      writer.uint32(16).uint64(message.offset);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReadRunResultRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReadRunResultRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.offset = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReadRunResultRequest {
+    return {
+      runId: isSet(object.runId)
+        ? globalThis.String(object.runId)
+        : isSet(object.run_id)
+        ? globalThis.String(object.run_id)
+        : "",
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+    };
+  },
+
+  toJSON(message: ReadRunResultRequest): unknown {
+    const obj: any = {};
+    if (message.runId !== "") {
+      obj.runId = message.runId;
+    }
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReadRunResultRequest>, I>>(base?: I): ReadRunResultRequest {
+    return ReadRunResultRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReadRunResultRequest>, I>>(object: I): ReadRunResultRequest {
+    const message = createBaseReadRunResultRequest();
+    message.runId = object.runId ?? "";
+    message.offset = object.offset ?? 0;
+    return message;
+  },
+};
+
+function createBaseReadRunResultResponse(): ReadRunResultResponse {
+  return { chunk: Buffer.alloc(0), offset: 0, totalBytes: 0 };
+}
+
+export const ReadRunResultResponse: MessageFns<ReadRunResultResponse> = {
+  encode(message: ReadRunResultResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.chunk.length !== 0) {
+      writer.uint32(10).bytes(message.chunk);
+    }
+    if (message.offset !== 0) {
+      writer.uint32(16).uint64(message.offset);
+    }
+    if (message.totalBytes !== 0) {
+      writer.uint32(24).uint64(message.totalBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReadRunResultResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReadRunResultResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.chunk = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.offset = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.totalBytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReadRunResultResponse {
+    return {
+      chunk: isSet(object.chunk) ? Buffer.from(bytesFromBase64(object.chunk)) : Buffer.alloc(0),
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+      totalBytes: isSet(object.totalBytes)
+        ? globalThis.Number(object.totalBytes)
+        : isSet(object.total_bytes)
+        ? globalThis.Number(object.total_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReadRunResultResponse): unknown {
+    const obj: any = {};
+    if (message.chunk.length !== 0) {
+      obj.chunk = base64FromBytes(message.chunk);
+    }
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    if (message.totalBytes !== 0) {
+      obj.totalBytes = Math.round(message.totalBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReadRunResultResponse>, I>>(base?: I): ReadRunResultResponse {
+    return ReadRunResultResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReadRunResultResponse>, I>>(object: I): ReadRunResultResponse {
+    const message = createBaseReadRunResultResponse();
+    message.chunk = object.chunk ?? Buffer.alloc(0);
+    message.offset = object.offset ?? 0;
+    message.totalBytes = object.totalBytes ?? 0;
+    return message;
+  },
+};
+
 /** Start, watch, inspect, cancel and answer runs. */
 export type RunServiceService = typeof RunServiceService;
 export const RunServiceService = {
@@ -3163,6 +3451,23 @@ export const RunServiceService = {
     responseSerialize: (value: SubmitResponse): Buffer => Buffer.from(SubmitResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SubmitResponse => SubmitResponse.decode(value),
   },
+  /**
+   * Streams a finished run's result as chunks of its serialized RunResult.
+   * GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+   * only while it is small enough for any client's default 4 MiB receive
+   * limit; a larger one is marked `result_omitted` and read here, in pieces
+   * that each fit that limit (docs/contract.md, "Sizes").
+   */
+  readRunResult: {
+    path: "/car.v1.RunService/ReadRunResult" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: ReadRunResultRequest): Buffer => Buffer.from(ReadRunResultRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReadRunResultRequest => ReadRunResultRequest.decode(value),
+    responseSerialize: (value: ReadRunResultResponse): Buffer =>
+      Buffer.from(ReadRunResultResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReadRunResultResponse => ReadRunResultResponse.decode(value),
+  },
 } as const;
 
 export interface RunServiceServer extends UntypedServiceImplementation {
@@ -3203,6 +3508,14 @@ export interface RunServiceServer extends UntypedServiceImplementation {
    * stream ends once its runs have ended; a cancelled one leaves them running.
    */
   submit: handleBidiStreamingCall<SubmitRequest, SubmitResponse>;
+  /**
+   * Streams a finished run's result as chunks of its serialized RunResult.
+   * GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+   * only while it is small enough for any client's default 4 MiB receive
+   * limit; a larger one is marked `result_omitted` and read here, in pieces
+   * that each fit that limit (docs/contract.md, "Sizes").
+   */
+  readRunResult: handleServerStreamingCall<ReadRunResultRequest, ReadRunResultResponse>;
 }
 
 export interface RunServiceClient extends Client {
@@ -3322,6 +3635,22 @@ export interface RunServiceClient extends Client {
   submit(): ClientDuplexStream<SubmitRequest, SubmitResponse>;
   submit(options: Partial<CallOptions>): ClientDuplexStream<SubmitRequest, SubmitResponse>;
   submit(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<SubmitRequest, SubmitResponse>;
+  /**
+   * Streams a finished run's result as chunks of its serialized RunResult.
+   * GetRun, ListRuns, `run_finished` and Submit answers carry a result inline
+   * only while it is small enough for any client's default 4 MiB receive
+   * limit; a larger one is marked `result_omitted` and read here, in pieces
+   * that each fit that limit (docs/contract.md, "Sizes").
+   */
+  readRunResult(
+    request: ReadRunResultRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<ReadRunResultResponse>;
+  readRunResult(
+    request: ReadRunResultRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<ReadRunResultResponse>;
 }
 
 export const RunServiceClient = makeGenericClientConstructor(RunServiceService, "car.v1.RunService") as unknown as {
@@ -3329,6 +3658,14 @@ export const RunServiceClient = makeGenericClientConstructor(RunServiceService, 
   service: typeof RunServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 

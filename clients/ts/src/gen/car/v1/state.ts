@@ -76,11 +76,20 @@ export interface DeleteResponse {
 export interface ListKeysRequest {
   scope: string;
   prefix: string;
+  /**
+   * At most this many keys (default 1000, max 10000); a page also ends
+   * before it would exceed 1 MiB.
+   */
+  pageSize: number;
+  /** From a previous response's `next_page_token`. */
+  pageToken: string;
 }
 
 /** Keys, sorted. */
 export interface ListKeysResponse {
   keys: string[];
+  /** Set when more keys follow: pass it as `page_token`. */
+  nextPageToken: string;
 }
 
 /** Watch a scope's transitions. */
@@ -669,7 +678,7 @@ export const DeleteResponse: MessageFns<DeleteResponse> = {
 };
 
 function createBaseListKeysRequest(): ListKeysRequest {
-  return { scope: "", prefix: "" };
+  return { scope: "", prefix: "", pageSize: 0, pageToken: "" };
 }
 
 export const ListKeysRequest: MessageFns<ListKeysRequest> = {
@@ -679,6 +688,12 @@ export const ListKeysRequest: MessageFns<ListKeysRequest> = {
     }
     if (message.prefix !== "") {
       writer.uint32(18).string(message.prefix);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(24).uint32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(34).string(message.pageToken);
     }
     return writer;
   },
@@ -712,6 +727,22 @@ export const ListKeysRequest: MessageFns<ListKeysRequest> = {
             message.prefix = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pageSize = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -728,6 +759,16 @@ export const ListKeysRequest: MessageFns<ListKeysRequest> = {
     return {
       scope: isSet(object.scope) ? globalThis.String(object.scope) : "",
       prefix: isSet(object.prefix) ? globalThis.String(object.prefix) : "",
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
     };
   },
 
@@ -739,6 +780,12 @@ export const ListKeysRequest: MessageFns<ListKeysRequest> = {
     if (message.prefix !== "") {
       obj.prefix = message.prefix;
     }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
     return obj;
   },
 
@@ -749,18 +796,23 @@ export const ListKeysRequest: MessageFns<ListKeysRequest> = {
     const message = createBaseListKeysRequest();
     message.scope = object.scope ?? "";
     message.prefix = object.prefix ?? "";
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
     return message;
   },
 };
 
 function createBaseListKeysResponse(): ListKeysResponse {
-  return { keys: [] };
+  return { keys: [], nextPageToken: "" };
 }
 
 export const ListKeysResponse: MessageFns<ListKeysResponse> = {
   encode(message: ListKeysResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.keys) {
       writer.uint32(10).string(v!);
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
     }
     return writer;
   },
@@ -786,6 +838,14 @@ export const ListKeysResponse: MessageFns<ListKeysResponse> = {
             message.keys.push(reader.string());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -799,13 +859,23 @@ export const ListKeysResponse: MessageFns<ListKeysResponse> = {
   },
 
   fromJSON(object: any): ListKeysResponse {
-    return { keys: globalThis.Array.isArray(object?.keys) ? object.keys.map((e: any) => globalThis.String(e)) : [] };
+    return {
+      keys: globalThis.Array.isArray(object?.keys) ? object.keys.map((e: any) => globalThis.String(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
   },
 
   toJSON(message: ListKeysResponse): unknown {
     const obj: any = {};
     if (message.keys?.length) {
       obj.keys = message.keys;
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
     }
     return obj;
   },
@@ -816,6 +886,7 @@ export const ListKeysResponse: MessageFns<ListKeysResponse> = {
   fromPartial<I extends Exact<DeepPartial<ListKeysResponse>, I>>(object: I): ListKeysResponse {
     const message = createBaseListKeysResponse();
     message.keys = object.keys?.map((e) => e) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
