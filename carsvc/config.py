@@ -9,7 +9,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, MAX_VALUE_DEPTH_LIMIT
+
 ENV_PREFIX = "CARSVC_"
+# gRPC's default receive limit in every language is 4 MiB; one field or agent
+# output must fit in it with room for the envelope around it.
+MAX_INLINE_BYTES = 3 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,12 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     # Largest single text or value field (a task, an item, a state value), in bytes.
     max_field_bytes: int = 1024 * 1024
+    # Deepest JSON nesting of any value (state, outputs, events, metadata,
+    # decisions); 3 x depth + envelopes stays under protobuf's 100-level parse
+    # limit, so whatever is stored can be re-sent and decoded (at most 28).
+    max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH
+    # Largest AgentOutput a worker may return (an answer with its outcome), in bytes.
+    max_output_bytes: int = 1024 * 1024
     # Largest map-reduce item list and agents per pattern.
     max_items: int = 100_000
     max_agents_per_pattern: int = 1_000
@@ -122,7 +133,7 @@ class Settings:
             "max_message_bytes", "max_field_bytes", "max_items", "max_agents_per_pattern",
             "heartbeat_interval_ms", "heartbeat_misses", "max_attempts", "event_retention",
             "finished_run_retention", "watcher_buffer", "mailbox_depth", "max_unmatched_decisions",
-            "max_watchers_per_run",
+            "max_watchers_per_run", "max_value_depth", "max_output_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -136,6 +147,17 @@ class Settings:
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
         if self.journal_sync not in ("normal", "full"):
             raise ValueError(f"journal_sync must be 'normal' or 'full', not {self.journal_sync!r}")
+        if self.max_value_depth > MAX_VALUE_DEPTH_LIMIT:
+            raise ValueError(
+                f"max_value_depth must be at most {MAX_VALUE_DEPTH_LIMIT} (protobuf's parse limit), "
+                f"not {self.max_value_depth}"
+            )
+        for name in ("max_field_bytes", "max_output_bytes"):
+            if getattr(self, name) > MAX_INLINE_BYTES:
+                raise ValueError(
+                    f"{name} must be at most {MAX_INLINE_BYTES} (what fits a client's default 4 MiB "
+                    f"message with its envelope), not {getattr(self, name)}"
+                )
         if self.max_field_bytes > self.max_message_bytes:
             raise ValueError("max_field_bytes must not exceed max_message_bytes")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

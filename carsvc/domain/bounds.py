@@ -1,0 +1,80 @@
+"""Bounds on JSON-shaped values (google.protobuf.Value / Struct) taken from anyone.
+
+Protobuf parsers refuse messages nested more than 100 levels deep (upb, C++,
+prost; grpc-js through protobufjs). A Value costs up to three of those levels
+per JSON level (Value -> Struct -> map entry -> Value), and the sidecar re-sends
+what it stores inside envelopes up to about a dozen levels deep (a WatchRun
+batch -> event -> result -> output -> outcome -> evidence). So a value accepted
+at any depth could be stored and then never be decoded again by a client, a
+worker SDK or the journal. Every Value and Struct the sidecar accepts is
+checked here against one limit, `max_value_depth`, kept well below that.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2
+
+from carsvc._proto.car.v1 import types_pb2
+from carsvc.domain.errors import InvalidArgument
+
+Value = struct_pb2.Value
+Struct = struct_pb2.Struct
+
+DEFAULT_MAX_VALUE_DEPTH = 24
+# Protobuf's parse limit is 100 message levels; an envelope adds at most
+# ENVELOPE_LEVELS, each JSON level at most 3: 3 * 28 + 1 + 12 < 100.
+MAX_VALUE_DEPTH_LIMIT = 28
+ENVELOPE_LEVELS = 12
+# Each JSON level costs at least this many bytes on the wire (a tag and a length
+# for the container and for its element): smaller values cannot be too deep.
+_MIN_BYTES_PER_LEVEL = 4
+
+
+def value_depth(value: Value) -> int:
+    """JSON nesting depth: 0 for a scalar, 1 for a flat list or object, ..."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_depth(value.struct_value)
+    if kind == "list_value":
+        return 1 + max((value_depth(v) for v in value.list_value.values), default=0)
+    return 0
+
+
+def struct_depth(struct: Struct) -> int:
+    return 1 + max((value_depth(v) for v in struct.fields.values()), default=0)
+
+
+def _too_deep(depth: int, limit: int, field: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"is nested {depth} levels deep; the limit is {limit} (max_value_depth)", field=field
+    )
+
+
+def check_value(value: Value, field: str, limit: int) -> None:
+    """INVALID_ARGUMENT naming `field` when `value` is nested deeper than `limit`."""
+    if value.ByteSize() <= _MIN_BYTES_PER_LEVEL * limit:
+        return
+    depth = value_depth(value)
+    if depth > limit:
+        raise _too_deep(depth, limit, field)
+
+
+def check_struct(struct: Struct, field: str, limit: int) -> None:
+    """The same for a Struct (which is itself one level)."""
+    if struct.ByteSize() <= _MIN_BYTES_PER_LEVEL * (limit - 1):
+        return
+    depth = struct_depth(struct)
+    if depth > limit:
+        raise _too_deep(depth, limit, field)
+
+
+def check_output_values(output: types_pb2.AgentOutput, field: str, limit: int) -> None:
+    """Every Value/Struct inside an AgentOutput (its outcome's evidence and metrics)."""
+    if not output.HasField("outcome"):
+        return
+    outcome = output.outcome
+    for i, evidence in enumerate(outcome.evidence):
+        if evidence.HasField("data"):
+            check_value(evidence.data, f"{field}.outcome.evidence[{i}].data", limit)
+    if outcome.HasField("metrics"):
+        check_struct(outcome.metrics, f"{field}.outcome.metrics", limit)
