@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2, worker_pb2_grpc
+from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2
 from carsvc._version import __version__
 from carsvc.security.channel import TLS, bearer_metadata, open_channel
 from carsvc.values import from_value, to_value
 
-__all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "Worker", "WorkerRefused"]
+__all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "UndecodableFrame", "Worker", "WorkerRefused"]
 
 log = logging.getLogger("carsvc.worker")
 
@@ -124,6 +125,23 @@ class WorkerRefused(Exception):
         self.details = details
         self.target = target
 
+
+class UndecodableFrame(Exception):
+    """The sidecar sent a frame this SDK cannot decode (a newer contract, a
+    value nested beyond protobuf's limit, or corrupt bytes). The session ends
+    and the worker reconnects; what it held goes back to the sidecar."""
+
+
+def _decode_frame(data: bytes) -> worker_pb2.ConnectResponse | UndecodableFrame:
+    # grpc turns a deserializer's exception into a None message and an ERROR log
+    # line without the cause; returning the error keeps it for a clear message.
+    try:
+        return worker_pb2.ConnectResponse.FromString(data)
+    except DecodeError as err:
+        return UndecodableFrame(f"could not decode a frame from the sidecar ({len(data)} bytes): {err}")
+
+
+_CONNECT = "/car.v1.WorkerService/Connect"
 
 # Statuses of the Connect stream that no reconnect can fix.
 REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
@@ -424,6 +442,8 @@ class Worker:
                     log.error("worker %s: %s; not reconnecting", self.worker_id, refused)
                     raise refused from err
                 log.warning("worker %s: session ended: %s %s", self.worker_id, err.code().name, err.details())
+            except UndecodableFrame as err:
+                log.error("worker %s: %s; reconnecting", self.worker_id, err)
             if self._stopping.is_set() or not self.reconnect or (drained and self.stop_on_drain):
                 return
             if time.monotonic() - started > 10:
@@ -443,8 +463,12 @@ class Worker:
         link = _Link()
         drained = False
         async with open_channel(self.target, tls=self.tls, options=self.channel_options) as channel:
-            stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            call = stub.Connect(self._frames(link), metadata=self._metadata)
+            connect = channel.stream_stream(
+                _CONNECT,
+                request_serializer=worker_pb2.ConnectRequest.SerializeToString,
+                response_deserializer=_decode_frame,
+            )
+            call = connect(self._frames(link), metadata=self._metadata)
             stopper = asyncio.get_running_loop().create_task(self._stopping.wait())
             reader = asyncio.ensure_future(self._read(call, link))
             try:
@@ -492,6 +516,8 @@ class Worker:
 
     async def _read(self, call: Any, link: _Link) -> bool:
         async for frame in call:
+            if not isinstance(frame, worker_pb2.ConnectResponse):
+                raise frame if isinstance(frame, UndecodableFrame) else UndecodableFrame(f"got {frame!r}")
             if frame.HasField("welcome"):
                 link.session_id = self.session_id = frame.welcome.session_id
                 if frame.welcome.heartbeat_interval_ms:
