@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -28,9 +27,18 @@ type Client struct {
 	Budgets  carv1.BudgetServiceClient
 }
 
-// NewClient connects (lazily) to the sidecar at target ("host:port").
+// ClientReconnectMaxDelay caps gRPC's reconnect backoff on a client's
+// channel (gRPC's own default grows to 120 s), so calls succeed again within
+// a few seconds after a sidecar outage.
+const ClientReconnectMaxDelay = 5 * time.Second
+
+// NewClient connects (lazily) to the sidecar at target ("host:port"). The
+// channel is plaintext, sends and receives messages up to
+// DefaultMaxMessageBytes (16 MiB; change it with MaxMessageBytes(n)) and
+// caps its reconnect backoff at ClientReconnectMaxDelay; opts come after
+// these defaults, so they override them.
 func NewClient(target string, opts ...grpc.DialOption) (*Client, error) {
-	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)
+	opts = append(channelOptions(DefaultMaxMessageBytes, ClientReconnectMaxDelay), opts...)
 	conn, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return nil, err

@@ -11,11 +11,15 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -78,6 +82,77 @@ func refused(target string, err error) *RefusedError {
 	return &RefusedError{Target: target, Code: st.Code(), Message: st.Message(), Err: err}
 }
 
+// DefaultMaxMessageBytes is the largest message a worker or client channel
+// sends or receives by default: 16 MiB, the sidecar's max_message_bytes
+// (gRPC's own receive default is 4 MiB, too small for a reducer's task).
+const DefaultMaxMessageBytes = 16 << 20
+
+// UndecodableFrameError is a session that ended because a message from the
+// sidecar could not be decoded (garbage bytes, or a value nested deeper than
+// the protobuf parser allows). The worker reconnects after it like after any
+// other lost session. It wraps the gRPC status error (codes.Internal).
+type UndecodableFrameError struct {
+	Cause error // the protobuf decoder's error
+	Err   error // the status the stream ended with
+}
+
+func (e *UndecodableFrameError) Error() string {
+	return fmt.Sprintf("carsvc: a frame from the sidecar could not be decoded: %v", e.Cause)
+}
+
+func (e *UndecodableFrameError) Unwrap() error { return e.Err }
+
+// decodeRecorder is the proto codec, remembering the first message it could
+// not decode: gRPC turns that into a bare codes.Internal status.
+type decodeRecorder struct {
+	encoding.CodecV2
+	failed atomic.Pointer[error]
+}
+
+func newDecodeRecorder() *decodeRecorder {
+	return &decodeRecorder{CodecV2: encoding.GetCodecV2("proto")}
+}
+
+func (c *decodeRecorder) Unmarshal(data mem.BufferSlice, v any) error {
+	err := c.CodecV2.Unmarshal(data, v)
+	if err != nil {
+		c.failed.CompareAndSwap(nil, &err)
+	}
+	return err
+}
+
+// wrap turns err into an *UndecodableFrameError when a decode failure ended the stream.
+func (c *decodeRecorder) wrap(err error) error {
+	if cause := c.failed.Load(); cause != nil && err != nil && status.Code(err) == codes.Internal {
+		return &UndecodableFrameError{Cause: *cause, Err: err}
+	}
+	return err
+}
+
+// channelOptions are the dial options every worker and client channel
+// starts with: plaintext, messages up to maxBytes both ways, and gRPC's
+// reconnect backoff capped at maxBackoff (its own default grows to 120 s).
+func channelOptions(maxBytes int, maxBackoff time.Duration) []grpc.DialOption {
+	if maxBytes <= 0 {
+		maxBytes = DefaultMaxMessageBytes
+	}
+	b := backoff.DefaultConfig
+	b.BaseDelay = min(100*time.Millisecond, maxBackoff)
+	b.MaxDelay = maxBackoff
+	return []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		MaxMessageBytes(maxBytes),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: b, MinConnectTimeout: 5 * time.Second}),
+	}
+}
+
+// MaxMessageBytes is a dial option setting the largest message a channel
+// sends and receives (default DefaultMaxMessageBytes):
+// carsvc.NewClient(target, carsvc.MaxMessageBytes(32<<20)).
+func MaxMessageBytes(n int) grpc.DialOption {
+	return grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(n), grpc.MaxCallSendMsgSize(n))
+}
+
 // Worker is one worker process's connection to the sidecar. Set the exported
 // fields before Run; NewWorker fills in the defaults.
 type Worker struct {
@@ -86,9 +161,14 @@ type Worker struct {
 	MaxInFlight int               // assignments held at once; default 1
 	Labels      map[string]string // shown in RegistryService.ListWorkers
 	// Reconnect after the stream ends (the sidecar crashed, or drained this
-	// worker because it is restarting), with backoff up to ReconnectMaxDelay.
+	// worker because it is restarting, or sent a frame the worker could not
+	// decode), with backoff from 100 ms up to ReconnectMaxDelay. Every attempt
+	// uses a fresh connection, so gRPC's own reconnect backoff never delays it.
 	Reconnect         bool
 	ReconnectMaxDelay time.Duration
+	// MaxMessageBytes is the largest message the worker sends or receives
+	// (default DefaultMaxMessageBytes, 16 MiB, the sidecar's own limit).
+	MaxMessageBytes int
 	// StopOnDrain makes Run return after the sidecar drained the worker and
 	// its held work is done, instead of reconnecting.
 	StopOnDrain bool
@@ -115,6 +195,7 @@ func NewWorker(target string) *Worker {
 		MaxInFlight:       1,
 		Reconnect:         true,
 		ReconnectMaxDelay: 5 * time.Second,
+		MaxMessageBytes:   DefaultMaxMessageBytes,
 		Logger:            slog.Default(),
 		handlers:          map[string]Handler{},
 	}
@@ -165,10 +246,15 @@ func (w *Worker) Run(ctx context.Context) error {
 	if w.Token != "" && !validToken(w.Token) {
 		return errors.New("carsvc: Worker.Token is not a valid token: tokens are printable ASCII without spaces")
 	}
-	delay := 100 * time.Millisecond
+	maxDelay := w.ReconnectMaxDelay
+	if maxDelay <= 0 {
+		maxDelay = 5 * time.Second
+	}
+	delay := min(100*time.Millisecond, maxDelay)
+	attempt := 0 // reconnect attempts since the last session that lasted
 	for {
 		started := time.Now()
-		drained, err := w.session(ctx)
+		drained, err := w.session(ctx, maxDelay)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -180,23 +266,34 @@ func (w *Worker) Run(ctx context.Context) error {
 		if drained && (w.StopOnDrain || !w.Reconnect) {
 			return nil
 		}
+		var undecodable *UndecodableFrameError
 		if !w.Reconnect {
+			if errors.As(err, &undecodable) {
+				w.Logger.Error("carsvc worker: a frame from the sidecar could not be decoded; not reconnecting (Reconnect is off)",
+					"worker", w.WorkerID, "target", w.Target, "err", undecodable.Cause)
+			}
 			return err
 		}
 		if time.Since(started) > 10*time.Second {
-			delay = 100 * time.Millisecond
+			delay, attempt = min(100*time.Millisecond, maxDelay), 0
 		}
-		if drained {
-			w.Logger.Info("carsvc worker: drained; reconnecting", "worker", w.WorkerID, "in", delay)
-		} else {
-			w.Logger.Warn("carsvc worker: session ended; reconnecting", "worker", w.WorkerID, "err", err, "in", delay)
+		attempt++
+		switch {
+		case drained:
+			w.Logger.Info("carsvc worker: drained; reconnecting", "worker", w.WorkerID, "in", delay, "attempt", attempt)
+		case errors.As(err, &undecodable):
+			w.Logger.Error("carsvc worker: a frame from the sidecar could not be decoded; the session is lost, reconnecting",
+				"worker", w.WorkerID, "target", w.Target, "err", undecodable.Cause, "in", delay, "attempt", attempt)
+		default:
+			w.Logger.Warn("carsvc worker: session ended; reconnecting", "worker", w.WorkerID, "target", w.Target,
+				"err", err, "in", delay, "attempt", attempt)
 		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(delay):
 		}
-		delay = min(delay*2, w.ReconnectMaxDelay)
+		delay = min(delay*2, maxDelay)
 	}
 }
 
@@ -211,13 +308,21 @@ func validToken(token string) bool {
 }
 
 // session is one connection; it reports whether the sidecar drained us.
-func (w *Worker) session(parent context.Context) (bool, error) {
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, w.DialOptions...)
-	conn, err := grpc.NewClient(w.Target, opts...)
+// Every session dials a fresh connection: a connection kept across attempts
+// would wait out gRPC's own reconnect backoff (up to 120 s) instead of ours.
+func (w *Worker) session(parent context.Context, maxBackoff time.Duration) (bool, error) {
+	codec := newDecodeRecorder()
+	opts := append(channelOptions(w.MaxMessageBytes, maxBackoff), grpc.WithDefaultCallOptions(grpc.ForceCodecV2(codec)))
+	conn, err := grpc.NewClient(w.Target, append(opts, w.DialOptions...)...)
 	if err != nil {
 		return false, err
 	}
 	defer conn.Close()
+	drained, err := w.serve(parent, conn)
+	return drained, codec.wrap(err)
+}
+
+func (w *Worker) serve(parent context.Context, conn *grpc.ClientConn) (bool, error) {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
 	callCtx := ctx
