@@ -1,27 +1,54 @@
 """The durable journal behind `--data-dir`: state transitions, run events and
 run records in one SQLite database (WAL mode, standard library only).
 
-Writes never block the event loop: they go to a queue that a writer thread
-commits in batches every `flush_interval` seconds. A crash of the sidecar
-process (even SIGKILL) loses at most the writes of that interval; with
-`sync="full"` each batch is also fsynced, so a power loss loses no more. On
-start, `load()` reads everything back and the state log is compacted to one
-row per live key."""
+Writes never block the event loop: each record is serialized where it is
+produced and put on a queue; a writer thread commits what is queued in one
+transaction. The writer paces itself by the age of the oldest queued record,
+not by a fixed sleep: it commits once that record is `flush_interval / 2` old,
+and back to back while it is behind, so under any load a record is committed
+within `flush_interval` of being queued (the bound docs/operations.md promises
+for a SIGKILL). When the journal lags anyway (a slow disk), `settle()` makes
+producers wait for the commit before they acknowledge: back-pressure instead
+of an unbounded backlog.
+
+Sync modes (`journal_sync`):
+
+* "normal": commits are not fsynced (SQLite `synchronous=NORMAL`, WAL): a
+  process crash loses at most `flush_interval`; a power loss may lose more.
+* "full": every commit is fsynced.
+* "strict": every commit is fsynced, the writer commits as soon as anything is
+  queued (group commit: everything queued while one commit runs shares the next
+  one), and `settle()` always waits: an acknowledgement means the record is on
+  disk.
+
+`barrier()` is the primitive under all of it: a future resolved (on the loop
+that asked, via `call_soon_threadsafe`) once every record queued before the
+call is committed.
+
+On start, `load()` reads everything back, one row at a time: a row that does
+not decode is logged and skipped (its run is marked `history_incomplete`), so
+one bad record never keeps the sidecar from starting. The state log is then
+compacted to one row per live key."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import message, struct_pb2
 
 from carsvc._proto.car.v1 import events_pb2, runs_pb2
+from carsvc.domain.errors import Unavailable
 
 log = logging.getLogger("carsvc.journal")
 
@@ -33,7 +60,32 @@ CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, e
                                    PRIMARY KEY (run_id, seq));
 """
 
+SYNC_MODES = ("normal", "full", "strict")
+
 _STOP = object()
+
+# Record kinds on the queue: (enqueued_at, kind, parameters).
+_STATE, _EVENT, _RUN, _FORGET = range(4)
+
+# How much of the bound a record may wait on the queue before the writer takes
+# it; the rest is for the commit itself.
+_PACE = 0.5
+# Producers wait for the commit (back-pressure) once the oldest uncommitted
+# record is older than this share of the bound.
+_LAG = 0.6
+
+
+class JournalError(Unavailable):
+    """A commit failed: what waited for it is not on disk."""
+
+
+class _Barrier(asyncio.Future[None]):
+    """A future shared by every caller between two commits. One caller's
+    cancellation must not cancel it for the others, so cancel() refuses: a
+    cancelled task that awaits it ends once the commit is done."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 @dataclass
@@ -45,18 +97,38 @@ class Recovered:
     # Run records in start order, with their events.
     runs: list[runs_pb2.Run] = field(default_factory=list)
     events: dict[str, list[events_pb2.RunEvent]] = field(default_factory=dict)
+    # run_id -> seqs of events that could not be read back (the run's history is incomplete).
+    skipped_events: dict[str, list[int]] = field(default_factory=dict)
+    # Rows that could not be read back at all, by table.
+    skipped_rows: dict[str, int] = field(default_factory=dict)
 
 
 class Journal:
     def __init__(self, data_dir: str | Path, *, flush_interval: float = 0.05, sync: str = "normal") -> None:
-        if sync not in ("normal", "full"):
-            raise ValueError(f"journal sync must be 'normal' or 'full', not {sync!r}")
+        if sync not in SYNC_MODES:
+            raise ValueError(f"journal sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        if flush_interval <= 0:
+            raise ValueError(f"journal flush interval must be positive, not {flush_interval!r}")
         self.path = Path(data_dir) / "carsvc.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_interval = flush_interval
-        self._sync = sync
+        self.sync = sync
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._hurry = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False
+        # Loop side (only touched on the event loop's thread).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._enqueued = 0  # records queued so far
+        self._durable = 0  # records known committed (the first _durable queued ones)
+        self._pending_since: deque[tuple[int, float]] = deque()  # (number, queued at) of uncommitted records
+        self._waiters: deque[tuple[int, _Barrier]] = deque()  # (records it waits for, future)
+        self._open: _Barrier | None = None  # the future callers share until the next commit
+        self._resolved: asyncio.Future[None] | None = None
+        # Writer side.
+        self._committed = 0
+        # For metrics and tests.
+        self.commits = 0
         db = self._connect()
         db.executescript(SCHEMA)
         db.close()
@@ -64,26 +136,46 @@ class Journal:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={'FULL' if self._sync == 'full' else 'NORMAL'}")
+        db.execute(f"PRAGMA synchronous={'NORMAL' if self.sync == 'normal' else 'FULL'}")
         return db
+
+    @property
+    def strict(self) -> bool:
+        return self.sync == "strict"
 
     # -- recovery ----------------------------------------------------------------
 
     def load(self) -> Recovered:
-        """Reads the journal back and compacts the state log. Call before start()."""
+        """Reads the journal back and compacts the state log. Call before start().
+
+        Every row is decoded on its own; one that does not decode is logged and
+        skipped, never fatal."""
         got = Recovered()
         db = self._connect()
         try:
-            for scope, key, blob, writer in db.execute("SELECT scope, key, value, writer FROM state ORDER BY seq"):
+            for seq, scope, key, blob, writer in db.execute(
+                "SELECT seq, scope, key, value, writer FROM state ORDER BY seq"
+            ):
                 keys = got.state.setdefault(scope, {})
                 if blob is None:
                     keys.pop(key, None)
-                else:
+                    continue
+                try:
                     keys[key] = (struct_pb2.Value.FromString(blob), writer)
-            for (blob,) in db.execute("SELECT record FROM runs ORDER BY ordinal"):
-                got.runs.append(runs_pb2.Run.FromString(blob))
-            for run_id, blob in db.execute("SELECT run_id, event FROM events ORDER BY run_id, seq"):
-                got.events.setdefault(run_id, []).append(events_pb2.RunEvent.FromString(blob))
+                except message.DecodeError as err:
+                    keys.pop(key, None)  # its previous value was overwritten: it is gone too
+                    self._skipped(got, "state", "state %r key %r (row %d)", scope[:200], key[:200], seq, err=err)
+            for run_id, blob in db.execute("SELECT run_id, record FROM runs ORDER BY ordinal"):
+                try:
+                    got.runs.append(runs_pb2.Run.FromString(blob))
+                except message.DecodeError as err:
+                    self._skipped(got, "runs", "the record of run %r", run_id, err=err)
+            for run_id, seq, blob in db.execute("SELECT run_id, seq, event FROM events ORDER BY run_id, seq"):
+                try:
+                    got.events.setdefault(run_id, []).append(events_pb2.RunEvent.FromString(blob))
+                except message.DecodeError as err:
+                    got.skipped_events.setdefault(run_id, []).append(seq)
+                    self._skipped(got, "events", "event seq %d of run %r", seq, run_id, err=err)
             db.execute("BEGIN")
             db.execute("DELETE FROM state")
             db.executemany(
@@ -99,31 +191,110 @@ class Journal:
             db.close()
         return got
 
-    # -- writing -----------------------------------------------------------------
+    @staticmethod
+    def _skipped(got: Recovered, table: str, what: str, *args: object, err: Exception) -> None:
+        got.skipped_rows[table] = got.skipped_rows.get(table, 0) + 1
+        log.error("journal: skipped " + what + " that cannot be read back: %s", *args, err)
+
+    # -- writing (event loop side) ---------------------------------------------------
 
     def start(self) -> None:
+        """Starts the writer; call it on the event loop that will use barrier()."""
+        with contextlib.suppress(RuntimeError):  # no loop: commits are not reported back
+            self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._write_loop, name="carsvc-journal", daemon=True)
         self._thread.start()
 
     def state(self, scope: str, key: str, value: object, writer: str, time_ms: int) -> None:
-        self._queue.put(("state", scope, key, value, writer, time_ms))
+        blob = value.SerializeToString() if isinstance(value, struct_pb2.Value) else None
+        self._put(_STATE, (scope, key, blob, writer, time_ms))
 
     def event(self, run_id: str, event: events_pb2.RunEvent) -> None:
-        self._queue.put(("event", run_id, event))
+        self._put(_EVENT, (run_id, event.seq, event.SerializeToString()))
 
     def run(self, ordinal: int, record: runs_pb2.Run) -> None:
-        self._queue.put(("run", ordinal, record))
+        self._put(_RUN, (record.run_id, ordinal, record.SerializeToString()))
 
     def forget(self, run_id: str) -> None:
         """Drops a run that fell out of retention, with its events."""
-        self._queue.put(("forget", run_id))
+        self._put(_FORGET, (run_id,))
+
+    def _put(self, kind: int, params: tuple[Any, ...]) -> None:
+        now = time.monotonic()
+        self._enqueued += 1
+        if self._loop is not None:  # commits are reported back: track what waits
+            self._pending_since.append((self._enqueued, now))
+        self._queue.put((now, kind, params))
+
+    @property
+    def lag(self) -> float:
+        """Seconds the oldest uncommitted record has waited (0 when none waits)."""
+        if not self._pending_since:
+            return 0.0
+        return time.monotonic() - self._pending_since[0][1]
+
+    def barrier(self) -> asyncio.Future[None]:
+        """A future of the running loop, resolved once every record queued before
+        this call is committed (and fsynced where the sync mode says so).
+
+        Cheap to call very often: all callers between two commits share one
+        future, and with nothing uncommitted it is already done. A barrier wakes
+        the writer: it commits now rather than at its pace. The future cannot be
+        cancelled (it is shared); it fails with JournalError when the commit
+        does."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self._durable >= self._enqueued or (self._closed and self._thread is None):
+            done = self._resolved
+            if done is None or done.get_loop() is not loop:
+                done = self._resolved = loop.create_future()
+                done.set_result(None)
+            return done
+        if self._open is not None:
+            self._waiters[-1] = (self._enqueued, self._open)
+            return self._open
+        fut = self._open = _Barrier(loop=loop)
+        self._waiters.append((self._enqueued, fut))
+        self._hurry.set()
+        return fut
+
+    def settle(self) -> asyncio.Future[None] | None:
+        """What a producer awaits before it acknowledges: in strict mode the
+        commit of everything queued so far; otherwise the same only while the
+        journal lags (its oldest uncommitted record is older than most of the
+        bound), else None (acknowledge now)."""
+        if self.strict or self.lag > self.flush_interval * _LAG:
+            return self.barrier()
+        return None
+
+    def _on_commit(self, committed: int, failed: BaseException | None) -> None:
+        """On the loop: the first `committed` records are written (or failed)."""
+        self._durable = max(self._durable, committed)
+        pending = self._pending_since
+        while pending and pending[0][0] <= committed:
+            pending.popleft()
+        self._open = None
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= committed:
+            _, fut = waiters.popleft()
+            if fut.done():
+                continue
+            if failed is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(JournalError(f"the journal could not commit: {failed}"))
 
     def close(self) -> None:
-        """Writes what is queued and stops the writer."""
+        """Writes what is queued and stops the writer (blocks: call it off the
+        loop, e.g. in an executor, when barriers may be pending)."""
+        self._closed = True
         if self._thread is not None:
             self._queue.put(_STOP)
+            self._hurry.set()
             self._thread.join(timeout=30)
             self._thread = None
+
+    # -- the writer thread ------------------------------------------------------------
 
     def _drain(self, first: Any) -> Iterator[Any]:
         yield first
@@ -135,51 +306,57 @@ class Journal:
 
     def _write_loop(self) -> None:
         db = self._connect()
+        pace = 0.0 if self.strict else self.flush_interval * _PACE
         try:
             stopping = False
             while not stopping:
                 first = self._queue.get()
+                if first is not _STOP and pace:
+                    # Wait until the oldest record is `pace` old, or a barrier asks.
+                    delay = first[0] + pace - time.monotonic()
+                    if delay > 0:
+                        self._hurry.wait(delay)
+                self._hurry.clear()
                 batch = []
                 for item in self._drain(first):
                     if item is _STOP:
                         stopping = True
                     else:
                         batch.append(item)
-                if batch:
-                    try:
-                        self._write(db, batch)
-                    except sqlite3.Error:
-                        log.exception("journal write of %d records failed", len(batch))
-                if not stopping:
-                    threading.Event().wait(self.flush_interval)
+                if not batch:
+                    continue
+                failed: BaseException | None = None
+                try:
+                    self._write(db, batch)
+                except sqlite3.Error as err:
+                    failed = err
+                    log.exception("journal write of %d records failed", len(batch))
+                    if db.in_transaction:
+                        db.rollback()
+                self._committed += len(batch)
+                self.commits += 1
+                self._notify(self._committed, failed)
         finally:
             db.close()
+
+    def _notify(self, committed: int, failed: BaseException | None) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(self._on_commit, committed, failed)
 
     @staticmethod
     def _write(db: sqlite3.Connection, batch: list[Any]) -> None:
         db.execute("BEGIN")
-        for item in batch:
-            kind = item[0]
-            if kind == "state":
-                _, scope, key, value, writer, time_ms = item
-                blob = value.SerializeToString() if isinstance(value, struct_pb2.Value) else None
-                db.execute(
-                    "INSERT INTO state (scope, key, value, writer, time_ms) VALUES (?, ?, ?, ?, ?)",
-                    (scope, key, blob, writer, time_ms),
-                )
-            elif kind == "event":
-                _, run_id, event = item
-                db.execute(
-                    "INSERT OR REPLACE INTO events (run_id, seq, event) VALUES (?, ?, ?)",
-                    (run_id, event.seq, event.SerializeToString()),
-                )
-            elif kind == "forget":
-                db.execute("DELETE FROM runs WHERE run_id = ?", (item[1],))
-                db.execute("DELETE FROM events WHERE run_id = ?", (item[1],))
+        for _, kind, params in batch:
+            if kind == _STATE:
+                db.execute("INSERT INTO state (scope, key, value, writer, time_ms) VALUES (?, ?, ?, ?, ?)", params)
+            elif kind == _EVENT:
+                db.execute("INSERT OR REPLACE INTO events (run_id, seq, event) VALUES (?, ?, ?)", params)
+            elif kind == _RUN:
+                db.execute("INSERT OR REPLACE INTO runs (run_id, ordinal, record) VALUES (?, ?, ?)", params)
             else:
-                _, ordinal, record = item
-                db.execute(
-                    "INSERT OR REPLACE INTO runs (run_id, ordinal, record) VALUES (?, ?, ?)",
-                    (record.run_id, ordinal, record.SerializeToString()),
-                )
+                db.execute("DELETE FROM runs WHERE run_id = ?", params)
+                db.execute("DELETE FROM events WHERE run_id = ?", params)
         db.execute("COMMIT")
