@@ -25,6 +25,7 @@ import {
   WatchRunResponse,
 } from "./gen/car/v1/runs";
 import { StateServiceClient } from "./gen/car/v1/state";
+import { messageLimitOptions } from "./worker";
 import { AgentSpec, BudgetLimits, DecisionAction, RunHandle, ToolCallDecision } from "./gen/car/v1/types";
 
 const PATTERNS = [
@@ -60,6 +61,20 @@ export interface RunOptions {
   initialDecisions?: ToolCallDecision[];
 }
 
+export interface ClientOptions {
+  /** The largest message the client sends or receives; default 16 MiB (the sidecar's limit). */
+  maxMessageBytes?: number;
+  /** grpc-js channel options; they override the defaults (message limits, reconnect backoff). */
+  channelOptions?: Record<string, unknown>;
+}
+
+/**
+ * The cap on grpc-js's reconnect backoff on a client's channel (its own
+ * default grows to 120 s), so calls succeed again within a few seconds after
+ * a sidecar outage.
+ */
+export const CLIENT_RECONNECT_MAX_DELAY_MS = 5000;
+
 type Callback<T> = (err: ServiceError | null, value?: T) => void;
 
 function unary<T>(invoke: (cb: Callback<T>) => unknown): Promise<T> {
@@ -75,8 +90,19 @@ export class Client {
   readonly registry: RegistryServiceClient;
   readonly state: StateServiceClient;
 
-  constructor(target: string, channelOptions?: Record<string, unknown>) {
+  /**
+   * A client for the sidecar at `target` ("host:port"); connects lazily. A
+   * response the client cannot decode fails its call with INTERNAL
+   * ("Response message parsing error: ...").
+   */
+  constructor(target: string, options: ClientOptions = {}) {
     const creds = ChannelCredentials.createInsecure();
+    const channelOptions = {
+      ...messageLimitOptions(options.maxMessageBytes),
+      "grpc.initial_reconnect_backoff_ms": 100,
+      "grpc.max_reconnect_backoff_ms": CLIENT_RECONNECT_MAX_DELAY_MS,
+      ...options.channelOptions,
+    };
     this.runs = new RunServiceClient(target, creds, channelOptions);
     // The other stubs share the run stub's channel.
     const shared = { channelOverride: this.runs.getChannel() };

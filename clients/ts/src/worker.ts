@@ -107,6 +107,44 @@ export class WorkerRefusedError extends Error {
   }
 }
 
+/**
+ * The session ended because a message from the sidecar could not be decoded
+ * (garbage bytes, or a value nested deeper than the protobuf decoder allows).
+ * The worker reconnects after it like after any other lost session; run()
+ * rejects with it only when `reconnect` is false. `cause` is the grpc-js
+ * ServiceError (INTERNAL).
+ */
+export class UndecodableFrameError extends Error {
+  constructor(
+    readonly details: string,
+    options?: { cause?: unknown },
+  ) {
+    super(`a frame from the sidecar could not be decoded: ${details}`, options);
+    this.name = "UndecodableFrameError";
+  }
+}
+
+/** grpc-js reports a message it could not deserialize as INTERNAL with this prefix. */
+const PARSE_ERROR = "Response message parsing error: ";
+
+function undecodable(error: Error | undefined): UndecodableFrameError | undefined {
+  const e = error as ServiceError | undefined;
+  if (e?.code !== status.INTERNAL || !e.details?.startsWith(PARSE_ERROR)) return undefined;
+  return new UndecodableFrameError(e.details.slice(PARSE_ERROR.length), { cause: e });
+}
+
+/**
+ * The largest message a worker or client channel sends or receives by
+ * default: 16 MiB, the sidecar's max_message_bytes (grpc-js's own receive
+ * default is 4 MiB, too small for a reducer's task).
+ */
+export const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
+
+/** grpc-js channel options for a message limit of `maxBytes`, both ways. */
+export function messageLimitOptions(maxBytes = DEFAULT_MAX_MESSAGE_BYTES): Record<string, number> {
+  return { "grpc.max_receive_message_length": maxBytes, "grpc.max_send_message_length": maxBytes };
+}
+
 /** A token travels as metadata: printable ASCII without spaces. */
 function validToken(token: string): boolean {
   return /^[\x21-\x7e]+$/.test(token);
@@ -116,9 +154,15 @@ export interface WorkerOptions {
   workerId?: string; // default host-pid
   maxInFlight?: number; // default 1
   labels?: Record<string, string>;
-  /** Reconnect after the stream ends (crash, or a drain before a restart). Default true. */
+  /**
+   * Reconnect after the stream ends (a crash, a drain before a restart, or a
+   * frame the worker could not decode). Default true. Every attempt uses a
+   * fresh channel, so grpc-js's own reconnect backoff never delays it.
+   */
   reconnect?: boolean;
   reconnectMaxDelayMs?: number; // default 5000
+  /** The largest message the worker sends or receives; default 16 MiB (the sidecar's limit). */
+  maxMessageBytes?: number;
   /** Stop (resolve run()) after a drain instead of reconnecting. Default false. */
   stopOnDrain?: boolean;
   /**
@@ -129,6 +173,7 @@ export interface WorkerOptions {
   /** Called with the session id after every welcome. */
   onConnect?: (sessionId: string) => void;
   log?: (level: "info" | "warn" | "error", message: string) => void;
+  /** grpc-js channel options; they override the defaults above (message limits, backoff). */
   channelOptions?: Record<string, unknown>;
 }
 
@@ -451,10 +496,11 @@ export class Worker {
       throw new Error("the worker token is not a valid token: tokens are printable ASCII without spaces");
     }
     const maxDelay = this.options.reconnectMaxDelayMs ?? 5000;
-    let delay = 100;
+    let delay = Math.min(100, maxDelay);
+    let attempt = 0; // reconnect attempts since the last session that lasted
     while (!this.stopped) {
       const started = Date.now();
-      const { drained, error } = await this.session();
+      const { drained, error } = await this.session(maxDelay);
       if (this.stopped) return;
       const code = (error as ServiceError | undefined)?.code;
       if (code !== undefined && REFUSED_CODES.includes(code)) {
@@ -465,9 +511,20 @@ export class Worker {
         throw refused;
       }
       if (drained && (this.options.stopOnDrain || this.options.reconnect === false)) return;
-      if (this.options.reconnect === false) throw error ?? new SessionEndedError();
-      if (Date.now() - started > 10_000) delay = 100;
-      this.log(drained ? "info" : "warn", `${drained ? "drained" : `session ended (${error?.message})`}; reconnecting in ${delay}ms`);
+      const bad = undecodable(error);
+      if (this.options.reconnect === false) {
+        if (bad) this.log("error", `${bad.message}; not reconnecting (reconnect is off)`);
+        throw bad ?? error ?? new SessionEndedError();
+      }
+      if (Date.now() - started > 10_000) {
+        delay = Math.min(100, maxDelay);
+        attempt = 0;
+      }
+      attempt += 1;
+      const next = `reconnecting in ${delay}ms (attempt ${attempt})`;
+      if (drained) this.log("info", `drained; ${next}`);
+      else if (bad) this.log("error", `${bad.message}; the session is lost, ${next}`);
+      else this.log("warn", `session ended (${error?.message}); ${next}`);
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
         this.wakeUp = () => {
@@ -487,8 +544,20 @@ export class Worker {
     this.wakeUp?.();
   }
 
-  private session(): Promise<{ drained: boolean; error?: Error }> {
-    const client = new WorkerServiceClient(this.target, ChannelCredentials.createInsecure(), this.options.channelOptions);
+  /**
+   * One connection on a fresh channel with its own subchannel: grpc-js shares
+   * subchannels between channels by default, and a shared one would keep its
+   * reconnect backoff (up to 120 s) across our attempts.
+   */
+  private session(maxDelay: number): Promise<{ drained: boolean; error?: Error }> {
+    const channelOptions = {
+      ...messageLimitOptions(this.options.maxMessageBytes),
+      "grpc.initial_reconnect_backoff_ms": Math.min(100, maxDelay),
+      "grpc.max_reconnect_backoff_ms": maxDelay,
+      ...this.options.channelOptions,
+      "grpc.use_local_subchannel_pool": 1,
+    };
+    const client = new WorkerServiceClient(this.target, ChannelCredentials.createInsecure(), channelOptions);
     const metadata = new Metadata();
     if (this.options.token !== undefined) metadata.set("authorization", `Bearer ${this.options.token}`);
     const stream = client.connect(metadata);
@@ -507,9 +576,18 @@ export class Worker {
         this.stream = undefined;
         resolve({ drained, error });
       };
-      stream.on("data", (frame: ConnectResponse) => this.onFrame(link, frame, (ms) => {
-        heartbeat = setInterval(() => link.heartbeat(), Math.max(ms / 4, 10));
-      }));
+      stream.on("data", (frame: ConnectResponse) => {
+        try {
+          this.onFrame(link, frame, (ms) => {
+            heartbeat = setInterval(() => link.heartbeat(), Math.max(ms / 4, 10));
+          });
+        } catch (err) {
+          // A frame this helper cannot handle ends the session (and the
+          // worker reconnects); it must never escape as an uncaught exception.
+          stream.cancel();
+          finish(new Error(`a frame from the sidecar could not be handled: ${(err as Error)?.message ?? err}`));
+        }
+      });
       stream.on("error", (err: ServiceError) => finish(err));
       stream.on("end", () => finish(link.draining ? undefined : new Error("the sidecar ended the session")));
       link.write({
