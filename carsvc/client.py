@@ -37,7 +37,7 @@ from carsvc._proto.car.v1 import (
     state_pb2_grpc,
     types_pb2,
 )
-from carsvc.security.channel import TLS, open_channel
+from carsvc.security.channel import DEFAULT_MAX_MESSAGE_BYTES, TLS, open_channel
 from carsvc.values import from_value, to_value
 
 __all__ = [
@@ -247,6 +247,7 @@ class RunStream:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._ended: BaseException | None = None
+        self._filling: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write())
         self._reader = loop.create_task(self._read())
@@ -295,11 +296,15 @@ class RunStream:
                     future = self._waiting.get(answer.run_id)
                     if future is None or future.done():
                         continue
-                    if answer.HasField("finished"):
+                    if answer.HasField("finished") and answer.finished.result_omitted:
+                        self._complete_later(future, answer.run_id, answer.finished)
+                    elif answer.HasField("finished"):
                         future.set_result(answer.finished)
                     else:
                         code = _STATUS_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN)
                         future.set_exception(RunRefused(code, answer.error.message, answer.error.field))
+            if self._filling:  # results still being read: those runs are answered
+                await asyncio.wait(set(self._filling))
             self._ended = ConnectionError("the Submit stream has ended")
         except grpc.aio.AioRpcError as err:
             self._ended = err
@@ -308,6 +313,25 @@ class RunStream:
             for future in self._waiting.values():
                 if not future.done():
                     future.set_exception(ended)
+
+    def _complete_later(
+        self, future: asyncio.Future[events_pb2.RunFinished], run_id: str, finished: events_pb2.RunFinished
+    ) -> None:
+        """Fills in a result too large to travel in the answer, then answers."""
+
+        async def fill() -> None:
+            try:
+                finished.result.CopyFrom(await self._client.read_result(run_id))
+            except grpc.aio.AioRpcError as err:
+                if not future.done():
+                    future.set_exception(err)
+                return
+            if not future.done():
+                future.set_result(finished)
+
+        task = asyncio.get_running_loop().create_task(fill())
+        self._filling.add(task)
+        task.add_done_callback(self._filling.discard)
 
     async def close(self) -> None:
         """Half-closes the stream and waits until every run started on it has
@@ -427,13 +451,20 @@ def advisor(
     return patterns_pb2.AdvisorRun(agent=agent_ref, advisor=advisor_ref, task=task, max_uses=max_uses)
 
 
+# watch() retries every this many seconds at most while the sidecar is away.
+WATCH_RETRY_MAX_DELAY_S = 1.0
+
+
 class Client:
     """An asyncio client for the run, registry and state services.
 
     `token`: a client token, sent as `authorization: Bearer` metadata on every
     call. `tls`: a carsvc.security.TLS (True: TLS with the system's roots);
-    plaintext by default. Both shape the channel the client opens, so they
-    cannot be combined with `channel`."""
+    plaintext by default. `max_message_bytes`: the largest message the client
+    sends or accepts (16 MiB, the sidecar's default max_message_bytes).
+    `options`: extra gRPC channel arguments, which win over the SDK's. These
+    shape the channel the client opens, so token and tls cannot be combined
+    with `channel`."""
 
     def __init__(
         self,
@@ -443,11 +474,21 @@ class Client:
         options: list[tuple[str, Any]] | None = None,
         token: str | None = None,
         tls: TLS | bool | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if channel is not None and (token is not None or tls):
             raise ValueError("token and tls configure the channel Client opens: not usable with channel=")
         self._owns_channel = channel is None
-        self.channel = channel or open_channel(target, token=token, tls=tls, options=options)
+        # The channel tries to reconnect at least every WATCH_RETRY_MAX_DELAY_S,
+        # the pace of watch()'s own retries while the sidecar is away.
+        self.channel = channel or open_channel(
+            target,
+            token=token,
+            tls=tls,
+            options=options,
+            max_message_bytes=max_message_bytes,
+            reconnect_max_delay=WATCH_RETRY_MAX_DELAY_S,
+        )
         self.runs = runs_pb2_grpc.RunServiceStub(self.channel)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.state = state_pb2_grpc.StateServiceStub(self.channel)
@@ -584,7 +625,7 @@ class Client:
                 if now >= deadline:
                     raise
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, WATCH_RETRY_MAX_DELAY_S)
 
     async def wait(self, run_id: str) -> runs_pb2.Run:
         """Waits until the run has finished and returns it (with its result)."""
@@ -608,10 +649,22 @@ class Client:
         return await self.get_run(session.handle.run_id)
 
     async def get_run(self, run_id: str = "", *, thread_id: str = "") -> runs_pb2.Run:
+        """The run, with its whole result once finished (a result too large to
+        send inline is read with read_result)."""
         response: runs_pb2.GetRunResponse = await self.runs.GetRun(
             runs_pb2.GetRunRequest(run_id=run_id, thread_id=thread_id)
         )
-        return response.run
+        run = response.run
+        if run.result_omitted:
+            run.result.CopyFrom(await self.read_result(run.run_id))
+        return run
+
+    async def read_result(self, run_id: str) -> patterns_pb2.RunResult:
+        """A finished run's result, read in pieces (RunService.ReadRunResult)."""
+        pieces: list[bytes] = []
+        async for response in self.runs.ReadRunResult(runs_pb2.ReadRunResultRequest(run_id=run_id)):
+            pieces.append(response.chunk)
+        return patterns_pb2.RunResult.FromString(b"".join(pieces))
 
     async def list_runs(
         self, *, thread_id: str = "", status: int = 0, agent_id: str = "", page_size: int = 0

@@ -31,8 +31,13 @@ class Settings:
     # Keep state, run records and events in <data_dir>/carsvc.sqlite3 so a restart
     # recovers them; empty keeps everything in memory only.
     data_dir: str = ""
-    # The journal commits every this many ms (a crash loses at most that much);
-    # journal_sync "full" also fsyncs each commit (survives power loss).
+    # Durability (docs/operations.md, "Durability"). The journal commits what it
+    # holds within journal_flush_ms of its being written, under any load (a
+    # SIGKILL loses at most that much); producers wait when it lags.
+    # journal_sync: "normal" (commits not fsynced), "full" (each commit
+    # fsynced: survives power loss), "strict" (fsynced, and every
+    # acknowledgement -- state Set/Delete, StartRun, a reported run end --
+    # waits for the commit holding it: nothing acknowledged is ever lost).
     journal_flush_ms: int = 50
     journal_sync: str = "normal"
     # Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics; 0 turns them off.
@@ -48,6 +53,14 @@ class Settings:
     max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH
     # Largest AgentOutput a worker may return (an answer with its outcome), in bytes.
     max_output_bytes: int = 1024 * 1024
+    # A run result larger than this (serialized) is not sent inline by GetRun,
+    # ListRuns, run_finished or Submit; clients read it with ReadRunResult.
+    max_inline_result_bytes: int = 1024 * 1024
+    # Keys one state scope may hold (a write of a new key past it is RESOURCE_EXHAUSTED).
+    max_state_keys: int = 10_000
+    # State scopes held at once. A scope goes when it has no keys and no active
+    # run or watcher; a generated thread's scope goes with its last retained run.
+    max_state_scopes: int = 100_000
     # Largest map-reduce item list and agents per pattern.
     max_items: int = 100_000
     max_agents_per_pattern: int = 1_000
@@ -95,6 +108,25 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # Strangers and broken peers (SECURITY.md, "What a stranger can make the
+    # sidecar hold"): a call's first request message must arrive whole within
+    # receive_timeout_s of the call's start (0: no deadline); at most
+    # max_streams_per_connection calls at once on one HTTP/2 connection; every
+    # keepalive_time_s the sidecar pings a connection and closes it when no
+    # answer comes within keepalive_timeout_s (0: no pings).
+    receive_timeout_s: float = 30.0
+    max_streams_per_connection: int = 1_000
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Metrics over HTTPS (docs/operations.md, "Metrics"): the endpoint's PEM
+    # certificate chain and key; with a client CA, scrapers must present a
+    # certificate it signed. metrics_tls "grpc" reuses tls_cert_file,
+    # tls_key_file and tls_client_ca_file; "off" (default) serves plain HTTP
+    # unless metrics_tls_cert_file is set.
+    metrics_tls: str = "off"
+    metrics_tls_cert_file: str = ""
+    metrics_tls_key_file: str = ""
+    metrics_tls_client_ca_file: str = ""
 
     @property
     def heartbeat_timeout_s(self) -> float:
@@ -134,6 +166,7 @@ class Settings:
             "heartbeat_interval_ms", "heartbeat_misses", "max_attempts", "event_retention",
             "finished_run_retention", "watcher_buffer", "mailbox_depth", "max_unmatched_decisions",
             "max_watchers_per_run", "max_value_depth", "max_output_bytes",
+            "max_inline_result_bytes", "max_state_keys", "max_state_scopes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -145,14 +178,16 @@ class Settings:
             raise ValueError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
-        if self.journal_sync not in ("normal", "full"):
-            raise ValueError(f"journal_sync must be 'normal' or 'full', not {self.journal_sync!r}")
+        if self.journal_sync not in ("normal", "full", "strict"):
+            raise ValueError(f"journal_sync must be 'normal', 'full' or 'strict', not {self.journal_sync!r}")
+        if self.journal_flush_ms <= 0:
+            raise ValueError(f"journal_flush_ms must be positive, not {self.journal_flush_ms}")
         if self.max_value_depth > MAX_VALUE_DEPTH_LIMIT:
             raise ValueError(
                 f"max_value_depth must be at most {MAX_VALUE_DEPTH_LIMIT} (protobuf's parse limit), "
                 f"not {self.max_value_depth}"
             )
-        for name in ("max_field_bytes", "max_output_bytes"):
+        for name in ("max_field_bytes", "max_output_bytes", "max_inline_result_bytes"):
             if getattr(self, name) > MAX_INLINE_BYTES:
                 raise ValueError(
                     f"{name} must be at most {MAX_INLINE_BYTES} (what fits a client's default 4 MiB "
@@ -164,3 +199,19 @@ class Settings:
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        # Strangers, broken peers, metrics over HTTPS.
+        for name in ("receive_timeout_s", "keepalive_time_s", "keepalive_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.max_streams_per_connection <= 0:
+            raise ValueError(f"max_streams_per_connection must be positive, not {self.max_streams_per_connection}")
+        if self.metrics_tls not in ("off", "grpc"):
+            raise ValueError(f"metrics_tls must be 'off' or 'grpc', not {self.metrics_tls!r}")
+        if self.metrics_tls == "grpc" and not self.tls_cert_file:
+            raise ValueError("metrics_tls 'grpc' reuses the gRPC port's TLS files: set tls_cert_file and tls_key_file")
+        if self.metrics_tls == "grpc" and self.metrics_tls_cert_file:
+            raise ValueError("metrics_tls 'grpc' and metrics_tls_cert_file exclude each other: pick one")
+        if bool(self.metrics_tls_cert_file) != bool(self.metrics_tls_key_file):
+            raise ValueError("metrics_tls_cert_file and metrics_tls_key_file must be set together")
+        if self.metrics_tls_client_ca_file and not self.metrics_tls_cert_file:
+            raise ValueError("metrics_tls_client_ca_file needs metrics_tls_cert_file and metrics_tls_key_file")

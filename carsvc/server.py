@@ -12,7 +12,6 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from carsvc._proto.car.v1 import (
     budget_pb2,
@@ -33,12 +32,12 @@ from carsvc.domain.journal import Journal
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import RunManager, RunSettings
 from carsvc.domain.workers import Dispatcher
-from carsvc.metrics import Metrics
+from carsvc.metrics import Metrics, metrics_url, serve_metrics
 from carsvc.patterns import Limits
 from carsvc.security.server import ServerSecurity
 from carsvc.services.budget import BudgetService
 from carsvc.services.calls import CallHandler
-from carsvc.services.decoding import UndecodableRequests
+from carsvc.services.decoding import RequestGuard
 from carsvc.services.registry import RegistryService
 from carsvc.services.runs import EventService, RunService
 from carsvc.services.state import StateService
@@ -57,6 +56,16 @@ SERVICE_NAMES = tuple(
         (events_pb2, "EventService"),
     )
 )
+
+
+def keepalive_options(s: Settings) -> list[tuple[str, int]]:
+    """The server's HTTP/2 keepalive pings (none when keepalive_time_s is 0)."""
+    if not s.keepalive_time_s:
+        return []
+    return [
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+    ]
 
 
 class Sidecar:
@@ -86,13 +95,18 @@ class Sidecar:
                 cancel_ack_timeout=s.cancel_ack_timeout_s,
                 agent_timeout=s.agent_timeout_s or None,
                 max_watchers_per_run=s.max_watchers_per_run,
+                max_inline_result_bytes=s.max_inline_result_bytes,
+                max_state_scopes=s.max_state_scopes,
             ),
             journal=Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync)
             if s.data_dir
             else None,
         )
-        limits = Limits(
-            max_field_bytes=s.max_field_bytes, max_items=s.max_items, max_agents=s.max_agents_per_pattern
+        self.limits = limits = Limits(
+            max_field_bytes=s.max_field_bytes,
+            max_items=s.max_items,
+            max_agents=s.max_agents_per_pattern,
+            max_value_depth=s.max_value_depth,
         )
         self.health = health.aio.HealthServicer()
         self.run_service = RunService(self.runs, self.registry, limits, s.watcher_buffer)
@@ -114,7 +128,7 @@ class Sidecar:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             self.metrics.interceptor(),
             *self.security.interceptors(),
-            UndecodableRequests(),
+            RequestGuard(s.receive_timeout_s),
         ]
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -122,25 +136,38 @@ class Sidecar:
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Broken peers (SECURITY.md): streams per connection, and pings
+                # that find connections whose peer is gone.
+                ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+                *keepalive_options(s),
             ]
         )
-        calls = CallHandler(self.dispatcher, s.max_field_bytes)
+        calls = CallHandler(self.dispatcher, s.max_field_bytes, s.max_value_depth)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerService(
                 self.dispatcher,
                 calls,
                 heartbeat_interval_ms=s.heartbeat_interval_ms,
                 max_message_bytes=s.max_message_bytes,
+                max_output_bytes=s.max_output_bytes,
+                max_value_depth=s.max_value_depth,
             ),
             server,
         )
         runs_pb2_grpc.add_RunServiceServicer_to_server(self.run_service, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.runs, s.watcher_buffer), server)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
-            RegistryService(self.registry, self.dispatcher), server
+            RegistryService(self.registry, self.dispatcher, self.limits), server
         )
         state_pb2_grpc.add_StateServiceServicer_to_server(
-            StateService(self.runs, s.max_field_bytes, s.watcher_buffer), server
+            StateService(
+                self.runs,
+                s.max_field_bytes,
+                s.watcher_buffer,
+                max_value_depth=s.max_value_depth,
+                max_state_keys=s.max_state_keys,
+            ),
+            server,
         )
         budget_pb2_grpc.add_BudgetServiceServicer_to_server(BudgetService(self.runs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -158,9 +185,15 @@ class Sidecar:
             self.runs.restore(recovered)
             journal.start()
             log.info(
-                "journal %s: recovered %d runs and %d state scopes", journal.path, len(recovered.runs),
-                len(recovered.state),
+                "journal %s (sync %s): recovered %d runs and %d state scopes", journal.path, journal.sync,
+                len(recovered.runs), len(recovered.state),
             )
+            if recovered.skipped_rows:
+                log.warning(
+                    "journal %s: skipped rows that could not be read back (%s); runs missing events are "
+                    "marked history_incomplete", journal.path,
+                    ", ".join(f"{n} in {table}" for table, n in sorted(recovered.skipped_rows.items())),
+                )
         await server.start()
         self._server = server
         self.port = port
@@ -169,11 +202,11 @@ class Sidecar:
         self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
         if s.metrics_port:
             try:
-                self._metrics_http, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
+                self._metrics_http = serve_metrics(self.metrics.registry, s)
             except OSError as err:
                 await server.stop(None)
                 raise OSError(f"carsvc could not serve metrics on {s.metrics_host}:{s.metrics_port}: {err}") from None
-            log.info("metrics on http://%s:%d/metrics", s.metrics_host, self._metrics_http.server_port)
+            log.info("metrics on %s", metrics_url(s, self._metrics_http.server_port))
         log.info("carsvc listening on %s:%d", s.host, port)
         self.security.log_startup(s.host)
         return port
@@ -209,7 +242,8 @@ class Sidecar:
             self._metrics_http.server_close()
             self._metrics_http = None
         if self.runs.journal is not None:
-            self.runs.journal.close()
+            # Off the loop: the last commit reports back to it.
+            await asyncio.get_running_loop().run_in_executor(None, self.runs.journal.close)
         log.info("carsvc stopped")
 
     async def wait_for_termination(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from google.protobuf import struct_pb2
 
 from carsvc._proto.car.v1 import types_pb2
-from carsvc.domain.errors import InvalidArgument
+from carsvc.domain.errors import InvalidArgument, ResourceExhausted
 
 Value = struct_pb2.Value
 Struct = struct_pb2.Struct
@@ -78,3 +78,32 @@ def check_output_values(output: types_pb2.AgentOutput, field: str, limit: int) -
             check_value(evidence.data, f"{field}.outcome.evidence[{i}].data", limit)
     if outcome.HasField("metrics"):
         check_struct(outcome.metrics, f"{field}.outcome.metrics", limit)
+
+
+# State keys travel in every ListKeys page and transition; scopes are ids.
+MAX_KEY_BYTES = 1024
+MAX_SCOPE_CHARS = 256
+
+
+def check_key(key: str, field: str) -> None:
+    """A state key: not empty, at most MAX_KEY_BYTES of UTF-8."""
+    if not key:
+        raise InvalidArgument("must not be empty", field=field)
+    if len(key) > MAX_KEY_BYTES // 4 and (size := len(key.encode())) > MAX_KEY_BYTES:
+        raise InvalidArgument(f"is {size} bytes; the limit is {MAX_KEY_BYTES}", field=field)
+
+
+def check_scope(scope: str, field: str) -> None:
+    """A state scope name: not empty, at most MAX_SCOPE_CHARS characters."""
+    if not scope:
+        raise InvalidArgument("must name a state scope (usually a thread id)", field=field)
+    if len(scope) > MAX_SCOPE_CHARS:
+        raise InvalidArgument(f"is {len(scope)} characters; the limit is {MAX_SCOPE_CHARS}", field=field)
+
+
+def check_room(keys: int, has_key: bool, limit: int, field: str) -> None:
+    """RESOURCE_EXHAUSTED when a write would add a key to a scope that holds `limit`."""
+    if not has_key and keys >= limit:
+        raise ResourceExhausted(
+            f"the scope already holds {keys} keys (max_state_keys); delete some or use another scope", field=field
+        )

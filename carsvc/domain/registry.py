@@ -1,28 +1,49 @@
-"""Agent specs registered by name, so patterns can refer to them."""
+"""Agent specs registered by name, so patterns can refer to them.
+
+The registry is bounded in count and in bytes, so ListAgents always answers in
+one message that any client's default 4 MiB receive limit takes."""
 
 from __future__ import annotations
 
 from carsvc._proto.car.v1 import types_pb2
-from carsvc.domain.errors import AlreadyExists, NotFound
+from carsvc.domain.errors import AlreadyExists, NotFound, ResourceExhausted
 
 AgentSpec = types_pb2.AgentSpec
 
+MAX_AGENTS = 1_000
+MAX_TOTAL_BYTES = 3 * 1024 * 1024
+
 
 class AgentRegistry:
-    __slots__ = ("_specs",)
+    __slots__ = ("_bytes", "_specs")
 
     def __init__(self) -> None:
         self._specs: dict[str, AgentSpec] = {}
+        self._bytes = 0
 
     def register(self, spec: AgentSpec, *, replace: bool = False) -> AgentSpec:
-        if spec.name in self._specs and not replace:
+        old = self._specs.get(spec.name)
+        if old is not None and not replace:
             raise AlreadyExists(
                 f"agent '{spec.name}' is already registered (set replace to overwrite it)",
                 field="agent.name",
             )
+        if old is None and len(self._specs) >= MAX_AGENTS:
+            raise ResourceExhausted(
+                f"{MAX_AGENTS} agents are registered already (the limit); unregister some first", field="agent"
+            )
+        size = spec.ByteSize()
+        total = self._bytes - (old.ByteSize() if old is not None else 0) + size
+        if total > MAX_TOTAL_BYTES:
+            raise ResourceExhausted(
+                f"registering this {size}-byte spec would make the registry {total} bytes; "
+                f"the limit is {MAX_TOTAL_BYTES} (ListAgents answers in one message)",
+                field="agent",
+            )
         stored = AgentSpec()
         stored.CopyFrom(spec)
         self._specs[spec.name] = stored
+        self._bytes = total
         return stored
 
     def get(self, name: str, *, field: str = "name") -> AgentSpec:
@@ -32,7 +53,11 @@ class AgentRegistry:
         return spec
 
     def unregister(self, name: str) -> bool:
-        return self._specs.pop(name, None) is not None
+        old = self._specs.pop(name, None)
+        if old is None:
+            return False
+        self._bytes -= old.ByteSize()
+        return True
 
     def list(self) -> list[AgentSpec]:
         return [self._specs[name] for name in sorted(self._specs)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from carsvc.domain.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from carsvc.domain.eventlog import RunEventLog, Subscription
 from carsvc.domain.infra import RunInfra, limits_from_proto, snapshot_to_proto
@@ -51,6 +53,9 @@ ON_BUSY_INTERRUPT = runs_pb2.ON_BUSY_INTERRUPT
 ON_BUSY_ENQUEUE = runs_pb2.ON_BUSY_ENQUEUE
 
 log = logging.getLogger("carsvc.runs")
+
+# Thread ids the sidecar generates (StartRun without thread_id).
+_GENERATED_THREAD = re.compile(r"thread-[0-9a-f]{32}")
 
 
 class _Ended:
@@ -80,6 +85,11 @@ class RunSettings:
     cancel_ack_timeout: float = 10.0
     agent_timeout: float | None = 3600.0
     max_watchers_per_run: int = 1_000
+    # A result larger than this, serialized, is not sent inline (GetRun, ListRuns,
+    # run_finished, Submit): it is marked result_omitted and read with ReadRunResult.
+    max_inline_result_bytes: int = 1 << 20
+    # State scopes the sidecar holds at once (each with at least one key, or in use).
+    max_state_scopes: int = 100_000
 
 
 @dataclass(eq=False)
@@ -106,6 +116,14 @@ class RunRecord:
     # The budget as the run ended (kept, so a shared budget's later spend does
     # not change a finished run's record).
     final_budget: types_pb2.BudgetSnapshot | None = None
+    # Size of the serialized result, and whether that is too large to send inline.
+    result_bytes: int = 0
+    result_omitted: bool = False
+    # Its end is decided (status, done and the thread handoff may still wait
+    # for the journal to commit it: RunManager._finish).
+    ending: bool = False
+    # Some of its events could not be read back from the journal.
+    history_incomplete: bool = False
 
     @property
     def finished(self) -> bool:
@@ -115,17 +133,35 @@ class RunRecord:
     def events(self) -> RunEventLog:
         return self.infra.events
 
-    def finished_event(self) -> events_pb2.RunFinished:
-        """The run_finished event of this (ended) run."""
+    def finished_event(self, status: int | None = None) -> events_pb2.RunFinished:
+        """The run_finished event of this (ended) run; `status` while its end waits for the journal."""
         finished = events_pb2.RunFinished(
-            status=self.status,  # type: ignore[arg-type]
+            status=self.status if status is None else status,  # type: ignore[arg-type]
             reason=self.termination_reason,
             detail=self.termination_detail,
             budget=self.final_budget,
+            result_bytes=self.result_bytes,
+            result_omitted=self.result_omitted,
         )
-        if self.result is not None:
+        if self.result is not None and not self.result_omitted:
             finished.result.CopyFrom(self.result)
         return finished
+
+    def set_result(self, result: patterns_pb2.RunResult | None, inline_limit: int) -> None:
+        self.result = result
+        self.result_bytes = result.ByteSize() if result is not None else 0
+        self.result_omitted = self.result_bytes > inline_limit
+
+    def serialized_result(self) -> bytes:
+        """The finished run's result as ReadRunResult streams it."""
+        if not self.finished:
+            raise FailedPrecondition(
+                f"run '{self.run_id}' has not finished ({status_name(self.status)}); it has no result yet",
+                field="run_id",
+            )
+        if self.result is None:
+            raise FailedPrecondition(f"run '{self.run_id}' ended without a result", field="run_id")
+        return self.result.SerializeToString()
 
     def handle(self) -> types_pb2.RunHandle:
         return types_pb2.RunHandle(
@@ -135,7 +171,8 @@ class RunRecord:
             status=types_pb2.RunStatus.ValueType(self.status),
         )
 
-    def to_proto(self, *, include_result: bool = True) -> runs_pb2.Run:
+    def to_proto(self, *, include_result: bool = True, whole: bool = False) -> runs_pb2.Run:
+        """The run as clients see it; `whole` includes even an omitted result (the journal's copy)."""
         msg = runs_pb2.Run(
             run_id=self.run_id,
             thread_id=self.thread_id,
@@ -151,8 +188,11 @@ class RunRecord:
             last_seq=self.events.last_seq,
             labels=self.labels,
             state_scope=self.state_scope,
+            result_bytes=self.result_bytes,
+            result_omitted=self.result_omitted,
+            history_incomplete=self.history_incomplete,
         )
-        if include_result and self.result is not None:
+        if self.result is not None and (whole or (include_result and not self.result_omitted)):
             msg.result.CopyFrom(self.result)
         return msg
 
@@ -178,6 +218,10 @@ class RunManager:
         self._queued_by_thread: dict[str, deque[RunRecord]] = {}
         self._finished_order: deque[str] = deque()
         self.scopes: dict[str, StateStore] = {}
+        # Scope retention (docs/runs.md, "State scopes"): active or queued runs and
+        # state watchers using a scope, and retained run records naming it.
+        self._scope_users: Counter[str] = Counter()
+        self._scope_runs: Counter[str] = Counter()
         self.budgets: dict[str, CoordinationBudget] = {}
         self._ordinal = 0
         # For metrics: finished runs by status, and spawns the budgets refused.
@@ -189,9 +233,48 @@ class RunManager:
     def scope(self, name: str) -> StateStore:
         store = self.scopes.get(name)
         if store is None:
+            if len(self.scopes) >= self.settings.max_state_scopes:
+                raise ResourceExhausted(
+                    f"the sidecar already holds {len(self.scopes)} state scopes (max_state_scopes); "
+                    "delete the keys of scopes no longer needed",
+                    field="state_scope",
+                )
             store = self.scopes[name] = StateStore()
             self._journal_scope(name, store)
         return store
+
+    def hold_scope(self, name: str) -> StateStore:
+        """The scope, kept while held (a state watcher holds the scope it watches)."""
+        store = self.scope(name)
+        self._scope_users[name] += 1
+        return store
+
+    def release_scope(self, name: str) -> None:
+        """Lets a held scope go; one left with no keys and no user is dropped."""
+        users = self._scope_users[name] - 1
+        if users > 0:
+            self._scope_users[name] = users
+            return
+        del self._scope_users[name]
+        store = self.scopes.get(name)
+        if store is not None and len(store) == 0:
+            del self.scopes[name]
+
+    def _forget_scope_run(self, record: RunRecord) -> None:
+        """A run record left retention. The scope of a thread the sidecar named
+        (nobody else can know it unless told) goes with the last run naming it."""
+        name = record.state_scope
+        left = self._scope_runs[name] - 1
+        if left > 0:
+            self._scope_runs[name] = left
+            return
+        del self._scope_runs[name]
+        if name in self._scope_users or not _GENERATED_THREAD.fullmatch(name):
+            return
+        store = self.scopes.pop(name, None)
+        if store is not None and self.journal is not None:
+            for key in store.keys(""):  # every key (StateStore.keys takes a prefix)
+                self.journal.state(name, key, None, "retention", now_ms())
 
     def _infra(self, run_id: str, thread_id: str, state_scope: str, budget: CoordinationBudget) -> RunInfra:
         return RunInfra(
@@ -249,6 +332,12 @@ class RunManager:
         timeout: float | None = None,
         initial_decisions: list[types_pb2.ToolCallDecision] | None = None,
     ) -> RunRecord:
+        if not self.dispatcher.accepting:
+            # Draining (Sidecar.stop): a run started now would only be cancelled.
+            raise Unavailable(
+                "the sidecar is draining (shutting down) and starts no new runs: retry against another "
+                "sidecar or after it restarts"
+            )
         run_id = run_id or uuid.uuid4().hex
         if run_id in self.runs:
             raise AlreadyExists(f"run '{run_id}' already exists", field="run_id")
@@ -289,6 +378,8 @@ class RunManager:
             check_decisions(initial_decisions, "initial_decisions")
             record.infra.decisions.submit(initial_decisions)
         self.runs[run_id] = record
+        self._scope_runs[state_scope] += 1
+        self._scope_users[state_scope] += 1
         if active is None:
             self._launch(record)
             return record
@@ -321,11 +412,11 @@ class RunManager:
 
     def _journal_run(self, record: RunRecord) -> None:
         if self.journal is not None:
-            self.journal.run(record.ordinal, record.to_proto())
+            self.journal.run(record.ordinal, record.to_proto(whole=True))
 
     def _ensure_finished(self, record: RunRecord) -> None:
         # A task cancelled before its first step never runs _drive's handlers.
-        if not record.finished:
+        if not record.ending:
             self._finish(record, CANCELLED, "cancelled", record.cancel_reason or "cancelled")
 
     async def _drive(self, record: RunRecord) -> None:
@@ -333,7 +424,7 @@ class RunManager:
         try:
             async with asyncio.timeout(record.timeout):
                 outcome = await record.pattern.run(record.infra)
-            record.result = outcome.result
+            record.set_result(outcome.result, self.settings.max_inline_result_bytes)
             status = FAILED if outcome.failed else SUCCEEDED
             reason, detail = outcome.reason, outcome.detail
         except asyncio.CancelledError:
@@ -352,7 +443,7 @@ class RunManager:
         self.budget_denials += 1
 
     def _set_waiting(self, record: RunRecord, waiting: bool) -> None:
-        if record.finished:
+        if record.ending:
             return
         record.status = WAITING if waiting else RUNNING
         record.events.append(
@@ -364,23 +455,44 @@ class RunManager:
             )
         )
 
-    def _finish(self, record: RunRecord, status: int, reason: str, detail: str) -> None:
+    def _finish(self, record: RunRecord, status: int, reason: str, detail: str, *, at_once: bool = False) -> None:
+        """Ends a run: its run_finished event and final record go to the journal
+        first; what shows the end to clients (status, `done`, the thread's next
+        run) follows at once, or, in strict mode and while the journal lags,
+        once the journal has committed it."""
+        if record.ending:
+            return
+        record.ending = True
         record.infra.end()
-        record.status = status
-        self.finished_by_status[status] += 1
         record.termination_reason = reason
         record.termination_detail = detail
         record.finished_ms = now_ms()
         record.final_budget = snapshot_to_proto(record.infra.budget.snapshot())
-        record.events.append(RunEvent(run_finished=record.finished_event()))
+        record.events.append(RunEvent(run_finished=record.finished_event(status)))
         record.events.close()
         record.pattern = _Ended(record.pattern.name)  # its request messages can go
+        journal = self.journal
+        if journal is not None:
+            ended = record.to_proto(whole=True)
+            ended.status = status  # type: ignore[assignment]
+            journal.run(record.ordinal, ended)
+            commit = None if at_once else journal.settle()
+            if commit is not None:
+                commit.add_done_callback(lambda done: self._ended(record, status, done))
+                return
+        self._ended(record, status)
+
+    def _ended(self, record: RunRecord, status: int, commit: asyncio.Future[None] | None = None) -> None:
+        if commit is not None and commit.exception() is not None:
+            log.error("the end of run %s is not journaled: %s", record.run_id, commit.exception())
+        record.status = status
+        self.finished_by_status[status] += 1
         record.done.set()
-        self._journal_run(record)
         # Successes are routine (thousands a second under load); anything else is news.
         log.log(
             logging.DEBUG if status == SUCCEEDED else logging.INFO,
-            "run %s %s: %s %s", record.run_id, status_name(status), reason, detail,
+            "run %s %s: %s %s", record.run_id, status_name(status), record.termination_reason,
+            record.termination_detail,
             extra=ids(run_id=record.run_id, thread_id=record.thread_id),
         )
         if self._active_by_thread.get(record.thread_id) is record:
@@ -414,10 +526,13 @@ class RunManager:
             self._launch(nxt)
 
     def _retain(self, record: RunRecord) -> None:
+        self.release_scope(record.state_scope)
         self._finished_order.append(record.run_id)
         while len(self._finished_order) > self.settings.finished_run_retention:
             dropped = self._finished_order.popleft()
-            self.runs.pop(dropped, None)
+            gone = self.runs.pop(dropped, None)
+            if gone is not None:
+                self._forget_scope_run(gone)
             if self.journal is not None:
                 self.journal.forget(dropped)
 
@@ -446,7 +561,7 @@ class RunManager:
                     run.state_scope or run.thread_id,
                     CoordinationBudget(limits_from_proto(limits)),
                 ),
-                state_scope=run.state_scope,
+                state_scope=run.state_scope or run.thread_id,
                 labels=dict(run.labels),
                 timeout=None,
                 ordinal=self._ordinal,
@@ -456,17 +571,28 @@ class RunManager:
                 created_ms=run.created_unix_ms,
                 started_ms=run.started_unix_ms,
                 finished_ms=run.finished_unix_ms,
-                result=run.result if run.HasField("result") else None,
                 final_budget=run.budget,
             )
+            record.set_result(run.result if run.HasField("result") else None, self.settings.max_inline_result_bytes)
             record.events.restore(recovered.events.get(run.run_id, []))
+            skipped = recovered.skipped_events.get(run.run_id, [])
+            record.history_incomplete = run.history_incomplete or bool(skipped)
+            # A seq that was used (even by an event that could not be read back) is never used again.
+            record.events.last_seq = max(record.events.last_seq, run.last_seq, *skipped)
             self.runs[run.run_id] = record
+            self._scope_runs[record.state_scope] += 1
+            if not record.finished:
+                self._scope_users[record.state_scope] += 1  # released as it ends below
             if record.finished:
+                record.ending = True
                 record.events.close()
                 record.done.set()
                 self._finished_order.append(record.run_id)
             else:
-                self._finish(record, FAILED, "sidecar_restarted", "the sidecar restarted while the run was active")
+                # Not served yet: a crash before this end is committed ends the run the same way again.
+                self._finish(
+                    record, FAILED, "sidecar_restarted", "the sidecar restarted while the run was active", at_once=True
+                )
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -495,6 +621,13 @@ class RunManager:
         if thread_id:
             return self.by_thread(thread_id)
         raise InvalidArgument("give run_id or thread_id", field="run_id")
+
+    async def acknowledged(self) -> None:
+        """Returns once what was just journaled may be acknowledged: at once, or
+        after its commit in strict mode and while the journal lags."""
+        journal = self.journal
+        if journal is not None and (commit := journal.settle()) is not None:
+            await commit
 
     def active_run(self, thread_id: str) -> RunRecord | None:
         return self._active_by_thread.get(thread_id)
@@ -526,7 +659,8 @@ class RunManager:
 
     async def cancel(self, record: RunRecord, reason: str, *, wait: bool = False) -> bool:
         """Cancels a run; returns False when it had already finished."""
-        if record.finished:
+        if record.ending:
+            await record.done.wait()  # its end is being journaled
             return False
         self._request_cancel(record, reason)
         if wait:
@@ -548,6 +682,7 @@ class RunManager:
 
     def _request_cancel(self, record: RunRecord, reason: str) -> None:
         record.cancel_reason = reason or "cancelled by request"
+        record.infra.cancel_reason = record.cancel_reason
         if record.status == PENDING:
             queue = self._queued_by_thread.get(record.thread_id)
             if queue is not None and record in queue:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from google.protobuf import struct_pb2
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
+from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, check_struct
 from carsvc.domain.errors import FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import (
     BUDGET_SKIPPED_PREFIX,
@@ -41,6 +42,7 @@ class Limits:
     max_field_bytes: int = 1 << 20
     max_items: int = 100_000
     max_agents: int = 1_000
+    max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH
 
 
 @dataclass(slots=True)
@@ -76,6 +78,28 @@ def check_spec(spec: AgentSpec, field: str) -> None:
         raise InvalidArgument(f"'{spec.name}' must not contain whitespace", field=f"{field}.name")
     if spec.HasField("metadata"):
         check_timeout(spec.metadata.fields.get("timeout_secs"), f"{field}.metadata.timeout_secs")
+
+
+def check_spec_bounds(spec: AgentSpec, field: str, limits: Limits) -> None:
+    """check_spec, and every part of a client-given spec within the size and
+    nesting limits (what a run request or the registry stores and re-sends)."""
+    check_spec(spec, field)
+    check_text(spec.system_prompt, f"{field}.system_prompt", limits)
+    check_count(len(spec.tools), f"{field}.tools", limits.max_agents, "tools")
+    for i, tool in enumerate(spec.tools):
+        check_text(tool, f"{field}.tools[{i}]", limits)
+    if spec.HasField("metadata"):
+        size = spec.metadata.ByteSize()
+        if size > limits.max_field_bytes:
+            raise InvalidArgument(
+                f"is {size} bytes; the limit is {limits.max_field_bytes} (max_field_bytes)", field=f"{field}.metadata"
+            )
+        check_struct(spec.metadata, f"{field}.metadata", limits.max_value_depth)
+    if spec.ByteSize() > limits.max_field_bytes * 2:
+        raise InvalidArgument(
+            f"is {spec.ByteSize()} bytes in all; the limit is {limits.max_field_bytes * 2} (2 x max_field_bytes)",
+            field=field,
+        )
 
 
 def check_timeout(value: struct_pb2.Value | None, field: str) -> None:

@@ -10,14 +10,15 @@ from carsvc._proto.car.v1 import registry_pb2, registry_pb2_grpc
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.workers import Dispatcher
-from carsvc.patterns.base import check_spec
+from carsvc.patterns.base import Limits, check_spec_bounds
 from carsvc.services.errors import unary
 
 
 class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: AgentRegistry, dispatcher: Dispatcher) -> None:
+    def __init__(self, registry: AgentRegistry, dispatcher: Dispatcher, limits: Limits | None = None) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
+        self.limits = limits or Limits()
 
     @unary
     async def RegisterAgent(
@@ -25,7 +26,7 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.RegisterAgentResponse:
         if not request.HasField("agent"):
             raise InvalidArgument("is required", field="agent")
-        check_spec(request.agent, "agent")
+        check_spec_bounds(request.agent, "agent", self.limits)
         stored = self.registry.register(request.agent, replace=request.replace)
         return registry_pb2.RegisterAgentResponse(agent=stored)
 

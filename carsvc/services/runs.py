@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -19,11 +19,12 @@ from carsvc._proto.car.v1 import (
     runs_pb2_grpc,
     types_pb2,
 )
+from carsvc.domain.bounds import check_value
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
 from carsvc.patterns import BUILDERS, Limits
-from carsvc.patterns.base import check_spec, check_text
+from carsvc.patterns.base import check_spec_bounds
 from carsvc.services.convert import limits_from_proto
 from carsvc.services.errors import abort, frame_error, shown, streaming, unary
 from carsvc.services.submit import SubmitStream
@@ -31,6 +32,15 @@ from carsvc.services.submit import SubmitStream
 log = logging.getLogger("carsvc.runs")
 
 MAX_ID_CHARS = 256
+MAX_LABELS = 64
+MAX_LABEL_KEY_BYTES = 256
+MAX_LABEL_VALUE_BYTES = 4096
+MAX_REASON_BYTES = 4096
+# What one response to a client may hold: gRPC's default receive limit in every
+# language is 4 MiB; this leaves room for the envelope.
+RESPONSE_BUDGET = 3 * 1024 * 1024 + 512 * 1024
+# ReadRunResult's piece size.
+RESULT_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _READ_BATCH = 500
@@ -42,6 +52,27 @@ _MAX_TOKEN_DIGITS = 19
 def _check_id(value: str, field: str) -> None:
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_ID_CHARS}", field=field)
+
+
+def _check_labels(labels: Mapping[str, str]) -> None:
+    """Labels travel with every Run: a few short strings, like Kubernetes labels."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"has {len(labels)} labels; the limit is {MAX_LABELS}", field="labels")
+    for key, value in labels.items():
+        for what, text, limit in (("key", key, MAX_LABEL_KEY_BYTES), ("value", value, MAX_LABEL_VALUE_BYTES)):
+            if (size := len(text.encode())) > limit:
+                raise InvalidArgument(
+                    f"the {what} of label '{shown(key, 64)}' is {size} bytes; the limit is {limit}", field="labels"
+                )
+
+
+def _check_decision(decision: types_pb2.ToolCallDecision, field: str, max_depth: int) -> None:
+    _check_id(decision.target_id, f"{field}.target_id")
+    _check_id(decision.decision_id, f"{field}.decision_id")
+    if len(decision.reason.encode()) > MAX_REASON_BYTES:
+        raise InvalidArgument(f"is over {MAX_REASON_BYTES} bytes", field=f"{field}.reason")
+    if decision.HasField("result"):
+        check_value(decision.result, f"{field}.result", max_depth)
 
 
 def _undecodable(err: DecodeError) -> CarError:
@@ -62,18 +93,8 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     def _resolve(self, ref: patterns_pb2.AgentRef, field: str) -> types_pb2.AgentSpec:
         source = ref.WhichOneof("source")
         if source == "spec":
-            spec = ref.spec
-            check_spec(spec, f"{field}.spec")
-            check_text(spec.system_prompt, f"{field}.spec.system_prompt", self.limits)
-            for i, tool in enumerate(spec.tools):
-                check_text(tool, f"{field}.spec.tools[{i}]", self.limits)
-            if spec.HasField("metadata") and spec.metadata.ByteSize() > self.limits.max_field_bytes:
-                raise InvalidArgument(
-                    f"is {spec.metadata.ByteSize()} bytes; the limit is {self.limits.max_field_bytes} "
-                    "(max_field_bytes)",
-                    field=f"{field}.spec.metadata",
-                )
-            return spec
+            check_spec_bounds(ref.spec, f"{field}.spec", self.limits)
+            return ref.spec
         if source == "registered_name":
             return self.registry.get(ref.registered_name, field=f"{field}.registered_name")
         raise InvalidArgument("must give an inline spec or a registered_name", field=field)
@@ -86,15 +107,9 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             raise InvalidArgument(
                 f"unknown value {request.on_busy} (REJECT, INTERRUPT or ENQUEUE)", field="on_busy"
             )
-        limit = self.limits.max_field_bytes
-        for key, value in request.labels.items():
-            for what, text in (("key", key), ("value", value)):
-                if (size := len(text.encode())) > limit:
-                    raise InvalidArgument(
-                        f"the {what} of label '{shown(key, 64)}' is {size} bytes; the limit is {limit} "
-                        "(max_field_bytes)",
-                        field="labels",
-                    )
+        _check_labels(request.labels)
+        for i, decision in enumerate(request.initial_decisions):
+            _check_decision(decision, f"initial_decisions[{i}]", self.limits.max_value_depth)
         which = request.WhichOneof("pattern")
         if which is None:
             raise InvalidArgument(
@@ -124,7 +139,9 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def StartRun(
         self, request: runs_pb2.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.StartRunResponse:
-        return runs_pb2.StartRunResponse(run=self.start(request).handle())
+        record = self.start(request)
+        await self.runs.acknowledged()  # strict journal: the run's record is on disk
+        return runs_pb2.StartRunResponse(run=record.handle())
 
     @streaming
     async def WatchRun(
@@ -157,15 +174,39 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             before = int(token)
         response = runs_pb2.ListRunsResponse()
         last = None
+        used = 0
         for record in self.runs.select(
             thread_id=request.thread_id, status=request.status, agent_id=request.agent_id, before=before
         ):
-            if len(response.runs) == size:
+            run = record.to_proto(include_result=request.include_results)
+            cost = run.ByteSize() + 8
+            # A page ends at page_size runs, or before it would outgrow what a
+            # client with default settings can receive (at least one run per page).
+            if len(response.runs) == size or (response.runs and used + cost > RESPONSE_BUDGET):
                 response.next_page_token = str(last.ordinal) if last else ""
                 break
-            response.runs.append(record.to_proto(include_result=request.include_results))
+            response.runs.append(run)
+            used += cost
             last = record
         return response
+
+    @streaming
+    async def ReadRunResult(
+        self, request: runs_pb2.ReadRunResultRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[runs_pb2.ReadRunResultResponse]:
+        data = self.runs.get(request.run_id).serialized_result()
+        total = len(data)
+        if request.offset > total:
+            raise CarError(
+                f"is beyond the end of the {total}-byte result", field="offset", code=Code.OUT_OF_RANGE
+            )
+        offset = request.offset
+        while True:
+            chunk = data[offset : offset + RESULT_CHUNK_BYTES]
+            yield runs_pb2.ReadRunResultResponse(chunk=chunk, offset=offset, total_bytes=total)
+            offset += len(chunk)
+            if offset >= total:
+                return
 
     @unary
     async def CancelRun(
@@ -178,6 +219,8 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
 
     def _decide(self, record: RunRecord, request: runs_pb2.SubmitDecisionsRequest) -> runs_pb2.SubmitDecisionsResponse:
         record.check_owner(request.agent_id)
+        for i, decision in enumerate(request.decisions):
+            _check_decision(decision, f"decisions[{i}]", self.limits.max_value_depth)
         outcome = self.runs.submit_decisions(record, list(request.decisions))
         return runs_pb2.SubmitDecisionsResponse(
             run=record.handle(),
@@ -210,6 +253,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             record = self.start(first.start)
         except CarError as err:
             await abort(context, err)
+        await self.runs.acknowledged()  # strict journal: the run's record is on disk
         yield runs_pb2.SessionResponse(started=record.handle())
         replies: asyncio.Queue[runs_pb2.SessionResponse | None] = asyncio.Queue()
         idle = asyncio.Event()  # set while no client request is being handled

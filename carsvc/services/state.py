@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,12 +12,17 @@ import grpc
 from google.protobuf import struct_pb2
 
 from carsvc._proto.car.v1 import state_pb2, state_pb2_grpc
+from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, MAX_KEY_BYTES, check_key, check_room, check_scope, check_value
 from carsvc.domain.errors import InvalidArgument
-from carsvc.domain.overlay import StateTransition
+from carsvc.domain.overlay import StateStore, StateTransition
 from carsvc.domain.runs import RunManager
 from carsvc.services.errors import streaming, unary
 
 DEFAULT_WRITER = "client"
+MAX_WRITER_CHARS = 256
+DEFAULT_KEYS_PAGE = 1_000
+MAX_KEYS_PAGE = 10_000
+KEYS_PAGE_BYTES = 1024 * 1024
 
 
 def transition_to_proto(t: StateTransition) -> state_pb2.StateTransition:
@@ -27,18 +34,32 @@ def transition_to_proto(t: StateTransition) -> state_pb2.StateTransition:
     return msg
 
 
+def _check_writer(writer: str) -> None:
+    if len(writer) > MAX_WRITER_CHARS:
+        raise InvalidArgument(f"is {len(writer)} characters; the limit is {MAX_WRITER_CHARS}", field="writer")
+
+
 class StateService(state_pb2_grpc.StateServiceServicer):
-    def __init__(self, runs: RunManager, max_field_bytes: int, watcher_buffer: int) -> None:
+    def __init__(
+        self,
+        runs: RunManager,
+        max_field_bytes: int,
+        watcher_buffer: int,
+        *,
+        max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH,
+        max_state_keys: int = 10_000,
+    ) -> None:
         self.runs = runs
         self.max_field_bytes = max_field_bytes
         self.watcher_buffer = watcher_buffer
+        self.max_value_depth = max_value_depth
+        self.max_state_keys = max_state_keys
 
     @staticmethod
     def _scope_key(scope: str, key: str | None) -> None:
-        if not scope:
-            raise InvalidArgument("must name a state scope (usually a thread id)", field="scope")
-        if key is not None and not key:
-            raise InvalidArgument("must not be empty", field="key")
+        check_scope(scope, "scope")
+        if key is not None:
+            check_key(key, "key")
 
     @unary
     async def Get(
@@ -60,10 +81,17 @@ class StateService(state_pb2_grpc.StateServiceServicer):
             raise InvalidArgument("is required", field="value")
         size = request.value.ByteSize()
         if size > self.max_field_bytes:
-            raise InvalidArgument(f"is {size} bytes; the limit is {self.max_field_bytes}", field="value")
+            raise InvalidArgument(
+                f"is {size} bytes; the limit is {self.max_field_bytes} (max_field_bytes)", field="value"
+            )
+        check_value(request.value, "value", self.max_value_depth)
+        _check_writer(request.writer)
+        store = self.runs.scope(request.scope)
+        check_room(len(store), request.key in store, self.max_state_keys, "key")
         value = struct_pb2.Value()
         value.CopyFrom(request.value)
-        t = self.runs.scope(request.scope).set(request.key, value, request.writer or DEFAULT_WRITER)
+        t = store.set(request.key, value, request.writer or DEFAULT_WRITER)
+        await self.runs.acknowledged()  # strict journal: the write is on disk
         return state_pb2.SetResponse(index=t.index)
 
     @unary
@@ -71,10 +99,12 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         self, request: state_pb2.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> state_pb2.DeleteResponse:
         self._scope_key(request.scope, request.key)
+        _check_writer(request.writer)
         store = self.runs.scopes.get(request.scope)
         t = store.delete(request.key, request.writer or DEFAULT_WRITER) if store is not None else None
         if t is None:
             return state_pb2.DeleteResponse(existed=False)
+        await self.runs.acknowledged()  # strict journal: the delete is on disk
         return state_pb2.DeleteResponse(existed=True, index=t.index)
 
     @unary
@@ -82,15 +112,42 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         self, request: state_pb2.ListKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> state_pb2.ListKeysResponse:
         self._scope_key(request.scope, None)
+        if request.page_size > MAX_KEYS_PAGE:
+            raise InvalidArgument(f"must be at most {MAX_KEYS_PAGE}", field="page_size")
+        if len(request.page_token) > MAX_KEY_BYTES:
+            raise InvalidArgument("is not a token from a previous ListKeys", field="page_token")
         store = self.runs.scopes.get(request.scope)
-        return state_pb2.ListKeysResponse(keys=store.keys(request.prefix) if store is not None else [])
+        keys = store.keys(request.prefix) if store is not None else []
+        start = bisect.bisect_right(keys, request.page_token) if request.page_token else 0
+        size = request.page_size or DEFAULT_KEYS_PAGE
+        response = state_pb2.ListKeysResponse()
+        used = 0
+        for key in itertools.islice(keys, start, None):
+            cost = len(key) + 4
+            if len(response.keys) == size or (response.keys and used + cost > KEYS_PAGE_BYTES):
+                # The token is the last key sent: later pages start after it even
+                # if keys are written or deleted in between.
+                response.next_page_token = response.keys[-1]
+                break
+            response.keys.append(key)
+            used += cost
+        return response
 
     @streaming
     async def Watch(
         self, request: state_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[state_pb2.WatchResponse]:
         self._scope_key(request.scope, None)
-        store = self.runs.scope(request.scope)
+        store = self.runs.hold_scope(request.scope)  # a watched scope is kept, even empty
+        try:
+            async for response in self._watch(store, request):
+                yield response
+        finally:
+            self.runs.release_scope(request.scope)
+
+    async def _watch(
+        self, store: StateStore, request: state_pb2.WatchRequest
+    ) -> AsyncIterator[state_pb2.WatchResponse]:
         prefix = request.key_prefix
         queue: asyncio.Queue[StateTransition] = asyncio.Queue()
 

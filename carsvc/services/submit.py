@@ -20,6 +20,23 @@ def _refused(run_id: str, err: CarError) -> runs_pb2.SubmitAnswer:
     return runs_pb2.SubmitAnswer(run_id=run_id, error=frame_error(err, ""))
 
 
+# Answers per message stay within what a client with default settings receives.
+_MESSAGE_BUDGET = 3 * 1024 * 1024
+
+
+def _batches(answers: list[runs_pb2.SubmitAnswer]) -> list[list[runs_pb2.SubmitAnswer]]:
+    batches: list[list[runs_pb2.SubmitAnswer]] = [[]]
+    used = 0
+    for answer in answers:
+        cost = answer.ByteSize() + 8
+        if batches[-1] and used + cost > _MESSAGE_BUDGET:
+            batches.append([])
+            used = 0
+        batches[-1].append(answer)
+        used += cost
+    return batches
+
+
 class SubmitStream:
     """One Submit stream: reads requests, starts their runs, and collects one
     answer per run; `responses()` sends what has collected in one message and
@@ -83,7 +100,8 @@ class SubmitStream:
                     await self._wakeup.wait()
                     continue
                 ready, self._ready = self._ready, []
-                yield runs_pb2.SubmitResponse(answers=ready)
+                for batch in _batches(ready):
+                    yield runs_pb2.SubmitResponse(answers=batch)
         finally:
             reader.cancel()
             for task in list(self._waiting):
