@@ -283,3 +283,42 @@ async def test_the_registry_always_lists_in_one_message(sidecar: Sidecar, plain:
         )
     assert big.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (big.value.details() or "").startswith("agent.system_prompt: ")
+
+
+# -- map-reduce at scale ---------------------------------------------------------------
+
+
+async def small_mapper(ctx: AgentContext) -> str:
+    return f"{ctx.name} done"
+
+
+async def measuring_reducer(ctx: AgentContext) -> str:
+    return str(len(ctx.task.encode()))
+
+
+async def _map_reduce_items(client: Client, workers: Workers, count: int) -> None:
+    await workers.start({"mapper*": small_mapper, "reducer": measuring_reducer}, max_in_flight=256)
+    run = await client.run(
+        map_reduce(agent("mapper"), agent("reducer"), "t", [str(i) for i in range(count)], max_concurrent=256)
+    )
+    assert run.status == SUCCEEDED, run.termination_detail
+    result = run.result.map_reduce
+    assert len(result.map_outputs) == count
+    assert result.map_outputs[-1].answer == f"mapper_{count - 1} done"
+    # The reducer's task is bounded by construction, whatever the item count.
+    assert int(result.reduced_answer) <= TEST_SETTINGS.max_field_bytes
+
+
+async def test_a_20000_item_map_reduce_runs_and_reads_back(
+    sidecar: Sidecar, client: Client, workers: Workers
+) -> None:
+    """Was: Client.run() raised RESOURCE_EXHAUSTED (a 4.21 MB answer)."""
+    await _map_reduce_items(client, workers, 20_000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_the_documented_maximum_of_100000_items(sidecar: Sidecar, client: Client, workers: Workers) -> None:
+    """Was: the reducer's 5.58 MB task went over the worker channel's 4 MiB limit,
+    and the run FAILED with "worker ... was lost"."""
+    await _map_reduce_items(client, workers, 100_000)
