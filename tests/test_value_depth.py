@@ -5,6 +5,7 @@ naming the field."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,10 +13,12 @@ import pytest
 from google.protobuf import struct_pb2
 
 from carsvc._proto.car.v1 import registry_pb2, runs_pb2, state_pb2, types_pb2
-from carsvc.client import Client, agent, resume, single
+from carsvc.client import Client, agent, map_reduce, resume, single
 from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, value_depth
 from carsvc.server import Sidecar
 from carsvc.values import to_value
+from carsvc.worker import AgentContext
+from tests.conftest import TEST_SETTINGS, Workers
 
 LIMIT = DEFAULT_MAX_VALUE_DEPTH
 
@@ -85,3 +88,44 @@ async def test_decisions(sidecar: Sidecar, client: Client) -> None:
     answer = await client.submit_decisions(fine, run_id=handle.run_id)
     assert list(answer.queued_decision_ids) == ["decision_call-1"]
     await client.cancel(handle.run_id)
+
+
+async def test_a_value_at_the_limit_travels_every_envelope_and_the_journal(tmp_path: Path) -> None:
+    """Evidence data nested max_value_depth deep (objects: 3 protobuf levels each)
+    inside map-reduce's deepest envelope: Session, WatchRun and GetRun decode it, and
+    a sidecar restarted on the journal reads it back."""
+    evidence = types_pb2.Evidence(description="deep", data=deep_value(LIMIT))
+
+    async def mapper(ctx: AgentContext) -> types_pb2.AgentOutput:
+        out = types_pb2.AgentOutput(name=ctx.name, answer="found")
+        out.outcome.evidence.append(evidence)
+        return out
+
+    async def reducer(ctx: AgentContext) -> str:
+        return "done"
+
+    settings = TEST_SETTINGS.replace(data_dir=str(tmp_path))
+    first = Sidecar(settings)
+    await first.start()
+    pool = Workers(first.address)
+    try:
+        await pool.start({"mapper*": mapper, "reducer": reducer})
+        async with Client(first.address) as client:
+            run = await client.run(map_reduce(agent("mapper"), agent("reducer"), "t", ["a", "b"]))
+            assert run.status == types_pb2.RUN_STATUS_SUCCEEDED
+            assert run.result.map_reduce.map_outputs[1].outcome.evidence[0] == evidence
+            events = [e async for e in client.watch(run.run_id)]
+            assert events[-1].run_finished.result.map_reduce.map_outputs[0].outcome.evidence[0] == evidence
+    finally:
+        await pool.stop_all()
+        await first.stop(grace=0.5)
+    second = Sidecar(settings)
+    await second.start()
+    try:
+        async with Client(second.address) as client:
+            again = await client.get_run(run.run_id)
+            assert again.result == run.result
+            replayed = [e async for e in client.watch(run.run_id)]
+            assert [e.seq for e in replayed] == [e.seq for e in events]
+    finally:
+        await second.stop(grace=0.5)
