@@ -63,11 +63,6 @@ async def start_error(client: Client, request: runs_pb2.StartRunRequest) -> grpc
             "map_reduce.max_concurrent",
         ),
         (
-            runs_pb2.StartRunRequest(map_reduce=map_reduce(agent("m"), agent("r"), "t", [])),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "map_reduce.items",
-        ),
-        (
             runs_pb2.StartRunRequest(
                 map_reduce=patterns_pb2.MapReduceRun(mapper=agent("m"), task="t", items=["a"])
             ),
@@ -101,7 +96,7 @@ async def start_error(client: Client, request: runs_pb2.StartRunRequest) -> grpc
     ],
     ids=[
         "missing-pattern", "empty-agent-name", "whitespace-name", "missing-agent", "max-concurrent-0",
-        "no-items", "missing-reducer", "unknown-registered-agent", "negative-cost", "unknown-budget",
+        "missing-reducer", "unknown-registered-agent", "negative-cost", "unknown-budget",
         "long-thread-id",
     ],
 )

@@ -63,7 +63,10 @@ from carsvc._proto.car.v1 import (  # noqa: E402
 )
 from carsvc.client import Client, agent, single  # noqa: E402
 from carsvc.config import Settings  # noqa: E402
+from carsvc.domain.bounds import struct_depth, value_depth  # noqa: E402
+from carsvc.domain.workers import Dispatcher  # noqa: E402
 from carsvc.server import Sidecar  # noqa: E402
+from carsvc.services.calls import NEEDS_ANSWER  # noqa: E402
 from carsvc.values import to_value  # noqa: E402
 from carsvc.worker import AgentContext  # noqa: E402
 from tests.conftest import TEST_SETTINGS, Workers  # noqa: E402
@@ -78,6 +81,7 @@ FUZZ_SETTINGS = TEST_SETTINGS.replace(
 )
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
+FAILED = types_pb2.RUN_STATUS_FAILED
 Code: Any = grpc.StatusCode  # grpc is untyped
 OK, INVALID, NOT_FOUND, PRECONDITION = Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION
 EXHAUSTED = Code.RESOURCE_EXHAUSTED
@@ -699,7 +703,23 @@ def hello_problem(frame: worker_pb2.ConnectRequest) -> Ends | None:
     return None
 
 
-def expected_replies(frame: worker_pb2.ConnectRequest, first: bool, known: Callable[[str], bool]) -> Replies:
+def result_reply(dispatcher: Dispatcher, assignment_id: str, attempt: int) -> tuple[int, str]:
+    """The FrameError (code, field under results[i]) a session that does not hold
+    `assignment_id` gets for a result of `attempt`: docs/worker-protocol.md."""
+    active, done = dispatcher.active(assignment_id), dispatcher.finished(assignment_id)
+    if active is None and done is None:
+        return NOT_FOUND.value[0], "assignment_id"
+    current = active.attempt if active is not None else done.attempt if done is not None else 0
+    if attempt < current:
+        return PRECONDITION.value[0], "attempt"  # superseded
+    if attempt > current:
+        return INVALID.value[0], "attempt"  # never handed out
+    return PRECONDITION.value[0], "assignment_id"  # held elsewhere, or already finished
+
+
+def expected_replies(
+    frame: worker_pb2.ConnectRequest, first: bool, reply: Callable[[str, int], tuple[int, str]]
+) -> Replies:
     """What a session that holds no assignment answers to `frame`: the
     "errors that never end a session" table of docs/worker-protocol.md."""
     out = Replies([], [])
@@ -712,6 +732,8 @@ def expected_replies(frame: worker_pb2.ConnectRequest, first: bool, known: Calla
             continue
         if call.WhichOneof("op") is None:
             code, where = INVALID, f"{at}.op"
+        elif not call.call_id and call.WhichOneof("op") in NEEDS_ANSWER:
+            code, where = INVALID, f"{at}.call_id"  # its answer is the point: not made
         else:
             code, where = PRECONDITION, f"{at}.assignment_id"
         if call.call_id:
@@ -721,9 +743,9 @@ def expected_replies(frame: worker_pb2.ConnectRequest, first: bool, known: Calla
     for i, result in enumerate(frame.results):
         if result.attempt == 0:
             out.errors.append((INVALID.value[0], f"results[{i}].attempt"))
-        elif not known(result.assignment_id):
-            out.errors.append((NOT_FOUND.value[0], f"results[{i}].assignment_id"))
-        # a result for an assignment this session does not hold is a superseded one: ignored
+        else:
+            code, where = reply(result.assignment_id, result.attempt)
+            out.errors.append((code, f"results[{i}].{where}"))
     return out
 
 
@@ -769,6 +791,9 @@ class WorkerFuzz:
         self.client = client
         self.unrelated = unrelated
         self.sentinels = 0
+
+    def result_reply(self, assignment_id: str, attempt: int) -> tuple[int, str]:
+        return result_reply(self.sidecar.dispatcher, assignment_id, attempt)
 
     def resolve(self, token: str) -> str:
         if token == NO_SUCH:
@@ -898,7 +923,7 @@ class WorkerFuzz:
                 assert welcome.heartbeat_interval_ms == FUZZ_SETTINGS.heartbeat_interval_ms
                 assert welcome.max_message_bytes == MAX_MESSAGE
                 session_id = welcome.session_id
-            pending.extend(expected_replies(frame, first, self.sidecar.dispatcher.is_known))
+            pending.extend(expected_replies(frame, first, self.result_reply))
         if session_id:
             await self.sync(raw, pending)
         await raw.call.done_writing()
@@ -1007,6 +1032,16 @@ HELD_EXAMPLES = [
 ]
 
 
+def refused(output: types_pb2.AgentOutput, settings: Settings) -> bool:
+    """Whether the sidecar refuses `output` (docs/worker-protocol.md, "Outputs are bounded")."""
+    if output.ByteSize() > settings.max_output_bytes:
+        return True
+    depths = [value_depth(e.data) for e in output.outcome.evidence if e.HasField("data")]
+    if output.outcome.HasField("metrics"):
+        depths.append(struct_depth(output.outcome.metrics))
+    return max(depths, default=0) > settings.max_value_depth
+
+
 class HeldFuzz(WorkerFuzz):
     held_id = ""
 
@@ -1079,8 +1114,15 @@ class HeldFuzz(WorkerFuzz):
                 assert await raw.write(frame_data), await raw.ending()
 
             run = await asyncio.wait_for(self.client.wait(handle.run_id), 10)
-            assert run.status == SUCCEEDED, run
-            assert run.result.single.output.answer == f"held: {task}"
+            if refused(output, self.sidecar.settings):
+                # Too deep or too large: refused, and the agent's output says so.
+                assert run.status == FAILED, run
+                assert run.result.single.output.error.startswith(
+                    "the worker's output was refused: results[0].output"
+                ), run
+            else:
+                assert run.status == SUCCEEDED, run
+                assert run.result.single.output.answer == f"held: {task}"
 
             # Every quick call was answered by now, and while the assignment still ran.
             self.sentinels += 1

@@ -12,11 +12,12 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "patterns"
 PINNED: dict[str, object] = {
     "MAP_ITEM_TASK": "{task}\n\nProcess this item: {item}",
     "MAP_SUMMARY_LINE": "- [{name}] {answer}",
-    "MAP_SUMMARY_CHARS": 300,
+    "MAP_SUMMARY_BYTES": 300,
     "REDUCE_TASK": (
         "Original task: {task}\n\nResults from {count} sub-agents:\n{summaries}\n\n"
         "Combine these into a single coherent result."
     ),
+    "MAP_SUMMARIES_OMITTED_LINE": "- ({omitted} more results left out to keep this task within {limit} bytes)",
     "ANSWER_LINE": "- [{name}] {answer}",
     "FAILED_ANSWER_LINE": "- [{name}] (no answer: {error})",
     "NO_ANSWER": "(no answer)",

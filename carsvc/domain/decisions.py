@@ -2,14 +2,15 @@
 
 An agent suspends a tool call and waits; a client answers with a decision
 (resume with a value, or cancel with a reason). Decisions that arrive before
-their suspension are kept (bounded) and delivered the moment it appears; a
-decision id is applied at most once; a suspension that waits too long is
-cancelled with a clear reason."""
+their suspension are kept (bounded, all of them, as tirea keeps every decision
+sent before the agent waits) and delivered first-in first-out, one per
+suspension of their tool call; a decision id is applied at most once; a
+suspension that waits too long is cancelled with a clear reason."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,7 +62,10 @@ class DecisionBox:
         self.max_unmatched = max_unmatched
         self.default_timeout = default_timeout
         self._waiting: dict[str, asyncio.Future[ToolCallDecision]] = {}
-        self._unmatched: OrderedDict[str, ToolCallDecision] = OrderedDict()
+        # Early decisions by tool call id, oldest first; their keys; their count.
+        self._unmatched: dict[str, deque[ToolCallDecision]] = {}
+        self._unmatched_keys: set[str] = set()
+        self._unmatched_count = 0
         self._applied: OrderedDict[str, None] = OrderedDict()
         self._closed = False
         # Called with True when the first suspension opens, False when the last closes.
@@ -73,7 +77,8 @@ class DecisionBox:
 
     @property
     def unmatched(self) -> list[str]:
-        return list(self._unmatched)
+        """The keys of the decisions kept for tool calls that have not suspended."""
+        return [decision_key(d) for queue in self._unmatched.values() for d in queue]
 
     def submit(self, decisions: list[ToolCallDecision]) -> Outcome:
         """Delivers each decision to its waiting tool call, or keeps it for later."""
@@ -82,7 +87,7 @@ class DecisionBox:
         outcome = Outcome()
         for d in decisions:
             key = decision_key(d)
-            if key in self._applied or any(decision_key(q) == key for q in self._unmatched.values()):
+            if key in self._applied or key in self._unmatched_keys:
                 outcome.duplicates.append(key)
                 continue
             future = self._waiting.get(d.target_id)
@@ -91,13 +96,18 @@ class DecisionBox:
                 future.set_result(d)
                 outcome.applied.append(key)
                 continue
-            if len(self._unmatched) >= self.max_unmatched:
+            if self._unmatched_count >= self.max_unmatched:
                 raise ResourceExhausted(
-                    f"{len(self._unmatched)} decisions already wait for a tool call that has not "
+                    f"{self._unmatched_count} decisions already wait for a tool call that has not "
                     f"suspended (max {self.max_unmatched}); decision '{key}' was not kept",
                     field="decisions",
                 )
-            self._unmatched[d.target_id] = d
+            queue = self._unmatched.get(d.target_id)
+            if queue is None:
+                queue = self._unmatched[d.target_id] = deque()
+            queue.append(d)
+            self._unmatched_keys.add(key)
+            self._unmatched_count += 1
             outcome.queued.append(key)
         return outcome
 
@@ -116,25 +126,17 @@ class DecisionBox:
             )
         if self._closed:
             raise FailedPrecondition("the run has finished")
-        early = self._unmatched.pop(call.tool_call_id, None)
+        timeout = call.timeout_ms / 1000 if call.timeout_ms else self.default_timeout
+        early = self._take_early(call.tool_call_id)
+        # Watchers always see what was suspended, and with which arguments, before
+        # what was decided (an early decision too).
+        self._suspended(agent, assignment_id, call, timeout)
         if early is not None:
             self._remember(decision_key(early))
             self._resumed(call.tool_call_id, early)
             return early
-        timeout = call.timeout_ms / 1000 if call.timeout_ms else self.default_timeout
         future: asyncio.Future[ToolCallDecision] = asyncio.get_running_loop().create_future()
         self._waiting[call.tool_call_id] = future
-        suspended = events_pb2.ToolCallSuspended(
-            agent=agent,
-            assignment_id=assignment_id,
-            tool_call_id=call.tool_call_id,
-            tool_name=call.tool_name,
-            reason=call.reason,
-            deadline_unix_ms=now_ms() + int(timeout * 1000),
-        )
-        if call.HasField("arguments"):
-            suspended.arguments.CopyFrom(call.arguments)
-        self._emit(events_pb2.RunEvent(tool_call_suspended=suspended))
         if len(self._waiting) == 1:
             self.on_waiting(True)
         try:
@@ -153,6 +155,31 @@ class DecisionBox:
                 self.on_waiting(False)
         self._resumed(call.tool_call_id, decision)
         return decision
+
+    def _take_early(self, tool_call_id: str) -> ToolCallDecision | None:
+        """The oldest decision kept for `tool_call_id`, taken (each is delivered once)."""
+        queue = self._unmatched.get(tool_call_id)
+        if not queue:
+            return None
+        early = queue.popleft()
+        if not queue:
+            del self._unmatched[tool_call_id]
+        self._unmatched_keys.discard(decision_key(early))
+        self._unmatched_count -= 1
+        return early
+
+    def _suspended(self, agent: str, assignment_id: str, call: worker_pb2.SuspendToolCall, timeout: float) -> None:
+        suspended = events_pb2.ToolCallSuspended(
+            agent=agent,
+            assignment_id=assignment_id,
+            tool_call_id=call.tool_call_id,
+            tool_name=call.tool_name,
+            reason=call.reason,
+            deadline_unix_ms=now_ms() + int(timeout * 1000),
+        )
+        if call.HasField("arguments"):
+            suspended.arguments.CopyFrom(call.arguments)
+        self._emit(events_pb2.RunEvent(tool_call_suspended=suspended))
 
     def _resumed(self, tool_call_id: str, decision: ToolCallDecision) -> None:
         if self._closed:  # the run's log is closed; run_finished was its last event

@@ -138,6 +138,9 @@ class RunInfra:
         self._children: set[asyncio.Task[Any]] = set()
         # Told about every spawn the budget refused (the sidecar counts them).
         self.on_denied: Callable[[], None] = lambda: None
+        # Why the run is being cancelled (set by RunManager before it cancels the
+        # run's task): what workers read in AssignmentCancel.reason.
+        self.cancel_reason = ""
 
     async def _suspend_tool_call(self, ctx: AgentContext, call: worker_pb2.SuspendToolCall) -> worker_pb2.CallResult:
         decision = await self.decisions.suspend(ctx.name, ctx.assignment_id, call)
@@ -152,8 +155,11 @@ class RunInfra:
         """The run is over: waiting tool calls are cancelled, and so is every
         child task (delegated or spawned agents still running on workers)."""
         self.decisions.close()
+        if not self.cancel_reason:
+            self.cancel_reason = "the run ended"
         for task in list(self._children):
             task.cancel()
+        self.dispatcher.run_ended(self.run_id)
 
     # -- events ------------------------------------------------------------------
 

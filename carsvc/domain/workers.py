@@ -6,6 +6,11 @@ handed to another worker with `attempt + 1`, up to `max_attempts`; a result
 from a superseded attempt is ignored. Each session holds at most
 `max_in_flight` unfinished assignments, and new work goes to the least-loaded
 session that serves the agent.
+
+Finished assignments are remembered so that a late or duplicate result gets a
+clear answer instead of "unknown": every finished assignment of a run while
+the run is active, and the most recent FINISHED_MEMORY of ended runs (see
+docs/worker-protocol.md, "What the sidecar remembers").
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from carsvc._proto.car.v1 import types_pb2
@@ -37,7 +43,10 @@ MAX_DEADLINE_S = 365 * 24 * 3600.0
 
 log = logging.getLogger("carsvc.workers")
 
-_FINISHED_MEMORY = 100_000  # finished assignment ids remembered to tell "late" from "unknown"
+# Finished assignment ids of ended runs (or of work outside a run) remembered to
+# tell a late or duplicate result from an unknown one; those of active runs are
+# all kept until their run ends.
+FINISHED_MEMORY = 4_096
 
 
 class State(enum.IntEnum):
@@ -53,7 +62,28 @@ class Verdict(enum.Enum):
     ACCEPTED = "accepted"
     CANCEL_ACKNOWLEDGED = "cancel_acknowledged"
     SUPERSEDED = "superseded"  # a late result of an attempt that was handed out again
+    FINISHED = "finished"  # the attempt's assignment already ended (a duplicate or late result)
+    NOT_HELD = "not_held"  # the current attempt, but another session holds it (or none yet)
+    WRONG_ATTEMPT = "wrong_attempt"  # an attempt that was never dispatched
     UNKNOWN = "unknown"
+
+
+class Ending(enum.Enum):
+    """How a finished assignment ended (told to a worker whose result came after)."""
+
+    ACCEPTED = "its result was accepted"
+    CANCELLED = "it was cancelled"
+    LOST = "its worker was lost on the last attempt"
+    UNPLACED = "no worker served its agent"
+    UNANSWERED = "its cancel was never answered and its slot was freed"
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What is remembered of a finished assignment."""
+
+    attempt: int
+    ending: Ending
 
 
 class Assignment:
@@ -210,6 +240,44 @@ def timed_out_output(name: str, seconds: float) -> AgentOutput:
     return out
 
 
+# What a worker's hello may carry: it is kept for the session's life, listed by
+# ListWorkers and logged, so a stranger's megabyte id must not get that far.
+MAX_HELLO_ID_CHARS = 256  # worker_id, sdk, each agent name or glob
+MAX_HELLO_AGENTS = 1_000
+MAX_HELLO_LABELS = 64
+MAX_LABEL_KEY_CHARS = 128
+MAX_LABEL_VALUE_CHARS = 1_024
+
+
+def check_hello_sizes(worker_id: str, agents: list[str], labels: dict[str, str], sdk: str) -> None:
+    """InvalidArgument naming the hello's field that is too long or has too many entries."""
+    for name, value in (("worker_id", worker_id), ("sdk", sdk)):
+        if len(value) > MAX_HELLO_ID_CHARS:
+            raise InvalidArgument(
+                f"is {len(value):,} characters, more than {MAX_HELLO_ID_CHARS}", field=f"hello.{name}"
+            )
+    if len(agents) > MAX_HELLO_AGENTS:
+        raise InvalidArgument(f"names {len(agents):,} agents, more than {MAX_HELLO_AGENTS:,}", field="hello.agents")
+    for i, agent in enumerate(agents):
+        if len(agent) > MAX_HELLO_ID_CHARS:
+            raise InvalidArgument(
+                f"is {len(agent):,} characters, more than {MAX_HELLO_ID_CHARS}", field=f"hello.agents[{i}]"
+            )
+    if len(labels) > MAX_HELLO_LABELS:
+        raise InvalidArgument(f"has {len(labels):,} entries, more than {MAX_HELLO_LABELS}", field="hello.labels")
+    for key, value in labels.items():
+        if len(key) > MAX_LABEL_KEY_CHARS:
+            raise InvalidArgument(
+                f"key '{shown(key, 40)}' is {len(key):,} characters, more than {MAX_LABEL_KEY_CHARS}",
+                field="hello.labels",
+            )
+        if len(value) > MAX_LABEL_VALUE_CHARS:
+            raise InvalidArgument(
+                f"is {len(value):,} characters, more than {MAX_LABEL_VALUE_CHARS}",
+                field=f"hello.labels[{shown(key, 40)}]",
+            )
+
+
 class Dispatcher:
     """Places assignments on worker sessions and keeps their leases."""
 
@@ -231,7 +299,11 @@ class Dispatcher:
         self._active: dict[str, Assignment] = {}
         self._pending: dict[str, deque[Assignment]] = {}
         self._serving: dict[str, list[WorkerSession]] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        # Finished assignments: all of each active run's (with the ids by run, to
+        # forget them when it ends), and the latest FINISHED_MEMORY of the rest.
+        self._finished_active: dict[str, Finished] = {}
+        self._finished_by_run: dict[str, list[str]] = {}
+        self._finished: OrderedDict[str, Finished] = OrderedDict()
         prefix = os.urandom(3).hex()
         self._ids = (f"{prefix}-{n:x}" for n in itertools.count(1))
         self._session_ids = (f"s-{prefix}-{n:x}" for n in itertools.count(1))
@@ -260,6 +332,7 @@ class Dispatcher:
             raise InvalidArgument("must not be empty", field="hello.worker_id")
         if not agents:
             raise InvalidArgument("must name at least one agent or glob", field="hello.agents")
+        check_hello_sizes(worker_id, agents, labels or {}, sdk)
         for i, agent in enumerate(agents):
             if not agent or any(c.isspace() for c in agent):
                 raise InvalidArgument(
@@ -306,7 +379,7 @@ class Dispatcher:
         for a in held:
             a.session = None
             if a.state is State.CANCELLING:
-                self._retire(a)
+                self._retire(a, Ending.CANCELLED)
                 continue
             where = ids(run_id=a.run_id, assignment_id=a.assignment_id, worker_id=session.worker_id)
             if a.attempt >= self.max_attempts:
@@ -314,7 +387,7 @@ class Dispatcher:
                     "run %s: assignment %s (%s) failed: its worker was lost on attempt %d of %d",
                     a.run_id, a.assignment_id, a.spec.name, a.attempt, self.max_attempts, extra=where,
                 )
-                self._retire(a)
+                self._retire(a, Ending.LOST)
                 self._resolve(
                     a,
                     AgentOutput(
@@ -384,6 +457,8 @@ class Dispatcher:
             loop.create_future(),
         )
         self._active[a.assignment_id] = a
+        if run_id:
+            self._finished_by_run.setdefault(run_id, [])
         if context is not None:
             context.on_assigned(a)
         if timeout is not None and timeout > 0:
@@ -394,7 +469,10 @@ class Dispatcher:
         try:
             return await a.future
         except asyncio.CancelledError:
-            self.cancel(a, "run cancelled")
+            # The reason the client gave (CancelRun, a Session's cancel, an
+            # interrupting run) reaches the worker in AssignmentCancel.reason.
+            reason = context.infra.cancel_reason if context is not None else ""
+            self.cancel(a, reason or "run cancelled")
             raise
         finally:
             if a.timer is not None:
@@ -428,27 +506,64 @@ class Dispatcher:
         return a
 
     def is_known(self, assignment_id: str) -> bool:
-        return assignment_id in self._active or assignment_id in self._finished
+        return assignment_id in self._active or self.finished(assignment_id) is not None
+
+    def active(self, assignment_id: str) -> Assignment | None:
+        """The assignment while it is queued, running or being cancelled."""
+        return self._active.get(assignment_id)
+
+    def finished(self, assignment_id: str) -> Finished | None:
+        """What is remembered of a finished assignment, if it still is."""
+        done = self._finished_active.get(assignment_id)
+        return done if done is not None else self._finished.get(assignment_id)
+
+    @property
+    def remembered(self) -> int:
+        """Finished assignment ids remembered (for tests and metrics)."""
+        return len(self._finished_active) + len(self._finished)
+
+    def run_ended(self, run_id: str) -> None:
+        """Forgets the finished assignments of an ended run but its latest ones
+        (a late result right after the end still gets a clear answer)."""
+        ids = self._finished_by_run.pop(run_id, None)
+        if not ids:
+            return
+        for assignment_id in ids[:-FINISHED_MEMORY]:
+            self._finished_active.pop(assignment_id, None)
+        for assignment_id in ids[-FINISHED_MEMORY:]:
+            done = self._finished_active.pop(assignment_id, None)
+            if done is not None:
+                self._remember(assignment_id, done)
 
     def complete(
         self, session: WorkerSession, assignment_id: str, attempt: int, output: AgentOutput
     ) -> Verdict:
+        """Takes a worker's result. Anything but ACCEPTED and CANCEL_ACKNOWLEDGED
+        changes nothing; the caller tells the worker why (see `active`, `finished`)."""
         a = self._active.get(assignment_id)
-        if a is None:
-            if assignment_id in self._finished:
-                self.superseded += 1
-                return Verdict.SUPERSEDED
-            return Verdict.UNKNOWN
-        if a.session is not session or a.attempt != attempt:
+        if a is not None:
+            current = a.attempt
+        else:
+            done = self.finished(assignment_id)
+            if done is None:
+                return Verdict.UNKNOWN
+            current = done.attempt
+        if attempt < current:
             self.superseded += 1
             return Verdict.SUPERSEDED
+        if attempt > current:
+            return Verdict.WRONG_ATTEMPT
+        if a is None:
+            return Verdict.FINISHED
+        if a.session is not session:
+            return Verdict.NOT_HELD
         del session.in_flight[assignment_id]
         a.session = None
         if a.state is State.CANCELLING:
-            self._retire(a)
+            self._retire(a, Ending.CANCELLED)
             self._pump(session)
             return Verdict.CANCEL_ACKNOWLEDGED
-        self._retire(a)
+        self._retire(a, Ending.ACCEPTED)
         if not output.name:
             output.name = a.spec.name
         self._resolve(a, output)
@@ -461,7 +576,7 @@ class Dispatcher:
     def cancel(self, a: Assignment, reason: str) -> None:
         """Stops an assignment wherever it is; its output says cancelled."""
         if a.state is State.QUEUED:
-            self._retire(a)  # left in its pending queue; _pump skips retired ones
+            self._retire(a, Ending.CANCELLED)  # left in its pending queue; _pump skips retired ones
         elif a.state is State.RUNNING and a.session is not None:
             a.state = State.CANCELLING
             self._cancelling.setdefault(a.run_id, set()).add(a)
@@ -539,7 +654,7 @@ class Dispatcher:
 
     # -- endings -------------------------------------------------------------------
 
-    def _retire(self, a: Assignment) -> None:
+    def _retire(self, a: Assignment, ending: Ending) -> None:
         if a.state is State.CANCELLING:
             waiting = self._cancelling.get(a.run_id)
             if waiting is not None:
@@ -554,9 +669,18 @@ class Dispatcher:
             a.ack_timer.cancel()
             a.ack_timer = None
         if self._active.pop(a.assignment_id, None) is not None:
-            self._finished[a.assignment_id] = None
-            if len(self._finished) > _FINISHED_MEMORY:
-                self._finished.popitem(last=False)
+            finished = Finished(a.attempt, ending)
+            by_run = self._finished_by_run.get(a.run_id) if a.run_id else None
+            if by_run is not None:
+                by_run.append(a.assignment_id)
+                self._finished_active[a.assignment_id] = finished
+            else:
+                self._remember(a.assignment_id, finished)
+
+    def _remember(self, assignment_id: str, done: Finished) -> None:
+        self._finished[assignment_id] = done
+        if len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)
 
     @staticmethod
     def _resolve(a: Assignment, output: AgentOutput) -> None:
@@ -582,7 +706,7 @@ class Dispatcher:
                 a.run_id, a.assignment_id, a.agent, self.unplaced_timeout,
                 extra=ids(run_id=a.run_id, assignment_id=a.assignment_id),
             )
-            self._retire(a)
+            self._retire(a, Ending.UNPLACED)
             self._resolve(
                 a,
                 AgentOutput(
@@ -606,5 +730,5 @@ class Dispatcher:
             )
             session.in_flight.pop(a.assignment_id, None)
             a.session = None
-            self._retire(a)
+            self._retire(a, Ending.UNANSWERED)
             self._pump(session)

@@ -4,7 +4,12 @@ Follows car-multi's map_reduce.rs: mapper `i` is `{mapper}_{i}` on
 MAP_ITEM_TASK; outputs keep their item's index whatever happens to them; the
 budget gates every mapper just before it starts (a refused one becomes a
 skipped output at its index) and the reducer (refused: the mapper summaries
-joined by newlines)."""
+joined by newlines). Each summary is an answer cut to 300 bytes of UTF-8 at a
+character boundary; the reducer's answer is the reduced answer even when its
+output carries an error; an empty item list runs the reducer over
+`Results from 0 sub-agents`. Unlike car-multi, the reducer's task is bounded
+by construction (max_field_bytes): the summaries that do not fit are counted
+in one closing line instead."""
 
 from __future__ import annotations
 
@@ -23,12 +28,49 @@ from carsvc.patterns.base import (
     check_text,
     require_ref,
 )
-from carsvc.patterns.prompts import MAP_ITEM_TASK, MAP_SUMMARY_CHARS, MAP_SUMMARY_LINE, REDUCE_TASK
+from carsvc.patterns.prompts import (
+    MAP_ITEM_TASK,
+    MAP_SUMMARIES_OMITTED_LINE,
+    MAP_SUMMARY_BYTES,
+    MAP_SUMMARY_LINE,
+    REDUCE_TASK,
+)
 
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
 DEFAULT_MAX_CONCURRENT = 5
 log = logging.getLogger("carsvc.patterns")
+
+
+def truncate(text: str, max_bytes: int) -> str:
+    """car-multi's `truncate`: at most `max_bytes` bytes of UTF-8, cut at a
+    character boundary."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    # A cut inside a character leaves an incomplete sequence only at the end.
+    return data[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def reduce_task(task: str, count: int, lines: list[str], limit: int) -> str:
+    """REDUCE_TASK over the summary `lines`: all of them when the task fits in
+    `limit` bytes, else the first ones that fit and MAP_SUMMARIES_OMITTED_LINE
+    saying how many were left out. With no room at all (an original task near
+    the limit) the summaries are that one line."""
+    room = limit - len(REDUCE_TASK.format(task=task, count=count, summaries="").encode())
+    sizes = [len(line.encode()) for line in lines]
+    if not lines or sum(sizes) + len(lines) - 1 <= room:
+        return REDUCE_TASK.format(task=task, count=count, summaries="\n".join(lines))
+    # The closing line's size with the largest count it can hold (the newline before it too).
+    room -= len(MAP_SUMMARIES_OMITTED_LINE.format(omitted=len(lines), limit=limit).encode()) + 1
+    kept, used = 0, 0
+    for size in sizes:
+        cost = size + (1 if kept else 0)
+        if used + cost > room:
+            break
+        kept, used = kept + 1, used + cost
+    closing = MAP_SUMMARIES_OMITTED_LINE.format(omitted=len(lines) - kept, limit=limit)
+    return REDUCE_TASK.format(task=task, count=count, summaries="\n".join([*lines[:kept], closing]))
 
 
 class MapReduce:
@@ -41,20 +83,22 @@ class MapReduce:
         task: str,
         items: list[str],
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_task_bytes: int = Limits().max_field_bytes,
     ) -> None:
         self.mapper = mapper
         self.reducer = reducer
         self.task = task
         self.items = items
         self.max_concurrent = max_concurrent
+        # The reducer's task is kept within this many bytes (max_field_bytes).
+        self.max_task_bytes = max_task_bytes
 
     @classmethod
     def build(cls, msg: patterns_pb2.MapReduceRun, resolve: Resolver, limits: Limits) -> MapReduce:
         mapper = resolve(require_ref(msg, "mapper", "map_reduce"), "map_reduce.mapper")
         reducer = resolve(require_ref(msg, "reducer", "map_reduce"), "map_reduce.reducer")
         check_text(msg.task, "map_reduce.task", limits)
-        if not msg.items:
-            raise InvalidArgument("must hold at least one item", field="map_reduce.items")
+        # No items is fine: the reducer runs over "Results from 0 sub-agents" (car-multi).
         check_count(len(msg.items), "map_reduce.items", limits.max_items, "items")
         for i, item in enumerate(msg.items):
             check_text(item, f"map_reduce.items[{i}]", limits)
@@ -66,7 +110,7 @@ class MapReduce:
                     field="map_reduce.max_concurrent",
                 )
             max_concurrent = msg.max_concurrent
-        return cls(mapper, reducer, msg.task, list(msg.items), max_concurrent)
+        return cls(mapper, reducer, msg.task, list(msg.items), max_concurrent, limits.max_field_bytes)
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
         outputs: list[AgentOutput | None] = [None] * len(self.items)
@@ -83,19 +127,20 @@ class MapReduce:
                 lanes.create_task(lane())
         map_outputs = [o for o in outputs if o is not None]
 
-        summaries = "\n".join(
-            MAP_SUMMARY_LINE.format(name=o.name, answer=o.answer[:MAP_SUMMARY_CHARS])
+        lines = [
+            MAP_SUMMARY_LINE.format(name=o.name, answer=truncate(o.answer, MAP_SUMMARY_BYTES))
             for o in map_outputs
             if succeeded(o)
-        )
+        ]
         reducer_output = infra.admit(self.reducer.name, role="reducer")
         reducer_ran = reducer_output is None
         if reducer_output is None:
-            reduce_task = REDUCE_TASK.format(task=self.task, count=len(map_outputs), summaries=summaries)
-            reducer_output = await infra.run_agent(self.reducer, reduce_task, role="reducer")
-            reduced = reducer_output.answer if succeeded(reducer_output) else ""
+            task = reduce_task(self.task, len(map_outputs), lines, self.max_task_bytes)
+            reducer_output = await infra.run_agent(self.reducer, task, role="reducer")
+            # car-multi: `Ok(o) => o.answer`, whether or not the output carries an error.
+            reduced = reducer_output.answer
         else:
-            reduced = summaries
+            reduced = "\n".join(lines)
         result = patterns_pb2.MapReduceResult(
             task=self.task,
             map_outputs=map_outputs,

@@ -6,14 +6,20 @@ from __future__ import annotations
 # map_reduce: the task each mapper gets (seed map_reduce.rs).
 MAP_ITEM_TASK = "{task}\n\nProcess this item: {item}"
 # map_reduce: one line per succeeded mapper in the reducer's task; answers are
-# cut to MAP_SUMMARY_CHARS characters.
+# cut to MAP_SUMMARY_BYTES bytes of UTF-8, at a character boundary (car-multi's
+# `truncate(&o.answer, 300)`).
 MAP_SUMMARY_LINE = "- [{name}] {answer}"
-MAP_SUMMARY_CHARS = 300
-# map_reduce: the reducer's task. `count` is the number of mapper outputs.
+MAP_SUMMARY_BYTES = 300
+# map_reduce: the reducer's task. `count` is the number of mapper outputs;
+# `summaries` the MAP_SUMMARY_LINEs joined by newlines, as many as keep the task
+# within max_field_bytes, then MAP_SUMMARIES_OMITTED_LINE for the rest.
 REDUCE_TASK = (
     "Original task: {task}\n\nResults from {count} sub-agents:\n{summaries}\n\n"
     "Combine these into a single coherent result."
 )
+# map_reduce: the last summary line when some did not fit; `omitted` is how many
+# were left out, `limit` max_field_bytes.
+MAP_SUMMARIES_OMITTED_LINE = "- ({omitted} more results left out to keep this task within {limit} bytes)"
 
 # -- shared pieces -----------------------------------------------------------------
 # One line per agent answer wherever a prompt lists several (full answers, no cut).

@@ -3,7 +3,10 @@
 Quick calls (state, emit, progress, mailbox send) are answered inline; calls
 that wait (mailbox receive, delegate, spawn, consult, suspend) run in their own
 task and answer when done. A failing call gets a CallError (or, without a
-call_id, a FrameError); it never ends the session or touches other runs."""
+call_id, a FrameError); it never ends the session or touches other runs. A call
+whose answer carries something (a value, keys, a message, an output, a
+decision) must have a call_id: without one it is refused, not made. Every value
+an argument carries is checked against max_field_bytes and max_value_depth."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any
 from google.protobuf import empty_pb2, struct_pb2
 
 from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
+from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, check_value
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import AgentContext
 from carsvc.domain.workers import Dispatcher, WorkerSession
@@ -37,6 +41,10 @@ _HOOKED = {
     "consult_advisor": "consult_advisor",
     "suspend_tool_call": None,  # the suspended tool itself must be allowed
 }
+# Calls whose answer is what the agent asked for: fire and forget makes no sense.
+NEEDS_ANSWER = frozenset(
+    {"state_get", "state_keys", "mailbox_recv", "delegate", "spawn_subtask", "consult_advisor", "suspend_tool_call"}
+)
 
 
 def _copy_value(value: struct_pb2.Value) -> struct_pb2.Value:
@@ -46,9 +54,12 @@ def _copy_value(value: struct_pb2.Value) -> struct_pb2.Value:
 
 
 class CallHandler:
-    def __init__(self, dispatcher: Dispatcher, max_field_bytes: int) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, max_field_bytes: int, max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH
+    ) -> None:
         self.dispatcher = dispatcher
         self.max_field_bytes = max_field_bytes
+        self.max_value_depth = max_value_depth
         self._tasks: dict[WorkerSession, set[asyncio.Task[None]]] = {}
 
     def handle(self, session: WorkerSession, call: RuntimeCall, index: int) -> None:
@@ -67,6 +78,11 @@ class CallHandler:
         try:
             if op is None:
                 raise InvalidArgument("must set one operation", field=f"{field}.op")
+            if not call.call_id and op in NEEDS_ANSWER:
+                raise InvalidArgument(
+                    f"is required for {op} (its answer is the call's result); the call was not made",
+                    field=f"{field}.call_id",
+                )
             a = self.dispatcher.running(session, call.assignment_id)
             if a is None or a.context is None:
                 raise FailedPrecondition(
@@ -75,6 +91,8 @@ class CallHandler:
                 )
             ctx = a.context
             arg = getattr(call, op)
+            if op == "suspend_tool_call" and arg.HasField("arguments"):
+                self._value(arg.arguments, f"{field}.{op}.arguments")
             if op in _HOOKED:
                 self._spawn(session, call, field, self._hooked(ctx, op, arg, field), ctx)
                 return
@@ -101,7 +119,7 @@ class CallHandler:
             self._key(arg.key, field)
             if not arg.HasField("value"):
                 raise InvalidArgument("is required", field=f"{field}.value")
-            self._size(arg.value.ByteSize(), f"{field}.value")
+            self._value(arg.value, f"{field}.value")
             t = ctx.state.set(arg.key, _copy_value(arg.value), ctx.name)
             return CallResult(state_write=worker_pb2.StateWriteResult(index=t.index, existed=t.old is not None))
         if op == "state_delete":
@@ -116,7 +134,8 @@ class CallHandler:
             message = types_pb2.Message()
             message.CopyFrom(arg.message)
             message.from_agent = ctx.name
-            self._size(message.payload.ByteSize(), f"{field}.message.payload")
+            if message.HasField("payload"):
+                self._value(message.payload, f"{field}.message.payload")
             if arg.broadcast:
                 ctx.infra.mailbox.broadcast(message)
             else:
@@ -127,7 +146,8 @@ class CallHandler:
         if op == "emit":
             if not arg.kind:
                 raise InvalidArgument("must not be empty", field=f"{field}.kind")
-            self._size(arg.payload.ByteSize(), f"{field}.payload")
+            if arg.HasField("payload"):
+                self._value(arg.payload, f"{field}.payload")
             custom = events_pb2.CustomEvent(
                 agent=ctx.name, assignment_id=ctx.assignment_id, kind=arg.kind
             )
@@ -215,6 +235,11 @@ class CallHandler:
     def _key(key: str, field: str) -> None:
         if not key:
             raise InvalidArgument("must not be empty", field=f"{field}.key")
+
+    def _value(self, value: struct_pb2.Value, field: str) -> None:
+        """A value an agent hands over: within max_field_bytes and max_value_depth."""
+        self._size(value.ByteSize(), field)
+        check_value(value, field, self.max_value_depth)
 
     def _size(self, size: int, field: str) -> None:
         if size > self.max_field_bytes:

@@ -1,4 +1,8 @@
-"""WorkerService: the worker protocol's stream, adapted onto the Dispatcher."""
+"""WorkerService: the worker protocol's stream, adapted onto the Dispatcher.
+
+No frame is dropped silently: every result the dispatcher does not take (an
+unknown assignment, a wrong or superseded attempt, a duplicate, an output too
+large or nested too deep) is answered with a FrameError naming the field."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from carsvc._proto.car.v1 import worker_pb2, worker_pb2_grpc
+from carsvc._proto.car.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, check_output_values
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.workers import Assignment, Dispatcher, State, Verdict, WorkerSession
 from carsvc.services.calls import CallHandler
@@ -40,11 +45,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         *,
         heartbeat_interval_ms: int,
         max_message_bytes: int,
+        max_output_bytes: int = 1024 * 1024,
+        max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH,
     ) -> None:
         self.dispatcher = dispatcher
         self.calls = calls
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.max_message_bytes = max_message_bytes
+        self.max_output_bytes = max_output_bytes
+        self.max_value_depth = max_value_depth
 
     async def Connect(
         self,
@@ -148,29 +157,103 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             self._result(session, result, i)
 
     def _result(self, session: WorkerSession, result: worker_pb2.AssignmentResult, i: int) -> None:
+        at = f"results[{i}]"
         if result.attempt == 0:
             session.reply(
                 worker_pb2.FrameError(
                     code=int(Code.INVALID_ARGUMENT),
-                    field=f"results[{i}].attempt",
+                    field=f"{at}.attempt",
                     message="must echo the assignment's attempt (1 or more)",
                 )
             )
             return
-        verdict = self.dispatcher.complete(session, result.assignment_id, result.attempt, result.output)
-        if verdict is Verdict.UNKNOWN:
-            session.reply(
-                worker_pb2.FrameError(
-                    code=int(Code.NOT_FOUND),
-                    field=f"results[{i}].assignment_id",
-                    message=f"unknown assignment '{shown(result.assignment_id)}'",
-                )
+        output = result.output
+        refused = self._check_output(output, f"{at}.output")
+        if refused is not None:
+            # Nothing undecodable is stored or re-sent: the agent's output becomes
+            # an error saying why, so its run goes on (and ends) as for any failure.
+            # (Named by the dispatcher after the agent: the worker's name may be
+            # what made the output too large.)
+            output = types_pb2.AgentOutput(error=f"the worker's output was refused: {refused}")
+            if result.output.HasField("tokens"):
+                output.tokens.CopyFrom(result.output.tokens)
+        verdict = self.dispatcher.complete(session, result.assignment_id, result.attempt, output)
+        error = self._refusal(verdict, result, at)
+        if error is None and refused is not None and verdict is Verdict.ACCEPTED:
+            error = worker_pb2.FrameError(
+                code=int(refused.code),
+                field=refused.field,
+                message=f"{refused.detail}; the agent's output is an error saying so",
             )
-        elif verdict is Verdict.SUPERSEDED:
+        if error is not None:
+            session.reply(error)
+        if verdict is Verdict.SUPERSEDED:
             log.debug(
-                "ignored a late result for %s attempt %d from %s",
-                result.assignment_id, result.attempt, session.worker_id,
+                "answered a late result for %s attempt %d from %s: superseded",
+                shown(result.assignment_id), result.attempt, session.worker_id,
             )
+
+    def _check_output(self, output: types_pb2.AgentOutput, field: str) -> CarError | None:
+        """Why `output` may not be taken (too large, nested too deep), if it may not."""
+        size = output.ByteSize()
+        if size > self.max_output_bytes:
+            return InvalidArgument(
+                f"is {size} bytes; the limit is {self.max_output_bytes} (max_output_bytes)", field=field
+            )
+        try:
+            check_output_values(output, field, self.max_value_depth)
+        except CarError as err:
+            return err
+        return None
+
+    def _refusal(
+        self, verdict: Verdict, result: worker_pb2.AssignmentResult, at: str
+    ) -> worker_pb2.FrameError | None:
+        """The FrameError telling a worker why its result was not taken."""
+        aid, attempt = shown(result.assignment_id), result.attempt
+        if verdict in (Verdict.ACCEPTED, Verdict.CANCEL_ACKNOWLEDGED):
+            return None
+        if verdict is Verdict.UNKNOWN:
+            return worker_pb2.FrameError(
+                code=int(Code.NOT_FOUND), field=f"{at}.assignment_id", message=f"unknown assignment '{aid}'"
+            )
+        active = self.dispatcher.active(result.assignment_id)
+        done = self.dispatcher.finished(result.assignment_id)
+        current = active.attempt if active is not None else done.attempt if done is not None else 0
+        if verdict is Verdict.SUPERSEDED:
+            since = f"; the assignment has since finished ({done.ending.value})" if done is not None else ""
+            return worker_pb2.FrameError(
+                code=int(Code.FAILED_PRECONDITION),
+                field=f"{at}.attempt",
+                message=(
+                    f"attempt {attempt} of assignment '{aid}' was superseded by attempt {current} "
+                    f"(its lease ended and it was handed out again){since}; this result was ignored"
+                ),
+            )
+        if verdict is Verdict.WRONG_ATTEMPT:
+            return worker_pb2.FrameError(
+                code=int(Code.INVALID_ARGUMENT),
+                field=f"{at}.attempt",
+                message=(
+                    f"is {attempt}, but assignment '{aid}' was only handed out up to attempt {current}: "
+                    "echo the attempt of the Assignment; this result was ignored"
+                ),
+            )
+        if verdict is Verdict.FINISHED:
+            ending = done.ending.value if done is not None else "it ended"
+            return worker_pb2.FrameError(
+                code=int(Code.FAILED_PRECONDITION),
+                field=f"{at}.assignment_id",
+                message=(
+                    f"assignment '{aid}' attempt {attempt} has already finished ({ending}); "
+                    "this result (a duplicate, or sent too late) was ignored"
+                ),
+            )
+        return worker_pb2.FrameError(  # Verdict.NOT_HELD
+            code=int(Code.FAILED_PRECONDITION),
+            field=f"{at}.assignment_id",
+            message=f"assignment '{aid}' attempt {attempt} is not held by this session; this result was ignored",
+        )
 
     def _frames(self, session: WorkerSession) -> list[ConnectResponse]:
         """What the session's outbox holds, as frames that each stay within
