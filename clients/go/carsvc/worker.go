@@ -142,7 +142,8 @@ func channelOptions(maxBytes int, maxBackoff time.Duration) []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		MaxMessageBytes(maxBytes),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: b, MinConnectTimeout: 5 * time.Second}),
+		// MinConnectTimeout: gRPC's default (a zero value would mean no time at all).
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: b, MinConnectTimeout: 20 * time.Second}),
 	}
 }
 

@@ -12,7 +12,7 @@ use crate::carv1::{
     WatchRunRequest, WatchRunResponse,
 };
 use crate::values::to_value;
-use crate::Error;
+use crate::{Error, DEFAULT_MAX_MESSAGE_BYTES};
 
 macro_rules! patterns {
     ($($ty:ident => $variant:ident),* $(,)?) => {
@@ -80,14 +80,29 @@ impl EventStream {
 
 impl Client {
     /// A client for the sidecar at `target` ("host:port"); connects lazily.
+    /// Its stubs send and receive messages up to [`DEFAULT_MAX_MESSAGE_BYTES`]
+    /// (16 MiB, the sidecar's limit; change it with [`Client::max_message_bytes`]).
+    /// A response the client cannot decode fails its call with
+    /// `Error::Status` (`Internal`, "failed to decode Protobuf message: ...").
     pub fn connect(target: &str) -> Result<Self, Error> {
         let channel = Endpoint::from_shared(format!("http://{target}"))?.connect_lazy();
-        Ok(Client {
+        let client = Client {
             runs: RunServiceClient::new(channel.clone()),
             events: EventServiceClient::new(channel.clone()),
             registry: RegistryServiceClient::new(channel.clone()),
             state: StateServiceClient::new(channel),
-        })
+        };
+        Ok(client.max_message_bytes(DEFAULT_MAX_MESSAGE_BYTES))
+    }
+
+    /// Sets the largest message every stub sends and receives.
+    pub fn max_message_bytes(self, n: usize) -> Self {
+        Client {
+            runs: self.runs.max_decoding_message_size(n).max_encoding_message_size(n),
+            events: self.events.max_decoding_message_size(n).max_encoding_message_size(n),
+            registry: self.registry.max_decoding_message_size(n).max_encoding_message_size(n),
+            state: self.state.max_decoding_message_size(n).max_encoding_message_size(n),
+        }
     }
 
     /// Builds the StartRunRequest for a pattern (`SingleRun`, `MapReduceRun`, ...).

@@ -52,6 +52,11 @@ pub enum Error {
     Transport(tonic::transport::Error),
     /// An RPC failed.
     Status(tonic::Status),
+    /// A frame from the sidecar could not be decoded (garbage bytes, or a
+    /// value nested deeper than prost's recursion limit); the status is the
+    /// `Internal` one tonic ended the stream with. The worker logs it and
+    /// reconnects; `run` returns it only with `.reconnect(false)`.
+    UndecodableFrame(tonic::Status),
     /// The sidecar refused the worker's credentials: `Connect` ended with
     /// `Unauthenticated` (a missing or wrong worker token, or a client token)
     /// or `PermissionDenied`. Retrying cannot fix a credential, so the worker
@@ -73,6 +78,7 @@ impl std::fmt::Display for Error {
         match self {
             Error::Transport(e) => write!(f, "transport: {e}"),
             Error::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
+            Error::UndecodableFrame(s) => write!(f, "a frame from the sidecar could not be decoded: {}", s.message()),
             Error::Refused { target, status } => write!(
                 f,
                 "the sidecar at {target} refused the worker's credentials ({:?}: {}); check the worker token",
@@ -90,7 +96,7 @@ impl std::fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Refused { status, .. } => Some(status),
+            Error::Refused { status, .. } | Error::UndecodableFrame(status) => Some(status),
             _ => None,
         }
     }

@@ -26,7 +26,33 @@ use crate::{BoxError, Error};
 /// Names this helper in the worker's hello.
 pub const SDK: &str = "carsvc-rust/0.1.0";
 
+/// The largest message a worker or client channel sends or receives by
+/// default: 16 MiB, the sidecar's `max_message_bytes` (tonic's own decoding
+/// default is 4 MiB, too small for a reducer's task).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// tonic reports a message prost could not decode as `Internal` with this prefix.
+const DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+/// `Error::UndecodableFrame` for a status that says a message could not be decoded.
+pub(crate) fn classify(status: tonic::Status) -> Error {
+    if status.code() == tonic::Code::Internal && status.message().starts_with(DECODE_ERROR) {
+        Error::UndecodableFrame(status)
+    } else {
+        Error::Status(status)
+    }
+}
+
 type ConnectHook = Arc<dyn Fn(&str) + Send + Sync>;
+type LogHook = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
+
+/// How important a line the worker logs is (see [`Worker::on_log`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Info,
+    Warn,
+    Error,
+}
 
 type HandlerFn =
     Arc<dyn Fn(AgentContext) -> Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>> + Send + Sync>;
@@ -40,9 +66,11 @@ pub struct Worker {
     labels: HashMap<String, String>,
     reconnect: bool,
     reconnect_max_delay: Duration,
+    max_message_bytes: usize,
     stop_on_drain: bool,
     token: Option<String>,
     on_connect: Option<ConnectHook>,
+    on_log: Option<LogHook>,
     handlers: Vec<(String, HandlerFn)>,
 }
 
@@ -70,9 +98,11 @@ impl Worker {
             labels: HashMap::new(),
             reconnect: true,
             reconnect_max_delay: Duration::from_secs(5),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             stop_on_drain: false,
             token: None,
             on_connect: None,
+            on_log: None,
             handlers: Vec::new(),
         }
     }
@@ -93,14 +123,25 @@ impl Worker {
         self
     }
 
-    /// Reconnect with backoff after the stream ends (default true).
+    /// Reconnect with backoff after the stream ends (default true): the
+    /// sidecar crashed or drained this worker, or sent a frame it could not
+    /// decode. Every attempt opens a fresh connection.
     pub fn reconnect(mut self, on: bool) -> Self {
         self.reconnect = on;
         self
     }
 
+    /// The backoff cap between reconnect attempts (default 5 s; the backoff
+    /// starts at 100 ms and doubles).
     pub fn reconnect_max_delay(mut self, delay: Duration) -> Self {
         self.reconnect_max_delay = delay;
+        self
+    }
+
+    /// The largest message the worker sends or receives (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`], 16 MiB, the sidecar's own limit).
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
         self
     }
 
@@ -121,6 +162,21 @@ impl Worker {
     pub fn on_connect(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
         self.on_connect = Some(Arc::new(f));
         self
+    }
+
+    /// Where the worker's log lines go (default: stderr, as
+    /// `carsvc worker <id>: [error: ]<message>`).
+    pub fn on_log(mut self, f: impl Fn(LogLevel, &str) + Send + Sync + 'static) -> Self {
+        self.on_log = Some(Arc::new(f));
+        self
+    }
+
+    fn log(&self, level: LogLevel, message: &str) {
+        match &self.on_log {
+            Some(f) => f(level, message),
+            None if level == LogLevel::Error => eprintln!("carsvc worker {}: error: {message}", self.worker_id),
+            None => eprintln!("carsvc worker {}: {message}", self.worker_id),
+        }
     }
 
     /// Serves agent `name` (an exact name or a glob such as `mapper*`). The
@@ -169,7 +225,9 @@ impl Worker {
         }
         let me = Arc::new(self);
         tokio::pin!(shutdown);
-        let mut delay = Duration::from_millis(100);
+        let first_delay = Duration::from_millis(100).min(me.reconnect_max_delay);
+        let mut delay = first_delay;
+        let mut attempt = 0u32; // reconnect attempts since the last session that lasted
         loop {
             let started = Instant::now();
             let outcome = tokio::select! {
@@ -180,7 +238,7 @@ impl Worker {
                 Ok(drained) => (drained, None),
                 Err(Error::Status(status)) if REFUSED_CODES.contains(&status.code()) => {
                     let refused = Error::Refused { target: me.target.clone(), status };
-                    eprintln!("carsvc worker {}: error: {refused}; not reconnecting", me.worker_id);
+                    me.log(LogLevel::Error, &format!("{refused}; not reconnecting"));
                     return Err(refused);
                 }
                 Err(e) => (false, Some(e)),
@@ -189,14 +247,23 @@ impl Worker {
                 return Ok(());
             }
             if !me.reconnect {
+                if let Some(e @ Error::UndecodableFrame(_)) = &err {
+                    me.log(LogLevel::Error, &format!("{e}; not reconnecting (reconnect is off)"));
+                }
                 return Err(err.unwrap_or(Error::SessionEnded));
             }
             if started.elapsed() > Duration::from_secs(10) {
-                delay = Duration::from_millis(100);
+                delay = first_delay;
+                attempt = 0;
             }
+            attempt += 1;
+            let next = format!("reconnecting in {delay:?} (attempt {attempt})");
             match &err {
-                None => eprintln!("carsvc worker {}: drained; reconnecting in {delay:?}", me.worker_id),
-                Some(e) => eprintln!("carsvc worker {}: session ended ({e}); reconnecting in {delay:?}", me.worker_id),
+                None => me.log(LogLevel::Info, &format!("drained; {next}")),
+                Some(e @ Error::UndecodableFrame(_)) => {
+                    me.log(LogLevel::Error, &format!("{e}; the session is lost, {next}"))
+                }
+                Some(e) => me.log(LogLevel::Warn, &format!("session ended ({e}); {next}")),
             }
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -206,10 +273,13 @@ impl Worker {
         }
     }
 
-    /// One connection; Ok(true) when the sidecar drained us.
+    /// One connection; Ok(true) when the sidecar drained us. Every session
+    /// connects afresh, so no channel backoff outlives an attempt.
     async fn session(self: Arc<Self>) -> Result<bool, Error> {
         let channel = Endpoint::from_shared(format!("http://{}", self.target))?.connect().await?;
-        let mut client = WorkerServiceClient::new(channel);
+        let mut client = WorkerServiceClient::new(channel)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes);
         let (tx, rx) = mpsc::channel::<ConnectRequest>(64);
         let hello = carv1::WorkerHello {
             worker_id: self.worker_id.clone(),
@@ -226,7 +296,7 @@ impl Worker {
             request.metadata_mut().insert("authorization", value);
         }
         let mut inbound = client.connect(request).await?.into_inner();
-        let first = inbound.message().await?.ok_or(Error::SessionEnded)?;
+        let first = inbound.message().await.map_err(classify)?.ok_or(Error::SessionEnded)?;
         let mut heartbeat = Duration::from_millis(2500);
         if let Some(welcome) = &first.welcome {
             if welcome.heartbeat_interval_ms > 0 {
@@ -252,7 +322,7 @@ impl Worker {
                         Err(Error::Other("the sidecar ended the session".into()))
                     }
                 }
-                Err(status) => return if link.draining() { Ok(true) } else { Err(status.into()) },
+                Err(status) => return if link.draining() { Ok(true) } else { Err(classify(status)) },
             }
         }
     }
@@ -287,10 +357,10 @@ impl Worker {
             }
         }
         for e in frame.errors {
-            eprintln!("carsvc worker {}: the sidecar refused {}: {}", self.worker_id, e.field, e.message);
+            self.log(LogLevel::Warn, &format!("the sidecar refused {}: {}", e.field, e.message));
         }
         if let Some(drain) = frame.drain {
-            eprintln!("carsvc worker {}: draining ({})", self.worker_id, drain.reason);
+            self.log(LogLevel::Info, &format!("draining ({})", drain.reason));
             let mut st = link.state.lock().unwrap();
             st.draining = true;
             if st.running.is_empty() {

@@ -1,0 +1,511 @@
+//! Undecodable frames, deep values, 16 MiB messages and the reconnect cap,
+//! against a real gRPC server on loopback: a raw HTTP/2 server (h2) that
+//! sends whatever bytes a test gives it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use carsvc::carv1::{
+    self, call_result, run_event, run_result, AgentOutcome, AgentOutput, Assignment, AssignmentResult, CallResult,
+    ConnectRequest, ConnectResponse, Evidence, GetRunResponse, MapReduceResult, RunEvent, RunFinished, RunResult,
+    SingleResult, StateGetResult, WatchRunResponse, WorkerWelcome,
+};
+use carsvc::{Client, Error, LogLevel, Worker};
+use prost::Message;
+use prost_types::{value::Kind, Struct, Value};
+use serde_json::Value as Json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Field 1, length-delimited, with a length far past the end: no message decodes it.
+const GARBAGE: &[u8] = &[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01];
+
+/// One gRPC call on the fake server: the messages the client sent, and the
+/// stream back to it.
+struct Call {
+    /// Which call this is on the server, from 1 (across restarts).
+    n: usize,
+    path: String,
+    body: h2::RecvStream,
+    buf: BytesMut,
+    out: h2::SendStream<Bytes>,
+}
+
+impl Call {
+    /// Sends raw message bytes in one gRPC frame.
+    fn send_raw(&mut self, message: &[u8]) {
+        let mut frame = BytesMut::with_capacity(5 + message.len());
+        frame.put_u8(0);
+        frame.put_u32(message.len() as u32);
+        frame.put_slice(message);
+        self.out.send_data(frame.freeze(), false).expect("send a frame");
+    }
+
+    fn send<M: Message>(&mut self, m: &M) {
+        self.send_raw(&m.encode_to_vec());
+    }
+
+    /// The next message from the client; None when it closed its side.
+    async fn recv<M: Message + Default>(&mut self) -> Option<M> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() >= 5 + len {
+                    self.buf.advance(5);
+                    let message = self.buf.split_to(len);
+                    return Some(M::decode(message).expect("the client sent a valid message"));
+                }
+            }
+            let chunk = self.body.data().await?.ok()?;
+            let _ = self.body.flow_control().release_capacity(chunk.len());
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Ends the call with grpc-status OK.
+    fn finish(mut self) {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let _ = self.out.send_trailers(trailers);
+    }
+}
+
+type Script = Arc<dyn Fn(Call) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A gRPC server on loopback whose every call is handed to `script`.
+/// Dropping it (or `stop`) closes the listener and every connection.
+struct FakeServer {
+    addr: String,
+    calls: Arc<AtomicUsize>,
+    script: Script,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl FakeServer {
+    async fn start<F, Fut>(script: F) -> FakeServer
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let script: Script = Arc::new(move |call| Box::pin(script(call)));
+        let mut server = FakeServer { addr: "127.0.0.1:0".into(), calls: Arc::default(), script, task: None };
+        server.listen().await;
+        server
+    }
+
+    async fn listen(&mut self) {
+        let listener = TcpListener::bind(&self.addr).await.expect("bind");
+        self.addr = listener.local_addr().unwrap().to_string();
+        let (calls, script) = (self.calls.clone(), self.script.clone());
+        self.task = Some(tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                let (calls, script) = (calls.clone(), script.clone());
+                connections.spawn(async move {
+                    let mut conn = h2::server::Builder::new()
+                        .max_send_buffer_size(64 << 20)
+                        .handshake::<_, Bytes>(socket)
+                        .await
+                        .expect("h2 handshake");
+                    let mut streams = JoinSet::new();
+                    while let Some(Ok((request, mut respond))) = conn.accept().await {
+                        let path = request.uri().path().to_string();
+                        let response = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let out = respond.send_response(response, false).expect("response headers");
+                        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                        let call = Call { n, path, body: request.into_body(), buf: BytesMut::new(), out };
+                        streams.spawn(script(call));
+                    }
+                });
+            }
+        }));
+    }
+
+    fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same port, with the same script.
+    async fn restart(&mut self) {
+        self.listen().await;
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A JSON object nested `depth` levels deep as a protobuf Value: {"a": {"a": ... 1}}.
+fn deep_value(depth: usize) -> Value {
+    let mut v = Value { kind: Some(Kind::NumberValue(1.0)) };
+    for _ in 0..depth {
+        let fields = BTreeMap::from([("a".to_string(), v)]);
+        v = Value { kind: Some(Kind::StructValue(Struct { fields })) };
+    }
+    v
+}
+
+fn depth_of(v: &Json) -> usize {
+    match v {
+        Json::Object(m) => 1 + m.values().map(depth_of).max().unwrap_or(0),
+        Json::Array(a) => 1 + a.iter().map(depth_of).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn welcome(n: usize) -> ConnectResponse {
+    ConnectResponse {
+        welcome: Some(WorkerWelcome { session_id: format!("s{n}"), heartbeat_interval_ms: 2000, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn assignment(id: &str, task: &str) -> ConnectResponse {
+    ConnectResponse {
+        assignments: vec![Assignment {
+            assignment_id: id.into(),
+            attempt: 1,
+            run_id: format!("r-{id}"),
+            agent: "a".into(),
+            task: task.into(),
+            spec: Some(carv1::AgentSpec { name: "a".into(), ..Default::default() }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Reads the worker's frames until the result for `id` arrives.
+async fn result_of(call: &mut Call, id: &str) -> Option<AssignmentResult> {
+    while let Some(req) = call.recv::<ConnectRequest>().await {
+        if let Some(r) = req.results.into_iter().find(|r| r.assignment_id == id) {
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// Welcomes the worker, hands it one assignment and reports its result.
+async fn serve_one(mut call: Call, task: String, results: mpsc::UnboundedSender<AssignmentResult>) {
+    call.recv::<ConnectRequest>().await; // the hello
+    let id = format!("as-{}", call.n);
+    call.send(&welcome(call.n));
+    call.send(&assignment(&id, &task));
+    if let Some(r) = result_of(&mut call, &id).await {
+        let _ = results.send(r);
+    }
+    while call.recv::<ConnectRequest>().await.is_some() {} // keep the session
+}
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// Collects the worker's log lines.
+fn log_sink() -> (Lines, impl Fn(LogLevel, &str) + Send + Sync + 'static) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    (lines, move |level: LogLevel, message: &str| sink.lock().unwrap().push(format!("{level:?}: {message}")))
+}
+
+fn test_worker(addr: &str) -> Worker {
+    Worker::new(addr).worker_id("t").agent("a", |_ctx| async { Ok("ok".to_string()) })
+}
+
+async fn undecodable_frame_then_reconnect(welcome_first: bool, bad: Vec<u8>) {
+    let (tx, mut results) = mpsc::unbounded_channel();
+    let server = FakeServer::start(move |mut call| {
+        let (tx, bad) = (tx.clone(), bad.clone());
+        async move {
+            if call.n > 1 {
+                return serve_one(call, "after the bad frame".into(), tx).await;
+            }
+            call.recv::<ConnectRequest>().await;
+            if welcome_first {
+                call.send(&welcome(call.n));
+            }
+            call.send_raw(&bad);
+            while call.recv::<ConnectRequest>().await.is_some() {}
+        }
+    })
+    .await;
+    let (lines, sink) = log_sink();
+    let worker = test_worker(&server.addr).on_log(sink);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run_until(async {
+        stopped.await.ok();
+    }));
+    let result = tokio::select! {
+        r = results.recv() => r.expect("a result"),
+        done = tokio::time::sleep(Duration::from_secs(10)) => panic!("no result within 10 s {done:?}: {:?}", lines.lock().unwrap()),
+    };
+    assert_eq!(result.output.unwrap().answer, "ok");
+    assert!(!running.is_finished(), "the worker stopped after an undecodable frame");
+    stop.send(()).unwrap();
+    running.await.unwrap().expect("run ends Ok after shutdown");
+    let lines = lines.lock().unwrap();
+    let line = lines.iter().find(|l| l.contains("could not be decoded")).expect("a log line about the frame");
+    assert!(
+        line.starts_with("Error: a frame from the sidecar could not be decoded: failed to decode Protobuf message")
+            && line.ends_with("; the session is lost, reconnecting in 100ms (attempt 1)"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn garbage_instead_of_the_welcome_is_logged_and_the_worker_reconnects() {
+    undecodable_frame_then_reconnect(false, GARBAGE.to_vec()).await;
+}
+
+#[tokio::test]
+async fn garbage_after_the_welcome_is_logged_and_the_worker_reconnects() {
+    undecodable_frame_then_reconnect(true, GARBAGE.to_vec()).await;
+}
+
+#[tokio::test]
+async fn a_value_past_prosts_recursion_limit_is_logged_and_the_worker_reconnects() {
+    // 40 JSON levels are 121 nested messages; prost stops at 100.
+    let too_deep = ConnectResponse {
+        call_results: vec![CallResult {
+            call_id: "1".into(),
+            result: Some(call_result::Result::StateGet(StateGetResult { found: true, value: Some(deep_value(40)) })),
+        }],
+        ..Default::default()
+    };
+    undecodable_frame_then_reconnect(true, too_deep.encode_to_vec()).await;
+}
+
+#[tokio::test]
+async fn without_reconnect_an_undecodable_frame_ends_run_with_its_error() {
+    let server = FakeServer::start(|mut call| async move {
+        call.recv::<ConnectRequest>().await;
+        call.send(&welcome(call.n));
+        call.send_raw(GARBAGE);
+        while call.recv::<ConnectRequest>().await.is_some() {}
+    })
+    .await;
+    let (_lines, sink) = log_sink();
+    let worker = test_worker(&server.addr).reconnect(false).on_log(sink);
+    match tokio::time::timeout(Duration::from_secs(10), worker.run()).await.expect("run ends") {
+        Err(e @ Error::UndecodableFrame(_)) => {
+            assert!(e.to_string().starts_with("a frame from the sidecar could not be decoded: "), "{e}")
+        }
+        other => panic!("run returned {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_value_nested_24_levels_deep_reaches_the_handler() {
+    let (tx, mut results) = mpsc::unbounded_channel();
+    let server = FakeServer::start(move |mut call| {
+        let tx = tx.clone();
+        async move {
+            call.recv::<ConnectRequest>().await;
+            call.send(&welcome(call.n));
+            call.send(&assignment("deep", "read"));
+            while let Some(req) = call.recv::<ConnectRequest>().await {
+                for c in req.calls {
+                    call.send(&ConnectResponse {
+                        call_results: vec![CallResult {
+                            call_id: c.call_id,
+                            result: Some(call_result::Result::StateGet(StateGetResult {
+                                found: true,
+                                value: Some(deep_value(24)),
+                            })),
+                        }],
+                        ..Default::default()
+                    });
+                }
+                for r in req.results {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+    })
+    .await;
+    let worker = Worker::new(&server.addr).on_log(|_, _| {}).agent("a", |ctx| async move {
+        let v = ctx.state_get("deep").await?.ok_or("not found")?;
+        Ok(depth_of(&v).to_string())
+    });
+    let running = tokio::spawn(worker.run());
+    let r = tokio::time::timeout(Duration::from_secs(10), results.recv()).await.expect("a result").unwrap();
+    let output = r.output.unwrap();
+    assert_eq!(output.answer, "24", "error: {:?}", output.error);
+    running.abort();
+}
+
+#[tokio::test]
+async fn the_worker_receives_and_sends_messages_over_4_mib() {
+    let big = "x".repeat(6 << 20);
+    let (tx, mut results) = mpsc::unbounded_channel();
+    let task = big.clone();
+    let server = FakeServer::start(move |call| serve_one(call, task.clone(), tx.clone())).await;
+    let worker = Worker::new(&server.addr).on_log(|_, _| {}).agent("a", |ctx| async move { Ok(ctx.task + "!") });
+    let running = tokio::spawn(worker.run());
+    let r = tokio::time::timeout(Duration::from_secs(20), results.recv()).await.expect("a result").unwrap();
+    let output = r.output.unwrap();
+    assert_eq!(output.answer.len(), big.len() + 1, "error: {:?}", output.error);
+    running.abort();
+}
+
+#[tokio::test]
+async fn max_message_bytes_limits_what_the_worker_accepts() {
+    let server = FakeServer::start(|mut call| async move {
+        call.recv::<ConnectRequest>().await;
+        call.send(&welcome(call.n));
+        call.send(&assignment("big", &"x".repeat(2 << 20)));
+        while call.recv::<ConnectRequest>().await.is_some() {}
+    })
+    .await;
+    let worker = test_worker(&server.addr).reconnect(false).max_message_bytes(1 << 20).on_log(|_, _| {});
+    match tokio::time::timeout(Duration::from_secs(10), worker.run()).await.expect("run ends") {
+        Err(Error::Status(s)) if s.code() == tonic::Code::OutOfRange || s.code() == tonic::Code::ResourceExhausted => {}
+        other => panic!("run returned {other:?}, want a message-too-large status"),
+    }
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_within_its_cap_after_an_outage() {
+    let cap = Duration::from_secs(1);
+    let mut server = FakeServer::start(|mut call| async move {
+        call.recv::<ConnectRequest>().await;
+        call.send(&welcome(call.n));
+        while call.recv::<ConnectRequest>().await.is_some() {}
+    })
+    .await;
+    let (lines, sink) = log_sink();
+    let (tx, mut connected) = mpsc::unbounded_channel();
+    let worker = test_worker(&server.addr).reconnect_max_delay(cap).on_log(sink).on_connect(move |_| {
+        let _ = tx.send(Instant::now());
+    });
+    let running = tokio::spawn(worker.run());
+    tokio::time::timeout(Duration::from_secs(10), connected.recv()).await.expect("connected");
+
+    server.stop(); // down for 4 caps
+    tokio::time::sleep(4 * cap).await;
+    server.restart().await;
+    let back = Instant::now();
+    let again = tokio::time::timeout(cap + Duration::from_secs(3), connected.recv())
+        .await
+        .unwrap_or_else(|_| panic!("not reconnected within cap + 3 s: {:?}", lines.lock().unwrap()))
+        .unwrap();
+    assert!(again.duration_since(back) <= cap + Duration::from_secs(3));
+    running.abort();
+
+    // One log line per attempt, with its delay, never past the cap.
+    let lines = lines.lock().unwrap();
+    let attempts: Vec<_> = lines.iter().filter(|l| l.contains("; reconnecting in ")).collect();
+    assert!(attempts.len() >= 3, "{lines:?}");
+    for (i, line) in attempts.iter().enumerate() {
+        assert!(line.ends_with(&format!(" (attempt {})", i + 1)), "{line}");
+        let delay = line.split("reconnecting in ").nth(1).unwrap().split(' ').next().unwrap();
+        assert!(["100ms", "200ms", "400ms", "800ms", "1s"].contains(&delay), "{line}");
+    }
+}
+
+// -- the client ---------------------------------------------------------------
+
+/// A server answering every call with `frames` (raw messages), then OK.
+async fn answering(frames: Vec<Vec<u8>>) -> FakeServer {
+    FakeServer::start(move |mut call| {
+        let frames = frames.clone();
+        async move {
+            assert!(call.path.starts_with("/car.v1.RunService/"), "{}", call.path);
+            let _ = call.recv::<carv1::GetRunRequest>().await; // any request: only read it
+            for f in &frames {
+                call.send_raw(f);
+            }
+            call.finish();
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_client_decodes_a_24_level_evidence_value_in_a_watched_run_finished() {
+    let output = AgentOutput {
+        name: "r".into(),
+        outcome: Some(AgentOutcome {
+            evidence: vec![Evidence { description: "deep".into(), data: Some(deep_value(24)), ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let finished = RunEvent {
+        seq: 7,
+        kind: Some(run_event::Kind::RunFinished(RunFinished {
+            result: Some(RunResult {
+                result: Some(run_result::Result::MapReduce(MapReduceResult {
+                    reducer_output: Some(output),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let server = answering(vec![WatchRunResponse { events: vec![finished] }.encode_to_vec()]).await;
+    let client = Client::connect(&server.addr).unwrap();
+    let mut events = client.watch("r1", 0).await.unwrap();
+    let event = events.next().await.unwrap().expect("one event");
+    assert!(events.next().await.unwrap().is_none());
+    let Some(run_event::Kind::RunFinished(f)) = event.kind else { panic!("{event:?}") };
+    let Some(run_result::Result::MapReduce(m)) = f.result.unwrap().result else { panic!("not a map-reduce result") };
+    let data = m.reducer_output.unwrap().outcome.unwrap().evidence[0].data.clone();
+    assert_eq!(depth_of(&carsvc::from_value(&data.unwrap())), 24);
+}
+
+#[tokio::test]
+async fn client_calls_return_a_clear_error_for_an_undecodable_response() {
+    let server = answering(vec![GARBAGE.to_vec()]).await;
+    let client = Client::connect(&server.addr).unwrap();
+    let clear = |e: Error| match e {
+        Error::Status(s) if s.code() == tonic::Code::Internal => {
+            assert!(s.message().starts_with("failed to decode Protobuf message"), "{s:?}")
+        }
+        other => panic!("{other:?}"),
+    };
+    let within = Duration::from_secs(10);
+    clear(tokio::time::timeout(within, client.get_run("r1")).await.expect("get_run hung").unwrap_err());
+    let mut events = client.watch("r1", 0).await.unwrap();
+    clear(tokio::time::timeout(within, events.next()).await.expect("watch hung").unwrap_err());
+}
+
+#[tokio::test]
+async fn the_client_receives_messages_over_4_mib_and_max_message_bytes_limits_it() {
+    let big = "y".repeat(6 << 20);
+    let run = carv1::Run {
+        run_id: "r1".into(),
+        result: Some(RunResult {
+            result: Some(run_result::Result::Single(SingleResult {
+                output: Some(AgentOutput { answer: big.clone(), ..Default::default() }),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    let server = answering(vec![GetRunResponse { run: Some(run) }.encode_to_vec()]).await;
+    let client = Client::connect(&server.addr).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), client.get_run("r1")).await.unwrap().unwrap();
+    let Some(run_result::Result::Single(single)) = got.result.unwrap().result else { panic!("not a single result") };
+    assert_eq!(single.output.unwrap().answer.len(), big.len());
+
+    let small = Client::connect(&server.addr).unwrap().max_message_bytes(1 << 20);
+    match small.get_run("r1").await {
+        Err(Error::Status(s)) if s.code() == tonic::Code::OutOfRange || s.code() == tonic::Code::ResourceExhausted => {}
+        other => panic!("with max_message_bytes(1 MiB) get_run returned {other:?}"),
+    }
+    drop(server);
+}
