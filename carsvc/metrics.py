@@ -2,22 +2,29 @@
 
 Counts are read from the dispatcher and the run registry when Prometheus
 scrapes (a custom collector), so the hot paths pay nothing for them; only RPC
-latency is observed as it happens, by a server interceptor."""
+latency is observed as it happens, by a server interceptor.
+
+The endpoint has no authentication of its own: it binds loopback by default,
+speaks HTTPS with the metrics_tls_* settings (or metrics_tls "grpc", the gRPC
+port's files), and checks scrapers' client certificates when a client CA is
+set. Bearer auth belongs in a reverse proxy (docs/operations.md, "Metrics")."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from carsvc._proto.car.v1 import types_pb2
 
 if TYPE_CHECKING:
+    from carsvc.config import Settings
     from carsvc.domain.runs import RunManager
     from carsvc.domain.workers import Dispatcher
 
@@ -80,8 +87,40 @@ class Metrics:
         return _LatencyInterceptor(self.rpc_seconds)
 
 
+def metrics_tls_files(settings: Settings) -> tuple[str, str, str]:
+    """The metrics endpoint's certificate chain, key and client CA files
+    (empty strings: plain HTTP, no client certificates)."""
+    if settings.metrics_tls == "grpc":
+        return settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    return settings.metrics_tls_cert_file, settings.metrics_tls_key_file, settings.metrics_tls_client_ca_file
+
+
+def metrics_url(settings: Settings, port: int) -> str:
+    scheme = "https" if metrics_tls_files(settings)[0] else "http"
+    return f"{scheme}://{settings.metrics_host}:{port}/metrics"
+
+
+def serve_metrics(registry: CollectorRegistry, settings: Settings) -> WSGIServer:
+    """Starts the metrics endpoint on its own thread (HTTPS when configured,
+    client certificates required when a client CA is set). OSError (ssl.SSLError
+    included) when it cannot bind or a TLS file does not load."""
+    cert, key, client_ca = metrics_tls_files(settings)
+    server, _ = start_http_server(
+        settings.metrics_port,
+        settings.metrics_host,
+        registry,
+        certfile=cert or None,
+        keyfile=key or None,
+        client_cafile=client_ca or None,
+        client_auth_required=bool(client_ca),
+    )
+    return server
+
+
 class _LatencyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Times unary-unary RPCs (streams live as long as their callers want)."""
+    """Times RPCs with one response (streams of responses live as long as their
+    callers want). The request guard (carsvc.services.decoding) serves unary
+    requests as request streams, so both shapes are timed."""
 
     def __init__(self, histogram: Histogram) -> None:
         self.histogram = histogram
@@ -92,10 +131,10 @@ class _LatencyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_streaming or handler.response_streaming:
+        if handler is None or handler.response_streaming:
             return handler
         method = handler_call_details.method
-        inner = handler.unary_unary
+        inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
         histogram = self.histogram
 
         async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -109,7 +148,10 @@ class _LatencyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             finally:
                 histogram.labels(method, code).observe(time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
+        shape = (
+            grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        return shape(
             timed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

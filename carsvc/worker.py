@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2
 from carsvc._version import __version__
-from carsvc.security.channel import TLS, bearer_metadata, open_channel
+from carsvc.security.channel import DEFAULT_MAX_MESSAGE_BYTES, TLS, bearer_metadata, open_channel
 from carsvc.values import from_value, to_value
 
 __all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "UndecodableFrame", "Worker", "WorkerRefused"]
@@ -369,15 +369,21 @@ class Worker:
         channel_options: list[tuple[str, Any]] | None = None,
         token: str | None = None,
         tls: TLS | bool | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         """`reconnect`: after the stream ends (the sidecar crashed, or drained
         this worker because it is restarting), connect again with backoff from
-        0.1 s up to `reconnect_max_delay`; without it run() returns when the
+        0.1 s up to `reconnect_max_delay`, so a sidecar that comes back is
+        reached at most `reconnect_max_delay` seconds later (gRPC's own channel
+        backoff is capped at the same delay); without it run() returns when the
         first session ends. `stop_on_drain`: return from run() after a drain
         instead of reconnecting. `token`: a worker token, sent as
         `authorization: Bearer` metadata on the stream; a refused one makes
         run() raise WorkerRefused. `tls`: a carsvc.security.TLS (True: TLS with
-        the system's roots); plaintext by default."""
+        the system's roots); plaintext by default. `max_message_bytes`: the
+        largest message the worker sends or accepts (the sidecar's default
+        max_message_bytes, 16 MiB). `channel_options`: extra gRPC channel
+        arguments, which win over the SDK's."""
         self.target = target
         self.tls = tls
         self._metadata = bearer_metadata(token)
@@ -388,6 +394,7 @@ class Worker:
         self.reconnect_max_delay = reconnect_max_delay
         self.stop_on_drain = stop_on_drain
         self.channel_options = channel_options or []
+        self.max_message_bytes = max_message_bytes
         self._handlers: dict[str, Handler] = {}
         self._running: dict[str, tuple[asyncio.Task[None], AgentContext]] = {}
         self._cancel_reasons: dict[str, str] = {}
@@ -430,10 +437,12 @@ class Worker:
         when the sidecar refuses the worker's credentials."""
         if not self._handlers:
             raise RuntimeError("register at least one agent before run()")
-        delay = 0.1
+        first_delay = min(0.1, self.reconnect_max_delay)
+        delay, attempt = first_delay, 0
         while not self._stopping.is_set():
             started = time.monotonic()
             drained = False
+            ended = "the stream closed"
             try:
                 drained = await self._session()
             except grpc.aio.AioRpcError as err:
@@ -441,15 +450,21 @@ class Worker:
                     refused = WorkerRefused(err.code(), err.details() or "", self.target)
                     log.error("worker %s: %s; not reconnecting", self.worker_id, refused)
                     raise refused from err
-                log.warning("worker %s: session ended: %s %s", self.worker_id, err.code().name, err.details())
+                ended = f"{err.code().name}: {err.details()}"
             except UndecodableFrame as err:
                 log.error("worker %s: %s; reconnecting", self.worker_id, err)
+                ended = "undecodable frame"
             if self._stopping.is_set() or not self.reconnect or (drained and self.stop_on_drain):
                 return
             if time.monotonic() - started > 10:
-                delay = 0.1
-            if drained:
-                log.info("worker %s: drained; reconnecting in %.1fs", self.worker_id, delay)
+                delay, attempt = first_delay, 0  # after a long session, start the backoff over
+            attempt += 1
+            # One line per reconnect attempt, with the wait before it.
+            log.log(
+                logging.INFO if drained else logging.WARNING,
+                "worker %s: %s; reconnect attempt %d in %.1f s",
+                self.worker_id, "drained" if drained else f"session ended ({ended})", attempt, delay,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, self.reconnect_max_delay)
@@ -462,7 +477,13 @@ class Worker:
         """One connection; returns True when the sidecar drained us."""
         link = _Link()
         drained = False
-        async with open_channel(self.target, tls=self.tls, options=self.channel_options) as channel:
+        async with open_channel(
+            self.target,
+            tls=self.tls,
+            options=self.channel_options,
+            max_message_bytes=self.max_message_bytes,
+            reconnect_max_delay=self.reconnect_max_delay,
+        ) as channel:
             connect = channel.stream_stream(
                 _CONNECT,
                 request_serializer=worker_pb2.ConnectRequest.SerializeToString,

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
@@ -34,6 +35,7 @@ from carsvc._proto.car.v1 import (
     state_pb2,
     worker_pb2,
 )
+from carsvc.domain.errors import shown
 from carsvc.security.tokens import TokenSet
 
 __all__ = ["OPEN_SERVICES", "SERVICE_SCOPES", "Scope", "TokenAuthInterceptor", "bearer_token"]
@@ -94,6 +96,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, tokens: Mapping[Scope, TokenSet]) -> None:
         self._tokens = dict(tokens)
+        self._reading = 0  # refusals reading a first message now
 
     async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
         method: str = details.method or ""
@@ -111,34 +114,67 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        return _refusal(handler, method, reason)
+        return self._refusal(method, reason)
+
+    def _refusal(self, method: str, reason: str) -> Any:
+        """A handler that ends the call UNAUTHENTICATED and holds as little of
+        the caller's request as it can.
+
+        grpcio receives a unary request whole before the handler runs (a
+        stranger's 15 MiB StartRun would be held in memory just to be refused),
+        but a request-streaming handler reads only when it asks. So every
+        refusal is a request-streaming handler, whatever the method's shape:
+        a unary caller's message is never read. A streaming method's first
+        message is read (as raw bytes, up to FIRST_MESSAGE_WAIT_S) by at most
+        REFUSAL_READS refusals at once, because a refusal that crosses a
+        streaming caller's first write reaches grpc.aio clients as INTERNAL
+        ("Internal error from Core") instead of UNAUTHENTICATED; past that many
+        (a flood), streams are refused without the read."""
+        streaming = _client_streaming(method)
+
+        async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+            log.warning("refused %s from %s: %s", method, shown(context.peer()), reason)
+            if streaming and self._reading < REFUSAL_READS:
+                self._reading += 1
+                try:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(FIRST_MESSAGE_WAIT_S):
+                            await context.read()
+                finally:
+                    self._reading -= 1
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+        return _REFUSAL_SHAPES[streaming](refuse)
 
 
-# How long a refused request stream may take to send its first message.
+# How long a refused request stream may take to send its first message, and
+# how many refused streams may have theirs read at once (see _refusal).
 FIRST_MESSAGE_WAIT_S = 1.0
+REFUSAL_READS = 4
+
+# Refusals are request-streaming handlers; the response side follows the
+# method so the caller sees the status it expects.
+_REFUSAL_SHAPES = {
+    False: grpc.stream_unary_rpc_method_handler,
+    True: grpc.stream_stream_rpc_method_handler,
+}
 
 
-def _refusal(handler: Any, method: str, reason: str) -> Any:
-    """A handler of the same shape as `handler` that ends the call
-    UNAUTHENTICATED without parsing the request."""
+def _client_streaming(method: str) -> bool:
+    """Whether `method` (/package.Service/Method) takes a stream of requests,
+    from the descriptors of the protos this process loaded (False when unknown:
+    no read, the safe choice)."""
+    found = _STREAMING.get(method)
+    if found is None:
+        service, _, name = method.strip("/").partition("/")
+        try:
+            descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)
+            found = bool(descriptor is not None and descriptor.client_streaming)
+        except KeyError:
+            found = False
+        if len(_STREAMING) < 1024:  # only services this process knows are worth keeping
+            _STREAMING[method] = found
+    return found
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        log.warning("refused %s from %s: %s", method, context.peer(), reason)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    async def refuse_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        # A request stream's first message (a worker's hello, a session's start)
-        # is taken as raw bytes before the refusal: a refusal that crosses the
-        # caller's first write reaches grpc.aio clients as INTERNAL ("Internal
-        # error from Core") instead of UNAUTHENTICATED.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
-        await refuse(None, context)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse_stream)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+_STREAMING: dict[str, bool] = {}

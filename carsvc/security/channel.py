@@ -20,7 +20,7 @@ import grpc
 
 from carsvc.security.tokens import check_token
 
-__all__ = ["TLS", "bearer_metadata", "open_channel"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "TLS", "bearer_metadata", "channel_options", "open_channel"]
 
 PemSource = bytes | str | os.PathLike[str]
 
@@ -110,20 +110,58 @@ class _StreamStream(_BearerToken, grpc.aio.StreamStreamClientInterceptor):  # ty
         return await continuation(self._details(details), request_iterator)
 
 
+# The sidecar's default max_message_bytes: the SDK sends and accepts as much.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The first wait between connection attempts after one fails.
+INITIAL_RECONNECT_BACKOFF_S = 0.1
+
+
+def channel_options(
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    reconnect_max_delay: float = 5.0,
+    options: list[tuple[str, Any]] | None = None,
+) -> list[tuple[str, Any]]:
+    """The SDK's channel arguments, then `options` (which win over them).
+
+    gRPC's own reconnect backoff (1 s growing to 120 s) decides when a channel
+    tries to connect again, whatever its owner's retry loop does, and channels
+    to one target share their connections, and so that backoff, through the
+    global subchannel pool. Here each channel has its own pool and a backoff
+    from INITIAL_RECONNECT_BACKOFF_S capped at `reconnect_max_delay`, so a
+    sidecar that comes back is reached within the SDK's documented cap."""
+    chosen: dict[str, Any] = {
+        "grpc.max_send_message_length": max_message_bytes,
+        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.use_local_subchannel_pool": 1,
+        "grpc.initial_reconnect_backoff_ms": int(min(INITIAL_RECONNECT_BACKOFF_S, reconnect_max_delay) * 1000),
+        "grpc.max_reconnect_backoff_ms": max(1, int(reconnect_max_delay * 1000)),
+    }
+    chosen.update(dict(options or []))
+    return list(chosen.items())
+
+
 def open_channel(
     target: str,
     *,
     token: str | None = None,
     tls: TLS | bool | None = None,
     options: list[tuple[str, Any]] | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    reconnect_max_delay: float = 5.0,
 ) -> grpc.aio.Channel:
     """A channel to the sidecar: plaintext unless `tls` (True: TLS with the
-    system's roots), with `token` on every call when given."""
+    system's roots), with `token` on every call when given, sending and
+    accepting messages up to `max_message_bytes`, and trying to reconnect at
+    least every `reconnect_max_delay` seconds while the sidecar is away.
+    `options` are extra gRPC channel arguments (they win over these)."""
     interceptors = None
     if token is not None:
         check_token(token)
         interceptors = [kind(token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
-    options = list(options or [])
+    options = channel_options(
+        max_message_bytes=max_message_bytes, reconnect_max_delay=reconnect_max_delay, options=options
+    )
     if tls is None or tls is False:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     config = TLS() if tls is True else tls
