@@ -106,7 +106,7 @@ def test_a_bad_row_is_skipped_and_named_not_fatal(tmp_path: Path, caplog: pytest
         db.execute("INSERT INTO runs VALUES ('r1', 1, ?)", (runs_pb2.Run(run_id="r1").SerializeToString(),))
         db.execute("INSERT INTO runs VALUES ('r2', 2, ?)", (b"\xff\xff\xff",))
         db.execute("INSERT INTO events VALUES ('r1', 1, ?)", (good.SerializeToString(),))
-        db.execute("INSERT INTO events VALUES ('r1', 2, ?)", (_too_deep_event(),))
+        db.execute("INSERT INTO events VALUES ('r1', 2, ?)", (poisoned_event("r1", 2),))
         db.execute("INSERT INTO state (scope, key, value, writer, time_ms) VALUES ('s', 'ok', ?, 'w', 0)",
                    (to_value(1).SerializeToString(),))
         db.execute("INSERT INTO state (scope, key, value, writer, time_ms) VALUES ('s', 'bad', ?, 'w', 0)",
@@ -146,7 +146,7 @@ def _value_path(desc: Descriptor, seen: frozenset[str]) -> list[int] | None:
     return None
 
 
-def _too_deep_event(depth: int = 60) -> bytes:
+def poisoned_event(run_id: str, seq: int, depth: int = 60) -> bytes:
     """A RunEvent carrying a Value nested deeper than protobuf's parse limit
     (encoded by hand: the library refuses to build one)."""
     out = b""
@@ -156,4 +156,4 @@ def _too_deep_event(depth: int = 60) -> bytes:
     assert path is not None
     for number in reversed(path):
         out = _field(number, out)
-    return events_pb2.RunEvent(run_id="r1", seq=2).SerializeToString() + out
+    return events_pb2.RunEvent(run_id=run_id, seq=seq).SerializeToString() + out

@@ -4,7 +4,7 @@ run records in one SQLite database (WAL mode, standard library only).
 Writes never block the event loop: each record is serialized where it is
 produced and put on a queue; a writer thread commits what is queued in one
 transaction. The writer paces itself by the age of the oldest queued record,
-not by a fixed sleep: it commits once that record is `flush_interval / 2` old,
+not by a fixed sleep: it commits once that record is `flush_interval / 4` old,
 and back to back while it is behind, so under any load a record is committed
 within `flush_interval` of being queued (the bound docs/operations.md promises
 for a SIGKILL). When the journal lags anyway (a slow disk), `settle()` makes
@@ -20,6 +20,11 @@ Sync modes (`journal_sync`):
   queued (group commit: everything queued while one commit runs shares the next
   one), and `settle()` always waits: an acknowledgement means the record is on
   disk.
+
+Commits never wait for a checkpoint (copying the WAL into the database, with
+its fsyncs): a checkpointer thread does that every second. While a journal
+runs, the interpreter's thread switch interval is 0.5 ms, so a busy event loop
+does not hold the writer off the GIL for 5 ms at each SQLite call.
 
 `barrier()` is the primitive under all of it: a future resolved (on the loop
 that asked, via `call_soon_threadsafe`) once every record queued before the
@@ -37,6 +42,7 @@ import contextlib
 import logging
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -61,6 +67,10 @@ CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, e
 """
 
 SYNC_MODES = ("normal", "full", "strict")
+# The interpreter's thread switch interval while a journal runs (seconds).
+SWITCH_INTERVAL = 0.0005
+# Seconds between two checkpoints of the WAL into the database.
+CHECKPOINT_EVERY = 1.0
 
 _STOP = object()
 
@@ -68,8 +78,9 @@ _STOP = object()
 _STATE, _EVENT, _RUN, _FORGET = range(4)
 
 # How much of the bound a record may wait on the queue before the writer takes
-# it; the rest is for the commit itself.
-_PACE = 0.5
+# it; the rest is for the commit itself (which, next to a busy event loop,
+# waits for the GIL at each statement).
+_PACE = 0.25
 # Producers wait for the commit (back-pressure) once the oldest uncommitted
 # record is older than this share of the bound.
 _LAG = 0.6
@@ -116,6 +127,8 @@ class Journal:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._hurry = threading.Event()
         self._thread: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stopped = threading.Event()
         self._closed = False
         # Loop side (only touched on the event loop's thread).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,6 +142,9 @@ class Journal:
         self._committed = 0
         # For metrics and tests.
         self.commits = 0
+        self.slowest_commit = 0.0
+        self._slow_commits = 0
+        self._slow_warned = 0.0
         db = self._connect()
         db.executescript(SCHEMA)
         db.close()
@@ -137,6 +153,9 @@ class Journal:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'NORMAL' if self.sync == 'normal' else 'FULL'}")
+        # Checkpoints (copying the WAL into the database, with fsyncs) are the
+        # checkpointer thread's: a commit never waits for one.
+        db.execute("PRAGMA wal_autocheckpoint=0")
         return db
 
     @property
@@ -202,8 +221,17 @@ class Journal:
         """Starts the writer; call it on the event loop that will use barrier()."""
         with contextlib.suppress(RuntimeError):  # no loop: commits are not reported back
             self._loop = asyncio.get_running_loop()
+        # The writer takes the GIL back after every SQLite call; a busy event loop
+        # gives it up only every switch interval (5 ms by default), which made a
+        # commit of a few statements take tens of ms. A shorter interval costs
+        # nothing while only one thread wants the GIL.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._write_loop, name="carsvc-journal", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="carsvc-journal-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     def state(self, scope: str, key: str, value: object, writer: str, time_ms: int) -> None:
         blob = value.SerializeToString() if isinstance(value, struct_pb2.Value) else None
@@ -293,6 +321,10 @@ class Journal:
             self._hurry.set()
             self._thread.join(timeout=30)
             self._thread = None
+        self._stopped.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=30)
+            self._checkpointer = None
 
     # -- the writer thread ------------------------------------------------------------
 
@@ -326,6 +358,7 @@ class Journal:
                 if not batch:
                     continue
                 failed: BaseException | None = None
+                began = time.monotonic()
                 try:
                     self._write(db, batch)
                 except sqlite3.Error as err:
@@ -335,7 +368,41 @@ class Journal:
                         db.rollback()
                 self._committed += len(batch)
                 self.commits += 1
+                self._slow(began, time.monotonic(), len(batch))
                 self._notify(self._committed, failed)
+        finally:
+            db.close()
+
+    def _slow(self, began: float, ended: float, records: int) -> None:
+        """Keeps the slowest commit, and warns (at most every 10 s) when commits
+        take longer than the bound: the disk, not the load, breaks it then."""
+        took = ended - began
+        self.slowest_commit = max(self.slowest_commit, took)
+        if took <= self.flush_interval:
+            return
+        self._slow_commits += 1
+        if ended - self._slow_warned >= 10.0:
+            log.warning(
+                "journal: %d commits took longer than journal_flush_ms (%.0f ms) since the last warning, the "
+                "latest %.0f ms for %d records; producers wait for the journal (a slow disk?)",
+                self._slow_commits, self.flush_interval * 1000, took * 1000, records,
+            )
+            self._slow_commits = 0
+            self._slow_warned = ended
+
+    def _checkpoint_loop(self) -> None:
+        """Copies the WAL into the database every CHECKPOINT_EVERY seconds without
+        blocking the writer (PASSIVE), and truncates it when the journal closes."""
+        db = self._connect()
+        try:
+            while not self._stopped.wait(CHECKPOINT_EVERY):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    log.exception("journal checkpoint failed")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            log.exception("journal checkpoint failed")
         finally:
             db.close()
 
@@ -348,15 +415,37 @@ class Journal:
 
     @staticmethod
     def _write(db: sqlite3.Connection, batch: list[Any]) -> None:
+        """One transaction. Rows go in multi-row statements, one per kind and
+        chunk: SQLite releases the GIL at every statement step and a busy event
+        loop holds it for up to the switch interval, so a statement per row
+        would make a commit of N rows wait N times."""
         db.execute("BEGIN")
+        rows: dict[int, list[tuple[Any, ...]]] = {_STATE: [], _EVENT: [], _RUN: []}
         for _, kind, params in batch:
-            if kind == _STATE:
-                db.execute("INSERT INTO state (scope, key, value, writer, time_ms) VALUES (?, ?, ?, ?, ?)", params)
-            elif kind == _EVENT:
-                db.execute("INSERT OR REPLACE INTO events (run_id, seq, event) VALUES (?, ?, ?)", params)
-            elif kind == _RUN:
-                db.execute("INSERT OR REPLACE INTO runs (run_id, ordinal, record) VALUES (?, ?, ?)", params)
-            else:
+            if kind == _FORGET:  # deletes keep their place between the inserts
+                _insert(db, rows)
                 db.execute("DELETE FROM runs WHERE run_id = ?", params)
                 db.execute("DELETE FROM events WHERE run_id = ?", params)
+            else:
+                rows[kind].append(params)
+        _insert(db, rows)
         db.execute("COMMIT")
+
+
+_INSERTS = {
+    _STATE: ("INSERT INTO state (scope, key, value, writer, time_ms) VALUES ", "(?, ?, ?, ?, ?)"),
+    _EVENT: ("INSERT OR REPLACE INTO events (run_id, seq, event) VALUES ", "(?, ?, ?)"),
+    _RUN: ("INSERT OR REPLACE INTO runs (run_id, ordinal, record) VALUES ", "(?, ?, ?)"),
+}
+# Rows per statement (5 parameters each at most: well within SQLite's limit of 32,766).
+_CHUNK = 256
+
+
+def _insert(db: sqlite3.Connection, rows: dict[int, list[tuple[Any, ...]]]) -> None:
+    """Writes and empties `rows`, in order within each kind."""
+    for kind, pending in rows.items():
+        head, row = _INSERTS[kind]
+        for start in range(0, len(pending), _CHUNK):
+            chunk = pending[start:start + _CHUNK]
+            db.execute(head + ", ".join([row] * len(chunk)), [p for params in chunk for p in params])
+        pending.clear()
