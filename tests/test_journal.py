@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from carsvc._proto.car.v1 import events_pb2, runs_pb2
+from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
+from carsvc.client import Client, agent, single
+from carsvc.config import Settings
 from carsvc.domain.journal import Journal
+from carsvc.server import Sidecar
 from carsvc.values import to_value
 
 
@@ -157,3 +160,51 @@ def poisoned_event(run_id: str, seq: int, depth: int = 60) -> bytes:
     for number in reversed(path):
         out = _field(number, out)
     return events_pb2.RunEvent(run_id=run_id, seq=seq).SerializeToString() + out
+
+
+async def test_strict_acknowledges_and_shows_a_run_end_only_once_committed(tmp_path: Path) -> None:
+    sidecar = Sidecar(Settings(port=0, data_dir=str(tmp_path), journal_sync="strict"))
+    await sidecar.start()
+    blocker = sqlite3.connect(tmp_path / "carsvc.sqlite3", isolation_level=None)
+    try:
+        async with Client(sidecar.address) as client:
+            handle = await client.start_run(single(agent("nobody"), "t"), thread_id="t")
+            blocker.execute("BEGIN IMMEDIATE")  # the disk stalls: nothing commits
+            setting = asyncio.create_task(client.set_state("s", "k", 1))
+            cancelling = asyncio.create_task(client.cancel(handle.run_id))
+            await asyncio.sleep(0.3)
+            record = sidecar.runs.get(handle.run_id)
+            assert record.ending and not record.done.is_set()  # the end is decided, not shown
+            assert (await client.get_run(handle.run_id)).status == types_pb2.RUN_STATUS_RUNNING
+            assert not setting.done()  # not acknowledged either
+            blocker.execute("COMMIT")
+            assert await asyncio.wait_for(setting, 10) == 1
+            await asyncio.wait_for(cancelling, 10)
+            await asyncio.wait_for(record.done.wait(), 10)
+            assert (await client.get_run(handle.run_id)).status == types_pb2.RUN_STATUS_CANCELLED
+    finally:
+        blocker.close()
+        await sidecar.stop(grace=0.1)
+    recovered = Journal(tmp_path).load()
+    assert recovered.state["s"]["k"][0].number_value == 1
+    assert recovered.runs[0].status == types_pb2.RUN_STATUS_CANCELLED
+
+
+def test_the_journal_sync_setting_is_checked() -> None:
+    Settings(journal_sync="strict").validate()
+    with pytest.raises(ValueError, match="journal_sync must be 'normal', 'full' or 'strict'"):
+        Settings(journal_sync="paranoid").validate()
+    with pytest.raises(ValueError, match="journal_flush_ms must be positive"):
+        Settings(journal_flush_ms=0).validate()
+
+
+def test_a_run_id_reused_after_it_was_forgotten_keeps_its_new_record(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    old = runs_pb2.Run(run_id="r", thread_id="old")
+    new = runs_pb2.Run(run_id="r", thread_id="new")
+    journal.run(1, old)
+    journal.forget("r")
+    journal.run(2, new)
+    journal.start()
+    journal.close()
+    assert [r.thread_id for r in Journal(tmp_path).load().runs] == ["new"]
