@@ -442,7 +442,7 @@ class Worker:
         while not self._stopping.is_set():
             started = time.monotonic()
             drained = False
-            ended = "the stream closed"
+            ended = "the stream closed"  # what ended the session, for the log
             try:
                 drained = await self._session()
             except grpc.aio.AioRpcError as err:
@@ -450,7 +450,7 @@ class Worker:
                     refused = WorkerRefused(err.code(), err.details() or "", self.target)
                     log.error("worker %s: %s; not reconnecting", self.worker_id, refused)
                     raise refused from err
-                ended = f"{err.code().name}: {err.details()}"
+                ended = f"{err.code().name} {err.details()}"
             except UndecodableFrame as err:
                 log.error("worker %s: %s; reconnecting", self.worker_id, err)
                 ended = "undecodable frame"
@@ -462,8 +462,8 @@ class Worker:
             # One line per reconnect attempt, with the wait before it.
             log.log(
                 logging.INFO if drained else logging.WARNING,
-                "worker %s: %s; reconnect attempt %d in %.1f s",
-                self.worker_id, "drained" if drained else f"session ended ({ended})", attempt, delay,
+                "worker %s: %s; reconnecting in %.1f s (attempt %d)",
+                self.worker_id, "drained" if drained else f"session ended: {ended}", delay, attempt,
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
