@@ -253,7 +253,7 @@ async def test_undecodable_requests_are_still_invalid_argument(client: Client) -
 async def test_3000_stalled_streams_are_let_go_and_their_memory_reused() -> None:
     async with sidecar_process(env={"CARSVC_RECEIVE_TIMEOUT_S": "2"}) as sidecar:
         rounds = []
-        for _ in range(2):
+        for _ in range(4):
             peers = [RawPeer("127.0.0.1", sidecar.port) for _ in range(30)]
             for peer in peers:
                 await peer.connect()
@@ -264,8 +264,9 @@ async def test_3000_stalled_streams_are_let_go_and_their_memory_reused() -> None
                 await peer.close()
             assert ended == 3000, f"{3000 - ended} of 3,000 stalled streams were held"
             rounds.append(memory_mib(sidecar.proc.pid)["VmHWM"])
-        # The second 3,000 fit in what the first left behind (give or take).
-        assert rounds[1] - rounds[0] < 30, rounds
+        # Memory levels off (gRPC's threads keep their allocator arenas after the
+        # first rounds): the last 6,000 streams fit in what the first 6,000 left.
+        assert rounds[3] - rounds[1] < 30, rounds
 
 
 # -- 3. logs a caller can bloat --------------------------------------------------------------------
