@@ -146,7 +146,8 @@ func (c *Client) Watch(ctx context.Context, runID string, afterSeq uint64) iter.
 	}
 }
 
-// Wait waits until the run has finished and returns it with its result.
+// Wait waits until the run has finished and returns it with its whole
+// result (see GetRun).
 func (c *Client) Wait(ctx context.Context, runID string) (*carv1.Run, error) {
 	for _, err := range c.Watch(ctx, runID, 0) {
 		if err != nil {
@@ -156,7 +157,8 @@ func (c *Client) Wait(ctx context.Context, runID string) (*carv1.Run, error) {
 	return c.GetRun(ctx, runID)
 }
 
-// Run starts a run and waits for it to finish.
+// Run starts a run and waits for it to finish; the run comes with its whole
+// result (see GetRun).
 func (c *Client) Run(ctx context.Context, pattern proto.Message, opts ...RunOption) (*carv1.Run, error) {
 	h, err := c.StartRun(ctx, pattern, opts...)
 	if err != nil {
@@ -165,13 +167,62 @@ func (c *Client) Run(ctx context.Context, pattern proto.Message, opts ...RunOpti
 	return c.Wait(ctx, h.RunId)
 }
 
-// GetRun returns one run by id.
+// GetRun returns one run by id, with its whole result once it has finished:
+// a result too large to travel inline (over the sidecar's
+// max_inline_result_bytes, 1 MiB; the run has ResultOmitted set) is read
+// with ReadResult.
 func (c *Client) GetRun(ctx context.Context, runID string) (*carv1.Run, error) {
 	resp, err := c.Runs.GetRun(ctx, &carv1.GetRunRequest{RunId: runID})
 	if err != nil {
 		return nil, err
 	}
-	return resp.GetRun(), nil
+	run := resp.GetRun()
+	if run.GetResultOmitted() {
+		if run.Result, err = c.ReadResult(ctx, run.RunId); err != nil {
+			return nil, err
+		}
+	}
+	return run, nil
+}
+
+// ReadResult reads a finished run's result with RunService.ReadRunResult:
+// the chunks of the serialized RunResult, concatenated and parsed. This is
+// how a result that GetRun, ListRuns and run_finished leave out
+// (ResultOmitted, ResultBytes long) is read; it works for any finished run.
+func (c *Client) ReadResult(ctx context.Context, runID string) (*carv1.RunResult, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := c.Runs.ReadRunResult(ctx, &carv1.ReadRunResultRequest{RunId: runID})
+	if err != nil {
+		return nil, err
+	}
+	var data []byte
+	var total uint64
+	for {
+		piece, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		if piece.Offset != uint64(len(data)) {
+			return nil, fmt.Errorf("carsvc: run %s: a result chunk at byte %d, expected %d", runID, piece.Offset, len(data))
+		}
+		if data == nil && piece.TotalBytes <= 64<<20 {
+			data = make([]byte, 0, piece.TotalBytes)
+		}
+		data = append(data, piece.Chunk...)
+		total = piece.TotalBytes
+	}
+	if uint64(len(data)) != total {
+		return nil, fmt.Errorf("carsvc: run %s: the result stream ended after %d of %d bytes", runID, len(data), total)
+	}
+	result := &carv1.RunResult{}
+	if err := proto.Unmarshal(data, result); err != nil {
+		return nil, fmt.Errorf("carsvc: run %s: the result does not parse: %w", runID, err)
+	}
+	return result, nil
 }
 
 // Cancel cancels a run by id; agentID must be the run's owner. With wait the

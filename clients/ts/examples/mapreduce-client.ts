@@ -16,6 +16,8 @@ const { values: args } = parseArgs({
     reducer: { type: "string", default: "combiner" },
     "max-concurrent": { type: "string", default: "8" },
     json: { type: "boolean", default: false },
+    // Start and wait with Client.run instead of watching the events.
+    run: { type: "boolean", default: false },
   },
 });
 
@@ -23,29 +25,34 @@ async function main(): Promise<number> {
   const client = new Client(args.target!);
   try {
     const items = Array.from({ length: Number(args.items) }, (_, i) => `item-${i + 1}`);
-    const handle = await client.startRun(
-      mapReduce(agent(args.mapper!), agent(args.reducer!), "Summarize each item", items, Number(args["max-concurrent"])),
-      { agentId: "mapreduce-client-ts" },
-    );
-    // Watch the events; a broken watch resumes after the last seq it saw.
+    const maxConcurrent = Number(args["max-concurrent"]);
+    const pattern = mapReduce(agent(args.mapper!), agent(args.reducer!), "Summarize each item", items, maxConcurrent);
     const finishedBy: Record<string, string> = {};
-    let lastSeq = 0;
     let events = 0;
-    let done = false;
-    while (!done) {
-      try {
-        for await (const event of client.watch(handle.runId, lastSeq)) {
-          lastSeq = event.seq;
-          events++;
-          if (event.agentFinished) finishedBy[event.agentFinished.output?.name ?? ""] = event.agentFinished.workerId;
-          if (event.runFinished) done = true;
+    let run: runs.Run;
+    if (args.run) {
+      run = await client.run(pattern, { agentId: "mapreduce-client-ts" });
+    } else {
+      const handle = await client.startRun(pattern, { agentId: "mapreduce-client-ts" });
+      // Watch the events; a broken watch resumes after the last seq it saw.
+      let lastSeq = 0;
+      let done = false;
+      while (!done) {
+        try {
+          for await (const event of client.watch(handle.runId, lastSeq)) {
+            lastSeq = event.seq;
+            events++;
+            if (event.agentFinished) finishedBy[event.agentFinished.output?.name ?? ""] = event.agentFinished.workerId;
+            if (event.runFinished) done = true;
+          }
+        } catch (err) {
+          console.error(`watch broke, resuming after seq ${lastSeq}:`, err);
+          await new Promise((r) => setTimeout(r, 200));
         }
-      } catch (err) {
-        console.error(`watch broke, resuming after seq ${lastSeq}:`, err);
-        await new Promise((r) => setTimeout(r, 200));
       }
+      // getRun reads a result too large to travel inline (ReadRunResult).
+      run = await client.getRun(handle.runId);
     }
-    const run: runs.Run = await client.getRun(handle.runId);
     const result = run.result?.mapReduce;
     const outputs = result?.mapOutputs ?? [];
     const status = types.runStatusToJSON(run.status);
@@ -59,6 +66,9 @@ async function main(): Promise<number> {
           errors: outputs.map((o) => o.error ?? ""),
           finished_by: finishedBy,
           events,
+          // Too large to travel inline (over 1 MiB): read with ReadRunResult.
+          result_omitted: run.resultOmitted,
+          result_bytes: run.resultBytes,
         }),
       );
     } else {
@@ -72,8 +82,12 @@ async function main(): Promise<number> {
   }
 }
 
+// exitCode, not exit(): a large JSON line to a pipe is written asynchronously,
+// and process.exit() would cut it off.
 main().then(
-  (code) => process.exit(code),
+  (code) => {
+    process.exitCode = code;
+  },
   (err) => {
     console.error("mapreduce-client:", err);
     process.exit(1);

@@ -13,11 +13,12 @@
 import { ChannelCredentials, ClientReadableStream, ServiceError } from "@grpc/grpc-js";
 
 import { EventServiceClient, RunEvent } from "./gen/car/v1/events";
-import { AgentRef, MapReduceRun, SingleRun } from "./gen/car/v1/patterns";
+import { AgentRef, MapReduceRun, RunResult, SingleRun } from "./gen/car/v1/patterns";
 import { RegistryServiceClient } from "./gen/car/v1/registry";
 import {
   CancelRunResponse,
   OnBusy,
+  ReadRunResultResponse,
   Run,
   RunServiceClient,
   StartRunRequest,
@@ -141,7 +142,7 @@ export class Client {
     }
   }
 
-  /** Waits until the run has finished and returns it with its result. */
+  /** Waits until the run has finished and returns it with its whole result (see getRun). */
   async wait(runId: string): Promise<Run> {
     for await (const _ of this.watch(runId)) {
       // drain the events
@@ -149,15 +150,49 @@ export class Client {
     return this.getRun(runId);
   }
 
-  /** Starts a run and waits for it to finish. */
+  /** Starts a run and waits for it to finish; the run comes with its whole result (see getRun). */
   async run(pattern: Pattern, options: RunOptions = {}): Promise<Run> {
     const handle = await this.startRun(pattern, options);
     return this.wait(handle.runId);
   }
 
+  /**
+   * The run, with its whole result once it has finished: a result too large
+   * to travel inline (over the sidecar's max_inline_result_bytes, 1 MiB; the
+   * run has `resultOmitted` set) is read with readResult.
+   */
   async getRun(runId: string): Promise<Run> {
     const response = await unary<{ run?: Run }>((cb) => this.runs.getRun({ runId, threadId: "" }, cb));
-    return response.run as Run;
+    const run = response.run as Run;
+    if (run.resultOmitted) run.result = await this.readResult(run.runId);
+    return run;
+  }
+
+  /**
+   * A finished run's result, read with RunService.ReadRunResult: the chunks
+   * of the serialized RunResult, concatenated and parsed. This is how a result
+   * that getRun, listRuns and run_finished leave out (`resultOmitted`,
+   * `resultBytes` long) is read; it works for any finished run.
+   */
+  async readResult(runId: string): Promise<RunResult> {
+    const stream: ClientReadableStream<ReadRunResultResponse> = this.runs.readRunResult({ runId, offset: 0 });
+    const chunks: Buffer[] = [];
+    let have = 0;
+    let total = 0;
+    try {
+      for await (const piece of stream as AsyncIterable<ReadRunResultResponse>) {
+        if (piece.offset !== have) {
+          throw new Error(`run ${runId}: a result chunk at byte ${piece.offset}, expected ${have}`);
+        }
+        chunks.push(piece.chunk);
+        have += piece.chunk.length;
+        total = piece.totalBytes;
+      }
+    } finally {
+      stream.cancel();
+    }
+    if (have !== total) throw new Error(`run ${runId}: the result stream ended after ${have} of ${total} bytes`);
+    return RunResult.decode(Buffer.concat(chunks, have));
   }
 
   /** Cancels a run; `agentId` must be its owner. Cancelling a finished run is not an error. */

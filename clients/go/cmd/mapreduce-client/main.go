@@ -25,6 +25,10 @@ type summary struct {
 	Errors        []string          `json:"errors"`
 	FinishedBy    map[string]string `json:"finished_by"` // agent name -> worker id
 	Events        int               `json:"events"`
+	// The result was too large to travel inline (over 1 MiB) and was read
+	// with ReadRunResult; ResultBytes is its serialized size.
+	ResultOmitted bool   `json:"result_omitted"`
+	ResultBytes   uint64 `json:"result_bytes"`
 }
 
 func main() {
@@ -35,6 +39,7 @@ func main() {
 	maxConcurrent := flag.Uint("max-concurrent", 8, "mappers running at once")
 	asJSON := flag.Bool("json", false, "print the result as one JSON object")
 	timeout := flag.Duration("timeout", 2*time.Minute, "give up after this long")
+	useRun := flag.Bool("run", false, "start and wait with Client.Run instead of watching the events")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
@@ -50,36 +55,44 @@ func main() {
 	for i := range items {
 		items[i] = fmt.Sprintf("item-%d", i+1)
 	}
-	handle, err := client.StartRun(ctx,
-		carsvc.MapReduce(carsvc.Agent(*mapper), carsvc.Agent(*reducer), "Summarize each item", items, uint32(*maxConcurrent)),
-		carsvc.WithAgentID("mapreduce-client-go"))
-	check(err)
-
-	// Watch the events; a broken watch resumes after the last seq it saw.
-	out := summary{RunID: handle.RunId, FinishedBy: map[string]string{}}
-	var lastSeq uint64
-	for done := false; !done; {
-		for ev, err := range client.Watch(ctx, handle.RunId, lastSeq) {
-			if err != nil {
-				if ctx.Err() != nil {
-					check(err)
+	pattern := carsvc.MapReduce(carsvc.Agent(*mapper), carsvc.Agent(*reducer), "Summarize each item", items, uint32(*maxConcurrent))
+	var run *carv1.Run
+	out := summary{FinishedBy: map[string]string{}}
+	if *useRun {
+		run, err = client.Run(ctx, pattern, carsvc.WithAgentID("mapreduce-client-go"))
+		check(err)
+		out.RunID = run.RunId
+	} else {
+		handle, err := client.StartRun(ctx, pattern, carsvc.WithAgentID("mapreduce-client-go"))
+		check(err)
+		out.RunID = handle.RunId
+		// Watch the events; a broken watch resumes after the last seq it saw.
+		var lastSeq uint64
+		for done := false; !done; {
+			for ev, err := range client.Watch(ctx, handle.RunId, lastSeq) {
+				if err != nil {
+					if ctx.Err() != nil {
+						check(err)
+					}
+					fmt.Fprintln(os.Stderr, "watch broke, resuming after seq", lastSeq, ":", err)
+					time.Sleep(200 * time.Millisecond)
+					break
 				}
-				fmt.Fprintln(os.Stderr, "watch broke, resuming after seq", lastSeq, ":", err)
-				time.Sleep(200 * time.Millisecond)
-				break
-			}
-			lastSeq = ev.Seq
-			out.Events++
-			if f := ev.GetAgentFinished(); f != nil {
-				out.FinishedBy[f.GetOutput().GetName()] = f.WorkerId
-			}
-			if ev.GetRunFinished() != nil {
-				done = true
+				lastSeq = ev.Seq
+				out.Events++
+				if f := ev.GetAgentFinished(); f != nil {
+					out.FinishedBy[f.GetOutput().GetName()] = f.WorkerId
+				}
+				if ev.GetRunFinished() != nil {
+					done = true
+				}
 			}
 		}
+		// GetRun reads a result too large to travel inline (ReadRunResult).
+		run, err = client.GetRun(ctx, handle.RunId)
+		check(err)
 	}
-	run, err := client.GetRun(ctx, handle.RunId)
-	check(err)
+	out.ResultOmitted, out.ResultBytes = run.ResultOmitted, run.ResultBytes
 	result := run.GetResult().GetMapReduce()
 	out.Status = run.Status.String()
 	out.ReducedAnswer = result.GetReducedAnswer()

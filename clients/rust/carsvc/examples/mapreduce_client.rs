@@ -21,6 +21,8 @@ async fn main() -> Result<(), carsvc::Error> {
     let n: usize = flag("--items", "5").parse().expect("--items");
     let max_concurrent: u32 = flag("--max-concurrent", "8").parse().expect("--max-concurrent");
     let as_json = std::env::args().any(|a| a == "--json");
+    // Start and wait with Client::run instead of watching the events.
+    let use_run = std::env::args().any(|a| a == "--run");
 
     let client = Client::connect(&target)?;
     let items: Vec<String> = (1..=n).map(|i| format!("item-{i}")).collect();
@@ -31,38 +33,42 @@ async fn main() -> Result<(), carsvc::Error> {
         items,
         Some(max_concurrent),
     );
-    let handle = client
-        .start_run(pattern, RunOptions { agent_id: "mapreduce-client-rust".into(), ..Default::default() })
-        .await?;
-
-    // Watch the events; a broken watch resumes after the last seq it saw.
+    let options = RunOptions { agent_id: "mapreduce-client-rust".into(), ..Default::default() };
     let mut finished_by = BTreeMap::new();
-    let (mut last_seq, mut events, mut done) = (0u64, 0usize, false);
-    while !done {
-        let mut stream = client.watch(&handle.run_id, last_seq).await?;
-        loop {
-            match stream.next().await {
-                Ok(Some(event)) => {
-                    last_seq = event.seq;
-                    events += 1;
-                    match event.kind {
-                        Some(Kind::AgentFinished(f)) => {
-                            finished_by.insert(f.output.map(|o| o.name).unwrap_or_default(), f.worker_id);
+    let mut events = 0usize;
+    let run = if use_run {
+        client.run(pattern, options).await?
+    } else {
+        let handle = client.start_run(pattern, options).await?;
+        // Watch the events; a broken watch resumes after the last seq it saw.
+        let (mut last_seq, mut done) = (0u64, false);
+        while !done {
+            let mut stream = client.watch(&handle.run_id, last_seq).await?;
+            loop {
+                match stream.next().await {
+                    Ok(Some(event)) => {
+                        last_seq = event.seq;
+                        events += 1;
+                        match event.kind {
+                            Some(Kind::AgentFinished(f)) => {
+                                finished_by.insert(f.output.map(|o| o.name).unwrap_or_default(), f.worker_id);
+                            }
+                            Some(Kind::RunFinished(_)) => done = true,
+                            _ => {}
                         }
-                        Some(Kind::RunFinished(_)) => done = true,
-                        _ => {}
                     }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    eprintln!("watch broke, resuming after seq {last_seq}: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    break;
+                    Ok(None) => break,
+                    Err(e) => {
+                        eprintln!("watch broke, resuming after seq {last_seq}: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
                 }
             }
         }
-    }
-    let run = client.get_run(&handle.run_id).await?;
+        // get_run reads a result too large to travel inline (ReadRunResult).
+        client.get_run(&handle.run_id).await?
+    };
     let result = match run.result.as_ref().and_then(|r| r.result.as_ref()) {
         Some(carsvc::carv1::run_result::Result::MapReduce(m)) => m.clone(),
         _ => Default::default(),
@@ -77,6 +83,9 @@ async fn main() -> Result<(), carsvc::Error> {
             "errors": result.map_outputs.iter().map(|o| o.error.clone().unwrap_or_default()).collect::<Vec<_>>(),
             "finished_by": finished_by,
             "events": events,
+            // Too large to travel inline (over 1 MiB): read with ReadRunResult.
+            "result_omitted": run.result_omitted,
+            "result_bytes": run.result_bytes,
         });
         println!("{out}");
     } else {

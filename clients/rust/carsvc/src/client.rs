@@ -1,15 +1,16 @@
 //! The client helper: start a run of any pattern, watch it from a seq,
 //! cancel it, answer its suspended tool calls.
 
+use prost::Message as _;
 use serde_json::Value as Json;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::carv1::{
     self, agent_ref, event_service_client::EventServiceClient, registry_service_client::RegistryServiceClient,
     run_service_client::RunServiceClient, start_run_request::Pattern, state_service_client::StateServiceClient,
-    AgentRef, AgentSpec, BudgetLimits, CancelRunRequest, CancelRunResponse, GetRunRequest, MapReduceRun, OnBusy, Run,
-    RunEvent, RunHandle, SingleRun, StartRunRequest, SubmitDecisionsRequest, SubmitDecisionsResponse, ToolCallDecision,
-    WatchRunRequest, WatchRunResponse,
+    AgentRef, AgentSpec, BudgetLimits, CancelRunRequest, CancelRunResponse, GetRunRequest, MapReduceRun, OnBusy,
+    ReadRunResultRequest, Run, RunEvent, RunHandle, RunResult, SingleRun, StartRunRequest, SubmitDecisionsRequest,
+    SubmitDecisionsResponse, ToolCallDecision, WatchRunRequest, WatchRunResponse,
 };
 use crate::values::to_value;
 use crate::{Error, DEFAULT_MAX_MESSAGE_BYTES};
@@ -135,23 +136,66 @@ impl Client {
         Ok(EventStream { inner, batch: Default::default() })
     }
 
-    /// Waits until the run has finished and returns it with its result.
+    /// Waits until the run has finished and returns it with its whole result
+    /// (see [`Client::get_run`]).
     pub async fn wait(&self, run_id: &str) -> Result<Run, Error> {
         let mut events = self.watch(run_id, 0).await?;
         while events.next().await?.is_some() {}
         self.get_run(run_id).await
     }
 
-    /// Starts a run and waits for it to finish.
+    /// Starts a run and waits for it to finish; the run comes with its whole
+    /// result (see [`Client::get_run`]).
     pub async fn run(&self, pattern: impl Into<Pattern>, options: RunOptions) -> Result<Run, Error> {
         let handle = self.start_run(pattern, options).await?;
         self.wait(&handle.run_id).await
     }
 
+    /// The run, with its whole result once it has finished: a result too
+    /// large to travel inline (over the sidecar's `max_inline_result_bytes`,
+    /// 1 MiB; the run has `result_omitted` set) is read with [`Client::read_result`].
     pub async fn get_run(&self, run_id: &str) -> Result<Run, Error> {
         let request = GetRunRequest { run_id: run_id.into(), thread_id: String::new() };
         let response = self.runs.clone().get_run(request).await?;
-        response.into_inner().run.ok_or_else(|| Error::Other("GetRun answered without a run".into()))
+        let mut run = response.into_inner().run.ok_or_else(|| Error::Other("GetRun answered without a run".into()))?;
+        if run.result_omitted {
+            run.result = Some(self.read_result(&run.run_id).await?);
+        }
+        Ok(run)
+    }
+
+    /// A finished run's result, read with `RunService.ReadRunResult`: the
+    /// chunks of the serialized `RunResult`, concatenated and parsed. This is
+    /// how a result that GetRun, ListRuns and run_finished leave out
+    /// (`result_omitted`, `result_bytes` long) is read; it works for any
+    /// finished run.
+    pub async fn read_result(&self, run_id: &str) -> Result<RunResult, Error> {
+        let request = ReadRunResultRequest { run_id: run_id.into(), offset: 0 };
+        let mut stream = self.runs.clone().read_run_result(request).await?.into_inner();
+        let mut data: Vec<u8> = Vec::new();
+        let mut total = 0u64;
+        while let Some(piece) = stream.message().await? {
+            if piece.offset != data.len() as u64 {
+                return Err(Error::Other(format!(
+                    "run {run_id}: a result chunk at byte {}, expected {}",
+                    piece.offset,
+                    data.len()
+                )));
+            }
+            if data.is_empty() {
+                data.reserve(piece.total_bytes.min(64 << 20) as usize);
+            }
+            data.extend_from_slice(&piece.chunk);
+            total = piece.total_bytes;
+        }
+        if data.len() as u64 != total {
+            return Err(Error::Other(format!(
+                "run {run_id}: the result stream ended after {} of {total} bytes",
+                data.len()
+            )));
+        }
+        RunResult::decode(data.as_slice())
+            .map_err(|e| Error::Other(format!("run {run_id}: the result does not parse: {e}")))
     }
 
     /// Cancels a run; `agent_id` must be its owner. With `wait` the call
