@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI for the Go, TypeScript and Rust clients (called from .ci/run after the Python
 # suite, which has made .venv): build, lint and breaking-check the contract, check the
-# generated code for drift, then the cross-language tests against a live sidecar.
+# generated code for drift, vet, the SDKs' unit tests (go test, cargo test, npm test),
+# then the cross-language tests against a live sidecar.
 set -euo pipefail
 CLIENTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$CLIENTS/.." && pwd)"
@@ -39,6 +40,9 @@ section "Go unit tests"
 
 section "Rust unit tests and doc examples"
 (cd "$CLIENTS/rust" && cargo test --locked -q -p carsvc)
+
+section "TypeScript unit tests (npm test)"
+(cd "$CLIENTS/ts" && npm test)
 
 section "cross-language tests"
 "$PY" -m pytest -p no:cacheprovider -m crosslang -q tests/crosslang

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from carsvc._proto.car.v1 import runs_pb2
 from carsvc.client import Client
 
 from .big_answer_worker import BIG_ANSWER_BYTES, big_answer
@@ -61,8 +62,6 @@ def test_client_reads_a_result_too_large_to_travel_inline(tmp_path: Path, lang: 
 
             # The sidecar's own view: GetRun leaves the result out, and its size is the one the client saw.
             async def raw(client: Client, run_id: str = out["run_id"]) -> tuple[bool, int, bool]:
-                from carsvc._proto.car.v1 import runs_pb2
-
                 response = await client.runs.GetRun(runs_pb2.GetRunRequest(run_id=run_id))
                 run = response.run
                 return run.result_omitted, run.result_bytes, run.HasField("result")
