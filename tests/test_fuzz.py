@@ -64,7 +64,8 @@ from carsvc._proto.car.v1 import (  # noqa: E402
 from carsvc.client import Client, agent, single  # noqa: E402
 from carsvc.config import Settings  # noqa: E402
 from carsvc.domain.bounds import struct_depth, value_depth  # noqa: E402
-from carsvc.domain.workers import Dispatcher  # noqa: E402
+from carsvc.domain.errors import InvalidArgument  # noqa: E402
+from carsvc.domain.workers import Dispatcher, check_hello_sizes  # noqa: E402
 from carsvc.server import Sidecar  # noqa: E402
 from carsvc.services.calls import NEEDS_ANSWER  # noqa: E402
 from carsvc.values import to_value  # noqa: E402
@@ -697,6 +698,10 @@ def hello_problem(frame: worker_pb2.ConnectRequest) -> Ends | None:
         return Ends(INVALID, "hello.worker_id: ")
     if not hello.agents:
         return Ends(INVALID, "hello.agents: ")
+    try:  # lengths and counts (a 5,000-character worker_id is too long)
+        check_hello_sizes(hello.worker_id, list(hello.agents), dict(hello.labels), hello.sdk)
+    except InvalidArgument as err:
+        return Ends(INVALID, f"{err.field}: ")
     for i, name in enumerate(hello.agents):
         if not name or any(c.isspace() for c in name):
             return Ends(INVALID, f"hello.agents[{i}]: ")
