@@ -1,4 +1,4 @@
-//! Undecodable frames, deep values, 16 MiB messages and the reconnect cap,
+//! Undecodable frames, deep values, 16 MiB messages, the reconnect cap and large results,
 //! against a real gRPC server on loopback: a raw HTTP/2 server (h2) that
 //! sends whatever bytes a test gives it.
 
@@ -508,4 +508,86 @@ async fn the_client_receives_messages_over_4_mib_and_max_message_bytes_limits_it
         other => panic!("with max_message_bytes(1 MiB) get_run returned {other:?}"),
     }
     drop(server);
+}
+
+// -- large results ------------------------------------------------------------
+
+/// A RunResult's serialization as ReadRunResultResponses of `n` bytes.
+fn chunked(result: &RunResult, n: usize) -> Vec<carv1::ReadRunResultResponse> {
+    let data = result.encode_to_vec();
+    data.chunks(n)
+        .enumerate()
+        .map(|(i, chunk)| carv1::ReadRunResultResponse {
+            chunk: chunk.to_vec(),
+            offset: (i * n) as u64,
+            total_bytes: data.len() as u64,
+        })
+        .collect()
+}
+
+/// A server answering GetRun with `run` and ReadRunResult with `pieces`.
+async fn result_server(run: carv1::Run, pieces: Vec<carv1::ReadRunResultResponse>) -> FakeServer {
+    FakeServer::start(move |mut call| {
+        let (run, pieces) = (run.clone(), pieces.clone());
+        async move {
+            match call.path.as_str() {
+                "/car.v1.RunService/GetRun" => {
+                    let _ = call.recv::<carv1::GetRunRequest>().await;
+                    call.send(&GetRunResponse { run: Some(run) });
+                }
+                "/car.v1.RunService/ReadRunResult" => {
+                    let request = call.recv::<carv1::ReadRunResultRequest>().await.expect("a request");
+                    assert_eq!((request.run_id.as_str(), request.offset), ("r1", 0));
+                    for piece in &pieces {
+                        call.send(piece);
+                    }
+                }
+                other => panic!("unexpected call {other}"),
+            }
+            call.finish();
+        }
+    })
+    .await
+}
+
+fn single_answer(answer: String) -> RunResult {
+    RunResult {
+        result: Some(run_result::Result::Single(SingleResult {
+            output: Some(AgentOutput { answer, ..Default::default() }),
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test]
+async fn get_run_reads_a_result_left_out_of_get_run_in_chunks() {
+    let answer = "z".repeat(3 << 20);
+    let result = single_answer(answer.clone());
+    let pieces = chunked(&result, 1 << 20);
+    assert_eq!(pieces.len(), 4);
+    let size = pieces[0].total_bytes;
+    let run = carv1::Run { run_id: "r1".into(), result_omitted: true, result_bytes: size, ..Default::default() };
+    let server = result_server(run, pieces).await;
+    let client = Client::connect(&server.addr).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), client.get_run("r1")).await.unwrap().unwrap();
+    assert!(got.result_omitted);
+    assert_eq!(got.result_bytes, size);
+    let Some(run_result::Result::Single(single)) = got.result.unwrap().result else { panic!("not a single result") };
+    assert_eq!(single.output.unwrap().answer, answer);
+}
+
+#[tokio::test]
+async fn read_result_refuses_a_missing_chunk_or_a_short_stream() {
+    let pieces = chunked(&single_answer("q".repeat(4000)), 1000);
+    let gap: Vec<_> = [&pieces[..1], &pieces[2..]].concat();
+    for (frames, want) in
+        [(gap, "a result chunk at byte 2000, expected 1000"), (pieces[..3].to_vec(), "ended after 3000 of")]
+    {
+        let server = result_server(carv1::Run::default(), frames).await;
+        let client = Client::connect(&server.addr).unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), client.read_result("r1")).await.unwrap() {
+            Err(Error::Other(m)) => assert!(m.contains(want), "{m}"),
+            other => panic!("read_result returned {other:?}, want an error containing {want:?}"),
+        }
+    }
 }
