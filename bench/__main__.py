@@ -33,6 +33,7 @@ SCENARIOS: dict[str, Callable[[Sizes, Progress], Awaitable[list[Metric]]]] = {
     "latency": scenarios.latency,
     "calls": scenarios.runtime_calls,
     "fanout": scenarios.fan_out,
+    "stalled": scenarios.stalled_watchers,
     "memory": lambda s, p: _both(scenarios.memory_retained(s, p), scenarios.memory_in_flight(s, p)),
 }
 BASELINES = ("raw", "autogen", "hotpaths")

@@ -8,13 +8,16 @@ measured run, so the report can show the median with min and max.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import grpc
 
 from bench.procs import Sidecar, WorkerProcess, cluster
-from carsvc._proto.car.v1 import types_pb2
+from carsvc._proto.car.v1 import runs_pb2, runs_pb2_grpc, types_pb2
 from carsvc.client import Client, agent, map_reduce, single
 
 Progress = Callable[[str], None]
@@ -48,6 +51,8 @@ class Sizes:
     call_agents: int = 16
     fanout_items: int = 2_000
     watchers: int = 100
+    stalled: int = 1_000
+    stalled_items: int = 5_000
     retained_runs: int = 10_000
     worker_connections: int = 1_000
     in_flight: int = 10_000
@@ -64,6 +69,8 @@ class Sizes:
             call_agents=2,
             fanout_items=50,
             watchers=5,
+            stalled=20,
+            stalled_items=100,
             retained_runs=100,
             worker_connections=8,
             in_flight=80,
@@ -261,6 +268,88 @@ async def fan_out(sizes: Sizes, progress: Progress) -> list[Metric]:
                 watched.values.append((len(items) + 1) / run_elapsed)
                 delivered.values.append(sum(counts) / all_elapsed)
     return [delivered, alone, watched]
+
+
+# -- 4b. watchers that never read ---------------------------------------------------------------
+
+
+async def _open_stalled(address: str, run_id: str, count: int) -> tuple[list[grpc.aio.Channel], list[Any]]:
+    """`count` WatchRun streams on `run_id` that are never read (on channels of
+    at most 500 streams each, under the sidecar's max_streams_per_connection)."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range((count + 499) // 500)]
+    calls = [
+        runs_pb2_grpc.RunServiceStub(channels[i // 500]).WatchRun(runs_pb2.WatchRunRequest(run_id=run_id))
+        for i in range(count)
+    ]
+    return channels, calls
+
+
+async def _drain(call: Any) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        async for _ in call:
+            pass
+
+
+async def stalled_watchers(sizes: Sizes, progress: Progress) -> list[Metric]:
+    """One map-reduce watched by `stalled` WatchRun streams that are never read
+    (default client channels), against the same run unwatched, in the same
+    sidecar: the sidecar's RSS growth (its peak while the run goes, over its
+    RSS before), the run's own duration (its record's start to finish) with
+    and without them, and how long a reading client takes to see it end."""
+    n = sizes.stalled
+    growth = Metric("stalled_rss_growth_mb", f"RSS added by {n:,} non-reading watchers", "MB", "lower", target=200)
+    slowdown = Metric(
+        "stalled_slowdown", f"run duration with {n:,} non-reading watchers / without", "x", "lower", target=1.5
+    )
+    seen = Metric("stalled_seen_slowdown", "the same, until a reading client sees the end", "x", "lower")
+    alone_s = Metric("stalled_alone_s", f"{sizes.stalled_items:,}-item map-reduce, no watchers", "s", "lower")
+    watched_s = Metric("stalled_watched_s", f"the same, {n:,} non-reading watchers", "s", "lower")
+    items = [str(i) for i in range(sizes.stalled_items)]
+    sidecar = Sidecar(env={"CARSVC_MAX_WATCHERS_PER_RUN": str(n + 10)})
+    worker = WorkerProcess(sidecar.address, worker_id="bench-0", max_in_flight=sizes.max_concurrent)
+
+    def duration(run: Any) -> float:
+        return float(run.finished_unix_ms - run.started_unix_ms) / 1000
+
+    async def one(watchers: int) -> tuple[float, float, float]:
+        """(run duration, until seen, peak RSS growth in bytes)"""
+        before = await _settle_rss(sidecar)
+        started = time.perf_counter()
+        handle = await client.start_run(
+            map_reduce(agent("noop"), agent("noop"), "bench", items, max_concurrent=sizes.max_concurrent)
+        )
+        channels, calls = await _open_stalled(sidecar.address, handle.run_id, watchers)
+        peak = sidecar.rss_bytes()
+        waiting = asyncio.ensure_future(client.wait(handle.run_id))
+        while not waiting.done():
+            peak = max(peak, sidecar.rss_bytes())
+            await asyncio.wait({waiting}, timeout=0.05)
+        until_seen = time.perf_counter() - started
+        run = waiting.result()
+        _check(run, "map-reduce with non-reading watchers")
+        peak = max(peak, await _settle_rss(sidecar))
+        await asyncio.gather(*(_drain(call) for call in calls))
+        for channel in channels:
+            await channel.close()
+        return duration(run), until_seen, peak - before
+
+    try:
+        async with Client(sidecar.address) as client:
+            progress("stalled watchers: warm-up")
+            await _map_reduce(client, "noop", items[: max(len(items) // 4, 10)], sizes.max_concurrent)
+            for i in range(sizes.runs):
+                progress(f"stalled watchers: run {i + 1}/{sizes.runs}")
+                alone, alone_seen, _ = await one(0)
+                watched, watched_seen, grown = await one(n)
+                alone_s.values.append(alone)
+                watched_s.values.append(watched)
+                slowdown.values.append(watched / alone)
+                seen.values.append(watched_seen / alone_seen)
+                growth.values.append(grown / 2**20)
+    finally:
+        worker.stop()
+        sidecar.stop()
+    return [growth, slowdown, seen, alone_s, watched_s]
 
 
 # -- 5. memory --------------------------------------------------------------------------------

@@ -215,6 +215,16 @@ class RunSession:
 
 
 _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
+# Trailing metadata of a watch the sidecar ended because the watcher fell behind.
+RESUME_SEQ_KEY = "carsvc-resume-after-seq"
+
+
+def _resume_seq(err: grpc.aio.AioRpcError) -> int | None:
+    """The seq to resume from that a watch ended for falling behind names, if any."""
+    for key, value in err.trailing_metadata() or ():
+        if key == RESUME_SEQ_KEY:
+            return int(value)
+    return None
 
 
 class RunRefused(Exception):
@@ -599,13 +609,19 @@ class Client:
         return response.run
 
     async def watch(
-        self, run_id: str, after_seq: int = 0, *, reconnect_for: float = 30.0
+        self, run_id: str, after_seq: int = 0, *, reconnect_for: float = 30.0, resume_when_behind: bool = True
     ) -> AsyncIterator[RunEvent]:
         """A run's events from `after_seq` on, ending with its run_finished event.
 
         If the sidecar goes away (UNAVAILABLE), the watch resumes from the last
         event it delivered once the sidecar is back, for up to `reconnect_for`
-        seconds (0: never)."""
+        seconds (0: never). If the caller consumes events so slowly that the
+        sidecar ends the watch (RESOURCE_EXHAUSTED, see docs/runs.md), it
+        resumes at once from the last event delivered, unless
+        `resume_when_behind` is false. Any other status is raised, e.g.
+        OUT_OF_RANGE when `after_seq` is past the run's last event (after a
+        restart that lost events the watch had seen), FAILED_PRECONDITION when
+        the events after it are no longer retained."""
         last = after_seq
         deadline = 0.0
         delay = 0.05
@@ -619,6 +635,8 @@ class Client:
                 return
             except grpc.aio.AioRpcError as err:
                 now = asyncio.get_running_loop().time()
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and resume_when_behind and _resume_seq(err):
+                    continue  # fell behind: every event up to `last` was delivered
                 if err.code() != grpc.StatusCode.UNAVAILABLE or reconnect_for <= 0:
                     raise
                 deadline = deadline or now + reconnect_for
@@ -643,7 +661,10 @@ class Client:
                 async for _ in session.events():
                     pass
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                # The sidecar went away, or ended the session because its events
+                # were read too slowly: follow the run with a watch instead.
+                behind = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _resume_seq(err) is not None
+                if err.code() != grpc.StatusCode.UNAVAILABLE and not behind:
                     raise
                 return await self.wait(session.handle.run_id)
         return await self.get_run(session.handle.run_id)

@@ -80,6 +80,10 @@ class Settings:
     finished_run_retention: int = 10_000
     # Events a watcher may fall behind before it is ended (RESOURCE_EXHAUSTED).
     watcher_buffer: int = 4_096
+    # Bytes of events a watcher (WatchRun, Session, ReadEvents with follow,
+    # StateService.Watch) may fall behind before it is ended RESOURCE_EXHAUSTED
+    # with the seq to resume from; a single larger event is always sent.
+    watcher_max_bytes: int = 8 * 1024 * 1024
     # Runs waiting behind an active run on one thread (on_busy = ENQUEUE).
     max_queued_per_thread: int = 16
     mailbox_depth: int = 1_024
@@ -165,6 +169,7 @@ class Settings:
             "max_message_bytes", "max_field_bytes", "max_items", "max_agents_per_pattern",
             "heartbeat_interval_ms", "heartbeat_misses", "max_attempts", "event_retention",
             "finished_run_retention", "watcher_buffer", "mailbox_depth", "max_unmatched_decisions",
+            "watcher_max_bytes",
             "max_watchers_per_run", "max_value_depth", "max_output_bytes",
             "max_inline_result_bytes", "max_state_keys", "max_state_scopes",
         )

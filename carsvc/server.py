@@ -41,6 +41,7 @@ from carsvc.services.decoding import RequestGuard
 from carsvc.services.registry import RegistryService
 from carsvc.services.runs import EventService, RunService
 from carsvc.services.state import StateService
+from carsvc.services.watchers import add_servicer
 from carsvc.services.worker import WorkerService
 
 log = logging.getLogger("carsvc")
@@ -109,7 +110,9 @@ class Sidecar:
             max_value_depth=s.max_value_depth,
         )
         self.health = health.aio.HealthServicer()
-        self.run_service = RunService(self.runs, self.registry, limits, s.watcher_buffer)
+        self.run_service = RunService(
+            self.runs, self.registry, limits, s.watcher_buffer, watcher_max_bytes=s.watcher_max_bytes
+        )
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = Metrics(self.dispatcher, self.runs)
@@ -154,20 +157,31 @@ class Sidecar:
             ),
             server,
         )
-        runs_pb2_grpc.add_RunServiceServicer_to_server(self.run_service, server)
-        events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.runs, s.watcher_buffer), server)
+        # Watchers are sent events serialized once, as bytes (services/watchers.py).
+        add_servicer(
+            runs_pb2_grpc.add_RunServiceServicer_to_server, self.run_service, server, ("WatchRun", "Session")
+        )
+        add_servicer(
+            events_pb2_grpc.add_EventServiceServicer_to_server,
+            EventService(self.runs, s.watcher_buffer, s.watcher_max_bytes),
+            server,
+            ("ReadEvents",),
+        )
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryService(self.registry, self.dispatcher, self.limits), server
         )
-        state_pb2_grpc.add_StateServiceServicer_to_server(
+        add_servicer(
+            state_pb2_grpc.add_StateServiceServicer_to_server,
             StateService(
                 self.runs,
                 s.max_field_bytes,
                 s.watcher_buffer,
                 max_value_depth=s.max_value_depth,
                 max_state_keys=s.max_state_keys,
+                watcher_max_bytes=s.watcher_max_bytes,
             ),
             server,
+            ("Watch",),
         )
         budget_pb2_grpc.add_BudgetServiceServicer_to_server(BudgetService(self.runs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

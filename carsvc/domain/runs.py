@@ -282,7 +282,13 @@ class RunManager:
             thread_id=thread_id,
             state=self.scope(state_scope),
             budget=budget,
-            events=RunEventLog(run_id, self.settings.event_retention, self._event_sink(run_id)),
+            events=RunEventLog(
+                run_id,
+                self.settings.event_retention,
+                self._event_sink(run_id),
+                # With a journal, watchers see an event once it is committed.
+                barrier=self.journal.barrier if self.journal is not None else None,
+            ),
             mailbox=Mailbox(self.settings.mailbox_depth),
             dispatcher=self.dispatcher,
             mailbox_recv_timeout=self.settings.mailbox_recv_timeout,
@@ -647,9 +653,15 @@ class RunManager:
                 continue
             yield record
 
-    def watch(self, record: RunRecord, after_seq: int, buffer: int) -> Subscription:
-        """A new watcher of `record`'s events (bounded by max_watchers_per_run)."""
-        return record.events.subscribe(after_seq, buffer, self.settings.max_watchers_per_run)
+    def watch(
+        self, record: RunRecord, after_seq: int, buffer: int, *, max_bytes: int = 1 << 62, follow: bool = True
+    ) -> Subscription:
+        """A new watcher of `record`'s events (followers are bounded by
+        max_watchers_per_run); it may fall `buffer` events or `max_bytes` bytes
+        behind. Without `follow`, it ends at the log's current end."""
+        return record.events.subscribe(
+            after_seq, buffer, self.settings.max_watchers_per_run, max_bytes=max_bytes, follow=follow
+        )
 
     @property
     def active_count(self) -> int:

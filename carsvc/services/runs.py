@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -21,6 +21,7 @@ from carsvc._proto.car.v1 import (
 )
 from carsvc.domain.bounds import check_value
 from carsvc.domain.errors import CarError, Code, InvalidArgument
+from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
 from carsvc.patterns import BUILDERS, Limits
@@ -28,8 +29,40 @@ from carsvc.patterns.base import check_spec_bounds
 from carsvc.services.convert import limits_from_proto
 from carsvc.services.errors import abort, frame_error, shown, streaming, unary
 from carsvc.services.submit import SubmitStream
+from carsvc.services.watchers import MESSAGE_BYTES, event_batches, events_behind, kinds_filter, wrapped
 
 log = logging.getLogger("carsvc.runs")
+
+# SessionResponse.events (field 2, length-delimited).
+_SESSION_EVENTS_TAG = b"\x12"
+# Answers to a session's requests waiting to be sent before it reads more requests.
+_MAX_REPLIES = 256
+
+
+class _Replies:
+    """A session's answers to its client's requests, sent before its events."""
+
+    def __init__(self, wakeup: asyncio.Event) -> None:
+        self._items: deque[runs_pb2.SessionResponse | None] = deque()
+        self._wakeup = wakeup  # the session's writer waits on it
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def put_nowait(self, reply: runs_pb2.SessionResponse | None) -> None:
+        """None: stop (the client sent something undecodable)."""
+        self._items.append(reply)
+        self._wakeup.set()
+        if len(self._items) >= _MAX_REPLIES:
+            self.room.clear()
+
+    def pop(self) -> runs_pb2.SessionResponse | None:
+        reply = self._items.popleft()
+        if len(self._items) < _MAX_REPLIES:
+            self.room.set()
+        return reply
 
 MAX_ID_CHARS = 256
 MAX_LABELS = 64
@@ -43,7 +76,6 @@ RESPONSE_BUDGET = 3 * 1024 * 1024 + 512 * 1024
 RESULT_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_READ_BATCH = 500
 _ON_BUSY = frozenset(runs_pb2.OnBusy.values())
 # A page token is a run ordinal: at most 19 ASCII digits (an int64).
 _MAX_TOKEN_DIGITS = 19
@@ -83,12 +115,19 @@ def _undecodable(err: DecodeError) -> CarError:
 
 class RunService(runs_pb2_grpc.RunServiceServicer):
     def __init__(
-        self, runs: RunManager, registry: AgentRegistry, limits: Limits, watcher_buffer: int
+        self,
+        runs: RunManager,
+        registry: AgentRegistry,
+        limits: Limits,
+        watcher_buffer: int,
+        watcher_max_bytes: int = DEFAULT_WATCHER_MAX_BYTES,
     ) -> None:
         self.runs = runs
         self.registry = registry
         self.limits = limits
+        # How far a watcher may fall behind, in events and in bytes (docs/runs.md).
         self.watcher_buffer = watcher_buffer
+        self.watcher_max_bytes = watcher_max_bytes
 
     def _resolve(self, ref: patterns_pb2.AgentRef, field: str) -> types_pb2.AgentSpec:
         source = ref.WhichOneof("source")
@@ -144,13 +183,16 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         return runs_pb2.StartRunResponse(run=record.handle())
 
     @streaming
-    async def WatchRun(
+    async def WatchRun(  # type: ignore[override]
         self, request: runs_pb2.WatchRunRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[runs_pb2.WatchRunResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Serialized WatchRunResponses (registered with a pass-through serializer)."""
         record = self.runs.get(request.run_id)
-        subscription = self.runs.watch(record, request.after_seq, self.watcher_buffer)
-        async for batch in subscription.batches():
-            yield runs_pb2.WatchRunResponse(events=batch)
+        subscription = self.runs.watch(
+            record, request.after_seq, self.watcher_buffer, max_bytes=self.watcher_max_bytes
+        )
+        async for batch in event_batches(context, subscription, record.run_id):
+            yield batch
 
     @unary
     async def GetRun(
@@ -235,11 +277,13 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     ) -> runs_pb2.SubmitDecisionsResponse:
         return self._decide(self.runs.locate(request.run_id, request.thread_id), request)
 
-    async def Session(
+    async def Session(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[runs_pb2.SessionRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[runs_pb2.SessionResponse]:
+    ) -> AsyncIterator[runs_pb2.SessionResponse | bytes]:
+        """SessionResponses, events among them as serialized bytes (registered
+        with a pass-through serializer)."""
         requests = aiter(request_iterator)
         try:
             first = await anext(requests)
@@ -254,54 +298,64 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         except CarError as err:
             await abort(context, err)
         await self.runs.acknowledged()  # strict journal: the run's record is on disk
-        yield runs_pb2.SessionResponse(started=record.handle())
-        replies: asyncio.Queue[runs_pb2.SessionResponse | None] = asyncio.Queue()
+        try:
+            subscription = self.runs.watch(record, 0, self.watcher_buffer, max_bytes=self.watcher_max_bytes)
+        except CarError as err:
+            await abort(context, err)
+        yield runs_pb2.SessionResponse(started=record.handle())  # initial metadata is sent with it
+        ending = events_behind(subscription, context, record.run_id)
+        replies = _Replies(subscription.wakeup)
         idle = asyncio.Event()  # set while no client request is being handled
         idle.set()
         reader = asyncio.get_running_loop().create_task(self._session_requests(record, requests, replies, idle))
-        pump = asyncio.get_running_loop().create_task(self._session_events(record, replies))
         try:
-            while (reply := await replies.get()) is not None:
-                yield reply
+            while True:
+                if replies:
+                    if (reply := replies.pop()) is None:
+                        break  # the client sent something undecodable
+                    yield reply
+                    continue
+                chunk = subscription.take(MESSAGE_BYTES)
+                if chunk is not None:
+                    if chunk:
+                        yield wrapped(chunk, _SESSION_EVENTS_TAG)  # a SessionResponse{events}
+                    subscription.ack()
+                    continue
+                if subscription.overflowed:
+                    return  # ended RESOURCE_EXHAUSTED (events_behind)
+                if subscription.done:
+                    break
+                await subscription.wait()
             # The run is over; answer what the client asked before closing.
             await idle.wait()
-            while not replies.empty():
-                if (reply := replies.get_nowait()) is not None:
+            while replies:
+                if (reply := replies.pop()) is not None:
                     yield reply
         finally:
+            ending.settle()
             reader.cancel()
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            subscription.close()
         if reader.done() and not reader.cancelled():
             if (failure := reader.exception()) is not None:
                 log.warning("run %s: a session's request reader failed: %r", record.run_id, failure)
             elif (error := reader.result()) is not None:
                 await abort(context, error)
 
-    async def _session_events(
-        self, record: RunRecord, replies: asyncio.Queue[runs_pb2.SessionResponse | None]
-    ) -> None:
-        subscription = self.runs.watch(record, 0, self.watcher_buffer)
-        try:
-            async for batch in subscription.batches():
-                replies.put_nowait(runs_pb2.SessionResponse(events=runs_pb2.WatchRunResponse(events=batch)))
-        except CarError as err:
-            replies.put_nowait(runs_pb2.SessionResponse(error=frame_error(err, "events")))
-        replies.put_nowait(None)
-
     async def _session_requests(
         self,
         record: RunRecord,
         requests: AsyncIterator[runs_pb2.SessionRequest],
-        replies: asyncio.Queue[runs_pb2.SessionResponse | None],
+        replies: _Replies,
         idle: asyncio.Event,
     ) -> CarError | None:
         """Answers the client's requests; a request that is not a SessionRequest
-        ends the stream (the run goes on) with the error returned."""
+        ends the stream (the run goes on) with the error returned. While
+        _MAX_REPLIES answers wait to be sent, it reads nothing more (the
+        client's writes wait instead)."""
         try:
             async for message in requests:
                 await self._session_request(record, message, replies, idle)
+                await replies.room.wait()
         except DecodeError as err:
             replies.put_nowait(None)
             return _undecodable(err)
@@ -311,7 +365,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         self,
         record: RunRecord,
         message: runs_pb2.SessionRequest,
-        replies: asyncio.Queue[runs_pb2.SessionResponse | None],
+        replies: _Replies,
         idle: asyncio.Event,
     ) -> None:
         idle.clear()
@@ -353,30 +407,31 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
 
 
 class EventService(events_pb2_grpc.EventServiceServicer):
-    def __init__(self, runs: RunManager, watcher_buffer: int) -> None:
+    def __init__(
+        self, runs: RunManager, watcher_buffer: int, watcher_max_bytes: int = DEFAULT_WATCHER_MAX_BYTES
+    ) -> None:
         self.runs = runs
         self.watcher_buffer = watcher_buffer
+        self.watcher_max_bytes = watcher_max_bytes
 
     @streaming
-    async def ReadEvents(
+    async def ReadEvents(  # type: ignore[override]
         self, request: events_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[events_pb2.ReadEventsResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Serialized ReadEventsResponses (registered with a pass-through serializer)."""
         known = {f.name for f in events_pb2.RunEvent.DESCRIPTOR.oneofs_by_name["kind"].fields}
         for i, kind in enumerate(request.kinds):
             if kind not in known:
                 raise InvalidArgument(f"unknown event kind '{kind}'", field=f"kinds[{i}]")
-        kinds = frozenset(request.kinds)
         record = self.runs.get(request.run_id)
-
-        def keep(events: list[events_pb2.RunEvent]) -> list[events_pb2.RunEvent]:
-            return [e for e in events if e.WhichOneof("kind") in kinds] if kinds else events
-
-        if request.follow:
-            async for batch in self.runs.watch(record, request.after_seq, self.watcher_buffer).batches():
-                selected = keep(batch)
-                if selected:
-                    yield events_pb2.ReadEventsResponse(events=selected)
-            return
-        selected = keep(record.events.since(request.after_seq))
-        for start in range(0, len(selected), _READ_BATCH):
-            yield events_pb2.ReadEventsResponse(events=selected[start : start + _READ_BATCH])
+        subscription = self.runs.watch(
+            record,
+            request.after_seq,
+            self.watcher_buffer,
+            max_bytes=self.watcher_max_bytes,
+            follow=request.follow,
+        )
+        if request.kinds:
+            subscription.keep_only(kinds_filter(frozenset(request.kinds)))
+        async for batch in event_batches(context, subscription, record.run_id):
+            yield batch

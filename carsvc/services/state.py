@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import itertools
 from collections.abc import AsyncIterator
@@ -14,9 +13,11 @@ from google.protobuf import struct_pb2
 from carsvc._proto.car.v1 import state_pb2, state_pb2_grpc
 from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, MAX_KEY_BYTES, check_key, check_room, check_scope, check_value
 from carsvc.domain.errors import InvalidArgument
+from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES, frame
 from carsvc.domain.overlay import StateStore, StateTransition
 from carsvc.domain.runs import RunManager
-from carsvc.services.errors import streaming, unary
+from carsvc.services.errors import shown, streaming, unary
+from carsvc.services.watchers import MESSAGE_BYTES, RESUME_INDEX_KEY, Ending, TransitionFeed
 
 DEFAULT_WRITER = "client"
 MAX_WRITER_CHARS = 256
@@ -48,10 +49,15 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         *,
         max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH,
         max_state_keys: int = 10_000,
+        watcher_max_bytes: int = DEFAULT_WATCHER_MAX_BYTES,
     ) -> None:
         self.runs = runs
         self.max_field_bytes = max_field_bytes
+        # How far a watcher may fall behind, in transitions and in bytes.
         self.watcher_buffer = watcher_buffer
+        self.watcher_max_bytes = watcher_max_bytes
+        # The last transition serialized: every watcher of its scope is sent these bytes.
+        self._encoded: tuple[StateTransition | None, bytes] = (None, b"")
         self.max_value_depth = max_value_depth
         self.max_state_keys = max_state_keys
 
@@ -134,41 +140,66 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         return response
 
     @streaming
-    async def Watch(
+    async def Watch(  # type: ignore[override]
         self, request: state_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[state_pb2.WatchResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Serialized WatchResponses (registered with a pass-through serializer)."""
         self._scope_key(request.scope, None)
         store = self.runs.hold_scope(request.scope)  # a watched scope is kept, even empty
         try:
-            async for response in self._watch(store, request):
+            async for response in self._watch(store, request, context):
                 yield response
         finally:
             self.runs.release_scope(request.scope)
 
+    def _frame(self, t: StateTransition) -> bytes:
+        """`t` as one element of WatchResponse.transitions, serialized once for all watchers."""
+        last, data = self._encoded
+        if last is not t:
+            data = frame(transition_to_proto(t).SerializeToString())
+            self._encoded = (t, data)
+        return data
+
     async def _watch(
-        self, store: StateStore, request: state_pb2.WatchRequest
-    ) -> AsyncIterator[state_pb2.WatchResponse]:
+        self, store: StateStore, request: state_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
         prefix = request.key_prefix
-        queue: asyncio.Queue[StateTransition] = asyncio.Queue()
-
-        def listener(t: StateTransition) -> None:
-            if t.key.startswith(prefix):
-                queue.put_nowait(t)
-
         first = store.first_retained_index
         if request.after_index + 1 < first and request.after_index < store.transition_count:
             raise InvalidArgument(
                 f"transitions before index {first} are no longer retained", field="after_index"
             )
         replay = [t for t in store.transitions_since(request.after_index) if t.key.startswith(prefix)]
+        feed = TransitionFeed(replay, self._frame, request.after_index, self.watcher_buffer, self.watcher_max_bytes)
+
+        def listener(t: StateTransition) -> None:
+            if t.key.startswith(prefix):
+                feed.push(t)
+
+        ending = Ending(context)
+
+        def behind(resume_after: int, why: str) -> None:
+            store.unsubscribe(listener)
+            ending.behind(
+                f"watcher fell behind state scope '{shown(request.scope, 64)}': {why}; "
+                f"resume with after_index={resume_after}",
+                RESUME_INDEX_KEY,
+                resume_after,
+            )
+
+        feed.on_overflow = behind
         store.subscribe(listener)
         try:
-            if replay:
-                yield state_pb2.WatchResponse(transitions=[transition_to_proto(t) for t in replay])
+            await context.send_initial_metadata(())
             while True:
-                batch = [await queue.get()]
-                while not queue.empty() and len(batch) < self.watcher_buffer:
-                    batch.append(queue.get_nowait())
-                yield state_pb2.WatchResponse(transitions=[transition_to_proto(t) for t in batch])
+                chunk = feed.take(MESSAGE_BYTES)
+                if chunk is None:
+                    if feed.overflowed:
+                        return  # ended RESOURCE_EXHAUSTED (behind)
+                    await feed.wait()
+                    continue
+                yield chunk  # returns once gRPC has written it
+                feed.ack()
         finally:
+            ending.settle()
             store.unsubscribe(listener)
