@@ -83,7 +83,7 @@ class Settings:
     # Bytes of events a watcher (WatchRun, Session, ReadEvents with follow,
     # StateService.Watch) may fall behind before it is ended RESOURCE_EXHAUSTED
     # with the seq to resume from; a single larger event is always sent.
-    watcher_max_bytes: int = 8 * 1024 * 1024
+    watcher_max_bytes: int = 64 * 1024 * 1024
     # Runs waiting behind an active run on one thread (on_busy = ENQUEUE).
     max_queued_per_thread: int = 16
     mailbox_depth: int = 1_024

@@ -40,7 +40,7 @@ log = logging.getLogger("carsvc.events")
 # Field 1, length-delimited: WatchRunResponse.events and ReadEventsResponse.events.
 _EVENTS_TAG = b"\x0a"
 # How many bytes of events a watcher may fall behind (watcher_max_bytes).
-DEFAULT_WATCHER_MAX_BYTES = 8 * 1024 * 1024
+DEFAULT_WATCHER_MAX_BYTES = 64 * 1024 * 1024
 # Compact the frame list once this many dropped frames sit at its head.
 _COMPACT_AT = 1024
 
