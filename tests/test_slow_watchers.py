@@ -112,6 +112,7 @@ async def test_stalled_watchers_are_ended_with_a_resume_seq_and_cost_bounded_mem
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 async def test_a_thousand_stalled_watchers_on_a_long_run(tmp_path: Path) -> None:
     await _stalled_watchers_scenario(tmp_path, watchers=1000, items=2000, max_growth_mib=200)
 

@@ -258,6 +258,21 @@ async def test_a_session_cancel_reason_reaches_the_worker(client: Client, raw: R
     await session.close()
 
 
+async def test_a_run_timeout_reaches_the_worker_as_the_reason(client: Client, raw: RawWorker) -> None:
+    handle = await client.start_run(single(agent("raw"), "t"), timeout=0.3)
+    a = await raw.assignment()
+    frame = await raw.read()
+    while not frame.cancels:
+        frame = await raw.read()
+    assert [(c.assignment_id, c.reason) for c in frame.cancels] == [
+        (a.assignment_id, "the run did not finish within 0.3s")
+    ]
+    await raw.result(a, types_pb2.AgentOutput(error="cancelled"))
+    run = await client.wait(handle.run_id)
+    assert (run.status, run.termination_reason) == (types_pb2.RUN_STATUS_FAILED, "timeout")
+    assert run.termination_detail == "the run did not finish within 0.3s"
+
+
 # -- section 1: what a worker sends is bounded at the boundary ---------------------------------------
 
 

@@ -233,7 +233,7 @@ class RunEventLog:
         self,
         run_id: str,
         retention: int,
-        sink: Callable[[RunEvent], None] | None = None,
+        sink: Callable[[int, bytes], None] | None = None,
         barrier: Callable[[], asyncio.Future[None]] | None = None,
     ) -> None:
         self.run_id = run_id
@@ -290,9 +290,10 @@ class RunEventLog:
         event.run_id = self.run_id
         event.seq = self.last_seq
         event.time_unix_ms = now_ms()
-        self._keep(event.seq, frame(event.SerializeToString()))
+        data = event.SerializeToString()
+        self._keep(event.seq, frame(data))
         if self.sink is not None:
-            self.sink(event)
+            self.sink(event.seq, data)
         if self._barrier is None:
             self._publish(event.seq, self._total)
         elif not self._committing:

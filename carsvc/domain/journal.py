@@ -237,8 +237,9 @@ class Journal:
         blob = value.SerializeToString() if isinstance(value, struct_pb2.Value) else None
         self._put(_STATE, (scope, key, blob, writer, time_ms))
 
-    def event(self, run_id: str, event: events_pb2.RunEvent) -> None:
-        self._put(_EVENT, (run_id, event.seq, event.SerializeToString()))
+    def event(self, run_id: str, seq: int, data: bytes) -> None:
+        """A run event, serialized once by the event log for watchers and journal alike."""
+        self._put(_EVENT, (run_id, seq, data))
 
     def run(self, ordinal: int, record: runs_pb2.Run) -> None:
         self._put(_RUN, (record.run_id, ordinal, record.SerializeToString()))

@@ -112,6 +112,7 @@ class RunRecord:
     result: patterns_pb2.RunResult | None = None
     task: asyncio.Task[None] | None = None
     cancel_reason: str = ""
+    timed_out: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     # The budget as the run ended (kept, so a shared budget's later spend does
     # not change a finished run's record).
@@ -297,11 +298,11 @@ class RunManager:
             agent_timeout=self.settings.agent_timeout,
         )
 
-    def _event_sink(self, run_id: str) -> Callable[[RunEvent], None] | None:
+    def _event_sink(self, run_id: str) -> Callable[[int, bytes], None] | None:
         journal = self.journal
         if journal is None:
             return None
-        return lambda event: journal.event(run_id, event)
+        return lambda seq, data: journal.event(run_id, seq, data)
 
     def _journal_scope(self, name: str, store: StateStore) -> None:
         journal = self.journal
@@ -427,23 +428,38 @@ class RunManager:
 
     async def _drive(self, record: RunRecord) -> None:
         status, reason, detail = FAILED, "error", ""
+        timer = None
+        if record.timeout:
+            timer = asyncio.get_running_loop().call_later(record.timeout, self._time_out, record)
         try:
-            async with asyncio.timeout(record.timeout):
-                outcome = await record.pattern.run(record.infra)
+            outcome = await record.pattern.run(record.infra)
             record.set_result(outcome.result, self.settings.max_inline_result_bytes)
             status = FAILED if outcome.failed else SUCCEEDED
             reason, detail = outcome.reason, outcome.detail
         except asyncio.CancelledError:
-            status, reason = CANCELLED, "cancelled"
-            detail = record.cancel_reason or "cancelled"
-        except TimeoutError:
-            reason, detail = "timeout", f"the run did not finish within {record.timeout:g}s"
+            if record.timed_out:
+                reason, detail = "timeout", record.infra.cancel_reason
+            else:
+                status, reason = CANCELLED, "cancelled"
+                detail = record.cancel_reason or "cancelled"
         except CarError as err:
             detail = str(err)
         except Exception as err:
             log.exception("run %s failed inside the sidecar", record.run_id, extra=ids(run_id=record.run_id))
             detail = f"internal error: {err!r}"
+        finally:
+            if timer is not None:
+                timer.cancel()
         self._finish(record, status, reason, detail)
+
+    @staticmethod
+    def _time_out(record: RunRecord) -> None:
+        """The run's timeout_ms passed: its agents are cancelled with that reason."""
+        if record.task is None or record.task.done() or record.cancel_reason:
+            return
+        record.timed_out = True
+        record.infra.cancel_reason = f"the run did not finish within {record.timeout:g}s"
+        record.task.cancel(record.infra.cancel_reason)
 
     def _count_denial(self) -> None:
         self.budget_denials += 1
