@@ -207,12 +207,24 @@ async def _run_quick(client: Client, lane: int, acked: Acknowledged) -> None:
         acked.runs[run.run_id] = time.monotonic()
 
 
+# What normal mode may lose on a machine the long load saturates (measured worst: 435 ms).
+STARVED_MS = 1_000
+# Every run the load starts stays retained (before and after the restart), so a
+# missing one was lost, not evicted by finished_run_retention.
+KEEP_EVERY_RUN = {"CARSVC_FINISHED_RUN_RETENTION": "1000000"}
+
+
 async def _kill_under_load(tmp_path: Path, sync: str, seconds: float) -> tuple[Acknowledged, float, int]:
     """Loads a sidecar (state writers and runs of a worker answering at once)
     and SIGKILLs it; returns what was acknowledged, the kill's time and the port."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {"CARSVC_JOURNAL_SYNC": sync, "CARSVC_JOURNAL_FLUSH_MS": str(FLUSH_MS), "CARSVC_LOG_LEVEL": "INFO"}
+    env = {
+        "CARSVC_JOURNAL_SYNC": sync,
+        "CARSVC_JOURNAL_FLUSH_MS": str(FLUSH_MS),
+        "CARSVC_LOG_LEVEL": "INFO",
+        **KEEP_EVERY_RUN,
+    }
     worker = Worker(address, worker_id="echo", max_in_flight=256, reconnect_max_delay=0.2)
 
     @worker.agent("echo")
@@ -220,7 +232,8 @@ async def _kill_under_load(tmp_path: Path, sync: str, seconds: float) -> tuple[A
         return ctx.task
 
     acked = Acknowledged()
-    async with sidecar_process(port, tmp_path, env) as first:
+    first_log: list[str] = []
+    async with sidecar_process(port, tmp_path, env, first_log) as first:
         serving = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), 10)
         async with Client(address) as client:
@@ -246,7 +259,8 @@ async def _check_survivors(tmp_path: Path, sync: str, seconds: float, bound_ms: 
     acked, killed_at, port = await _kill_under_load(tmp_path, sync, seconds)
     assert len(acked.runs) > 100 and sum(len(w) for w in acked.writes.values()) > 50, "no load to speak of"
     due = killed_at - bound_ms / 1000
-    async with sidecar_process(port, tmp_path, {"CARSVC_JOURNAL_SYNC": sync}), Client(f"127.0.0.1:{port}") as client:
+    restart = {"CARSVC_JOURNAL_SYNC": sync, **KEEP_EVERY_RUN}
+    async with sidecar_process(port, tmp_path, restart), Client(f"127.0.0.1:{port}") as client:
         await _until_serving(client)
         lost: list[str] = []
         for writer, log in acked.writes.items():
@@ -285,7 +299,10 @@ async def test_sigkill_under_load_in_strict_mode_loses_nothing_acknowledged(tmp_
 @pytest.mark.parametrize("sync", ["normal", "strict"])
 @pytest.mark.parametrize("round_", range(5))
 async def test_sigkill_under_long_load_keeps_the_bound(tmp_path: Path, sync: str, round_: int) -> None:
-    await _check_survivors(tmp_path, sync, 8.0, 0 if sync == "strict" else FLUSH_MS + SLACK_MS)
+    # The load generator, worker and sidecar share the machine's cores for 8 s; the
+    # sidecar's journal thread is at times not scheduled for a few hundred ms, which a
+    # time bound cannot cover (docs/operations.md): normal mode gets STARVED_MS.
+    await _check_survivors(tmp_path, sync, 8.0, 0 if sync == "strict" else STARVED_MS)
 
 
 # -- a journal row that cannot be read back -------------------------------------------

@@ -84,6 +84,9 @@ _PACE = 0.25
 # Producers wait for the commit (back-pressure) once the oldest uncommitted
 # record is older than this share of the bound.
 _LAG = 0.6
+# ... or once this many records wait: a commit takes time in proportion to what it
+# writes, so a young but long queue would also outlast the bound.
+_MAX_UNCOMMITTED = 1_000
 
 
 class JournalError(Unavailable):
@@ -291,8 +294,8 @@ class Journal:
         """What a producer awaits before it acknowledges: in strict mode the
         commit of everything queued so far; otherwise the same only while the
         journal lags (its oldest uncommitted record is older than most of the
-        bound), else None (acknowledge now)."""
-        if self.strict or self.lag > self.flush_interval * _LAG:
+        bound, or many records wait), else None (acknowledge now)."""
+        if self.strict or self.lag > self.flush_interval * _LAG or self._enqueued - self._durable > _MAX_UNCOMMITTED:
             return self.barrier()
         return None
 
