@@ -53,7 +53,7 @@ from typing import Any
 
 from google.protobuf import message, struct_pb2
 
-from carsvc._proto.car.v1 import events_pb2, runs_pb2
+from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
 from carsvc.domain.errors import Unavailable
 
 log = logging.getLogger("carsvc.journal")
@@ -62,6 +62,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (scope TEXT NOT NULL, key TEXT NOT NULL, value BLOB, writer TEXT NOT NULL,
                                   time_ms INTEGER NOT NULL, seq INTEGER PRIMARY KEY AUTOINCREMENT);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, ordinal INTEGER NOT NULL, record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (run_id TEXT PRIMARY KEY, request BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS steps (run_id TEXT NOT NULL, step TEXT NOT NULL, output BLOB NOT NULL,
+                                  PRIMARY KEY (run_id, step));
 CREATE TABLE IF NOT EXISTS events (run_id TEXT NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL,
                                    PRIMARY KEY (run_id, seq));
 """
@@ -75,7 +78,7 @@ CHECKPOINT_EVERY = 1.0
 _STOP = object()
 
 # Record kinds on the queue: (enqueued_at, kind, parameters).
-_STATE, _EVENT, _RUN, _FORGET = range(4)
+_STATE, _EVENT, _RUN, _FORGET, _REQUEST, _STEP, _SETTLE = range(7)
 
 # How much of the bound a record may wait on the queue before the writer takes
 # it; the rest is for the commit itself (which, next to a busy event loop,
@@ -113,6 +116,10 @@ class Recovered:
     events: dict[str, list[events_pb2.RunEvent]] = field(default_factory=dict)
     # run_id -> seqs of events that could not be read back (the run's history is incomplete).
     skipped_events: dict[str, list[int]] = field(default_factory=dict)
+    # Runs that may resume: run_id -> the StartRunRequest they were started with,
+    # and the outputs their finished steps journaled (run_id -> step key -> output).
+    requests: dict[str, bytes] = field(default_factory=dict)
+    steps: dict[str, dict[str, types_pb2.AgentOutput]] = field(default_factory=dict)
     # Rows that could not be read back at all, by table.
     skipped_rows: dict[str, int] = field(default_factory=dict)
 
@@ -198,6 +205,13 @@ class Journal:
                 except message.DecodeError as err:
                     got.skipped_events.setdefault(run_id, []).append(seq)
                     self._skipped(got, "events", "event seq %d of run %r", seq, run_id, err=err)
+            for run_id, blob in db.execute("SELECT run_id, request FROM requests"):
+                got.requests[run_id] = blob
+            for run_id, step, blob in db.execute("SELECT run_id, step, output FROM steps"):
+                try:
+                    got.steps.setdefault(run_id, {})[step] = types_pb2.AgentOutput.FromString(blob)
+                except message.DecodeError as err:
+                    self._skipped(got, "steps", "step %r of run %r", step[:200], run_id, err=err)
             db.execute("BEGIN")
             db.execute("DELETE FROM state")
             db.executemany(
@@ -246,6 +260,19 @@ class Journal:
 
     def run(self, ordinal: int, record: runs_pb2.Run) -> None:
         self._put(_RUN, (record.run_id, ordinal, record.SerializeToString()))
+
+    def request(self, run_id: str, request: bytes) -> None:
+        """The StartRunRequest a run was started with, kept while it may resume."""
+        self._put(_REQUEST, (run_id, request))
+
+    def step(self, run_id: str, step: str, output: types_pb2.AgentOutput) -> None:
+        """An accepted agent output under its step key (a resumed run returns it
+        instead of dispatching the step again)."""
+        self._put(_STEP, (run_id, step, output.SerializeToString()))
+
+    def run_ended(self, run_id: str) -> None:
+        """The run has ended: it will not resume, its request and steps can go."""
+        self._put(_SETTLE, (run_id,))
 
     def forget(self, run_id: str) -> None:
         """Drops a run that fell out of retention, with its events."""
@@ -424,12 +451,12 @@ class Journal:
         loop holds it for up to the switch interval, so a statement per row
         would make a commit of N rows wait N times."""
         db.execute("BEGIN")
-        rows: dict[int, list[tuple[Any, ...]]] = {_STATE: [], _EVENT: [], _RUN: []}
+        rows: dict[int, list[tuple[Any, ...]]] = {kind: [] for kind in _INSERTS}
         for _, kind, params in batch:
-            if kind == _FORGET:  # deletes keep their place between the inserts
+            if kind in _DELETES:  # deletes keep their place between the inserts
                 _insert(db, rows)
-                db.execute("DELETE FROM runs WHERE run_id = ?", params)
-                db.execute("DELETE FROM events WHERE run_id = ?", params)
+                for table in _DELETES[kind]:
+                    db.execute(f"DELETE FROM {table} WHERE run_id = ?", params)  # table: one of _DELETES' names
             else:
                 rows[kind].append(params)
         _insert(db, rows)
@@ -440,6 +467,13 @@ _INSERTS = {
     _STATE: ("INSERT INTO state (scope, key, value, writer, time_ms) VALUES ", "(?, ?, ?, ?, ?)"),
     _EVENT: ("INSERT OR REPLACE INTO events (run_id, seq, event) VALUES ", "(?, ?, ?)"),
     _RUN: ("INSERT OR REPLACE INTO runs (run_id, ordinal, record) VALUES ", "(?, ?, ?)"),
+    _REQUEST: ("INSERT OR REPLACE INTO requests (run_id, request) VALUES ", "(?, ?)"),
+    _STEP: ("INSERT OR REPLACE INTO steps (run_id, step, output) VALUES ", "(?, ?, ?)"),
+}
+# Tables a delete of one run's rows clears.
+_DELETES = {
+    _FORGET: ("runs", "events", "requests", "steps"),
+    _SETTLE: ("requests", "steps"),
 }
 # Rows per statement (5 parameters each at most: well within SQLite's limit of 32,766).
 _CHUNK = 256

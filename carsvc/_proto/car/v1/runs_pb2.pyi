@@ -96,6 +96,7 @@ class StartRunRequest(google.protobuf.message.Message):
     ADVISOR_FIELD_NUMBER: builtins.int
     INITIAL_DECISIONS_FIELD_NUMBER: builtins.int
     TIMEOUT_MS_FIELD_NUMBER: builtins.int
+    RESUME_FIELD_NUMBER: builtins.int
     thread_id: builtins.str
     """The conversation the run belongs to; generated when empty. One active run
     per thread.
@@ -111,6 +112,13 @@ class StartRunRequest(google.protobuf.message.Message):
     """State scope the run's agents read and write; defaults to the thread id."""
     timeout_ms: builtins.int
     """Fail the run if it has not finished after this long; 0 means no limit."""
+    resume: builtins.bool
+    """With a journal (--data-dir), a run still active when the sidecar stops or
+    crashes resumes after the restart: steps whose outputs were journaled are
+    not dispatched again (docs/runs.md, "Runs survive a restart"). Unset means
+    the sidecar's `resume_runs` setting (on by default); false ends such a run
+    FAILED `sidecar_restarted` instead.
+    """
     @property
     def budget(self) -> carsvc._proto.car.v1.types_pb2.BudgetLimits:
         """The run's own budget. Ignored when `budget_id` is set."""
@@ -172,9 +180,13 @@ class StartRunRequest(google.protobuf.message.Message):
         advisor: carsvc._proto.car.v1.patterns_pb2.AdvisorRun | None = ...,
         initial_decisions: collections.abc.Iterable[carsvc._proto.car.v1.types_pb2.ToolCallDecision] | None = ...,
         timeout_ms: builtins.int = ...,
+        resume: builtins.bool | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["adversarial_review", b"adversarial_review", "advisor", b"advisor", "budget", b"budget", "delegator", b"delegator", "fleet", b"fleet", "map_reduce", b"map_reduce", "pattern", b"pattern", "pipeline", b"pipeline", "single", b"single", "spawn_subtask", b"spawn_subtask", "supervisor", b"supervisor", "swarm", b"swarm", "tournament", b"tournament", "vote", b"vote"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["adversarial_review", b"adversarial_review", "advisor", b"advisor", "agent_id", b"agent_id", "budget", b"budget", "budget_id", b"budget_id", "delegator", b"delegator", "fleet", b"fleet", "initial_decisions", b"initial_decisions", "labels", b"labels", "map_reduce", b"map_reduce", "on_busy", b"on_busy", "pattern", b"pattern", "pipeline", b"pipeline", "run_id", b"run_id", "single", b"single", "spawn_subtask", b"spawn_subtask", "state_scope", b"state_scope", "supervisor", b"supervisor", "swarm", b"swarm", "thread_id", b"thread_id", "timeout_ms", b"timeout_ms", "tournament", b"tournament", "vote", b"vote"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["_resume", b"_resume", "adversarial_review", b"adversarial_review", "advisor", b"advisor", "budget", b"budget", "delegator", b"delegator", "fleet", b"fleet", "map_reduce", b"map_reduce", "pattern", b"pattern", "pipeline", b"pipeline", "resume", b"resume", "single", b"single", "spawn_subtask", b"spawn_subtask", "supervisor", b"supervisor", "swarm", b"swarm", "tournament", b"tournament", "vote", b"vote"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_resume", b"_resume", "adversarial_review", b"adversarial_review", "advisor", b"advisor", "agent_id", b"agent_id", "budget", b"budget", "budget_id", b"budget_id", "delegator", b"delegator", "fleet", b"fleet", "initial_decisions", b"initial_decisions", "labels", b"labels", "map_reduce", b"map_reduce", "on_busy", b"on_busy", "pattern", b"pattern", "pipeline", b"pipeline", "resume", b"resume", "run_id", b"run_id", "single", b"single", "spawn_subtask", b"spawn_subtask", "state_scope", b"state_scope", "supervisor", b"supervisor", "swarm", b"swarm", "thread_id", b"thread_id", "timeout_ms", b"timeout_ms", "tournament", b"tournament", "vote", b"vote"]) -> None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_resume", b"_resume"]) -> typing.Literal["resume"] | None: ...
+    @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["pattern", b"pattern"]) -> typing.Literal["single", "swarm", "pipeline", "supervisor", "delegator", "spawn_subtask", "map_reduce", "vote", "fleet", "adversarial_review", "tournament", "advisor"] | None: ...
 
 global___StartRunRequest = StartRunRequest

@@ -117,7 +117,13 @@ type StartRunRequest struct {
 	// Decisions queued for the run before it starts.
 	InitialDecisions []*ToolCallDecision `protobuf:"bytes,30,rep,name=initial_decisions,json=initialDecisions,proto3" json:"initial_decisions,omitempty"`
 	// Fail the run if it has not finished after this long; 0 means no limit.
-	TimeoutMs     uint32 `protobuf:"varint,31,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	TimeoutMs uint32 `protobuf:"varint,31,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	// With a journal (--data-dir), a run still active when the sidecar stops or
+	// crashes resumes after the restart: steps whose outputs were journaled are
+	// not dispatched again (docs/runs.md, "Runs survive a restart"). Unset means
+	// the sidecar's `resume_runs` setting (on by default); false ends such a run
+	// FAILED `sidecar_restarted` instead.
+	Resume        *bool `protobuf:"varint,32,opt,name=resume,proto3,oneof" json:"resume,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -335,6 +341,13 @@ func (x *StartRunRequest) GetTimeoutMs() uint32 {
 		return x.TimeoutMs
 	}
 	return 0
+}
+
+func (x *StartRunRequest) GetResume() bool {
+	if x != nil && x.Resume != nil {
+		return *x.Resume
+	}
+	return false
 }
 
 type isStartRunRequest_Pattern interface {
@@ -1808,7 +1821,7 @@ var File_car_v1_runs_proto protoreflect.FileDescriptor
 
 const file_car_v1_runs_proto_rawDesc = "" +
 	"\n" +
-	"\x11car/v1/runs.proto\x12\x06car.v1\x1a\x13car/v1/events.proto\x1a\x15car/v1/patterns.proto\x1a\x12car/v1/types.proto\x1a\x13car/v1/worker.proto\"\xd7\b\n" +
+	"\x11car/v1/runs.proto\x12\x06car.v1\x1a\x13car/v1/events.proto\x1a\x15car/v1/patterns.proto\x1a\x12car/v1/types.proto\x1a\x13car/v1/worker.proto\"\xff\b\n" +
 	"\x0fStartRunRequest\x12\x1b\n" +
 	"\tthread_id\x18\x01 \x01(\tR\bthreadId\x12\x19\n" +
 	"\bagent_id\x18\x02 \x01(\tR\aagentId\x12\x15\n" +
@@ -1839,11 +1852,13 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\aadvisor\x18\x15 \x01(\v2\x12.car.v1.AdvisorRunH\x00R\aadvisor\x12E\n" +
 	"\x11initial_decisions\x18\x1e \x03(\v2\x18.car.v1.ToolCallDecisionR\x10initialDecisions\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x1f \x01(\rR\ttimeoutMs\x1a9\n" +
+	"timeout_ms\x18\x1f \x01(\rR\ttimeoutMs\x12\x1b\n" +
+	"\x06resume\x18  \x01(\bH\x01R\x06resume\x88\x01\x01\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\t\n" +
-	"\apattern\"7\n" +
+	"\apatternB\t\n" +
+	"\a_resume\"7\n" +
 	"\x10StartRunResponse\x12#\n" +
 	"\x03run\x18\x01 \x01(\v2\x11.car.v1.RunHandleR\x03run\"E\n" +
 	"\x0fWatchRunRequest\x12\x15\n" +

@@ -2410,6 +2410,13 @@ pub struct StartRunRequest {
     /// Fail the run if it has not finished after this long; 0 means no limit.
     #[prost(uint32, tag = "31")]
     pub timeout_ms: u32,
+    /// With a journal (--data-dir), a run still active when the sidecar stops or
+    /// crashes resumes after the restart: steps whose outputs were journaled are
+    /// not dispatched again (docs/runs.md, "Runs survive a restart"). Unset means
+    /// the sidecar's `resume_runs` setting (on by default); false ends such a run
+    /// FAILED `sidecar_restarted` instead.
+    #[prost(bool, optional, tag = "32")]
+    pub resume: ::core::option::Option<bool>,
     /// Exactly one pattern.
     #[prost(
         oneof = "start_run_request::Pattern",

@@ -143,6 +143,14 @@ export interface StartRunRequest {
   initialDecisions: ToolCallDecision[];
   /** Fail the run if it has not finished after this long; 0 means no limit. */
   timeoutMs: number;
+  /**
+   * With a journal (--data-dir), a run still active when the sidecar stops or
+   * crashes resumes after the restart: steps whose outputs were journaled are
+   * not dispatched again (docs/runs.md, "Runs survive a restart"). Unset means
+   * the sidecar's `resume_runs` setting (on by default); false ends such a run
+   * FAILED `sidecar_restarted` instead.
+   */
+  resume?: boolean | undefined;
 }
 
 export interface StartRunRequest_LabelsEntry {
@@ -391,6 +399,7 @@ function createBaseStartRunRequest(): StartRunRequest {
     advisor: undefined,
     initialDecisions: [],
     timeoutMs: 0,
+    resume: undefined,
   };
 }
 
@@ -461,6 +470,9 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
     }
     if (message.timeoutMs !== 0) {
       writer.uint32(248).uint32(message.timeoutMs);
+    }
+    if (message.resume !== undefined) {
+      writer.uint32(256).bool(message.resume);
     }
     return writer;
   },
@@ -657,6 +669,14 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
             message.timeoutMs = reader.uint32();
             continue;
           }
+          case 32: {
+            if (tag !== 256) {
+              break;
+            }
+
+            message.resume = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -750,6 +770,7 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
         : isSet(object.timeout_ms)
         ? globalThis.Number(object.timeout_ms)
         : 0,
+      resume: isSet(object.resume) ? globalThis.Boolean(object.resume) : undefined,
     };
   },
 
@@ -827,6 +848,9 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
     if (message.timeoutMs !== 0) {
       obj.timeoutMs = Math.round(message.timeoutMs);
     }
+    if (message.resume !== undefined) {
+      obj.resume = message.resume;
+    }
     return obj;
   },
 
@@ -889,6 +913,7 @@ export const StartRunRequest: MessageFns<StartRunRequest> = {
       : undefined;
     message.initialDecisions = object.initialDecisions?.map((e) => ToolCallDecision.fromPartial(e)) || [];
     message.timeoutMs = object.timeoutMs ?? 0;
+    message.resume = object.resume ?? undefined;
     return message;
   },
 };
