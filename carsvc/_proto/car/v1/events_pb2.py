@@ -28,7 +28,7 @@ from carsvc._proto.car.v1 import types_pb2 as car_dot_v1_dot_types__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/events.proto\x12\x06\x63\x61r.v1\x1a\x15\x63\x61r/v1/patterns.proto\x1a\x12\x63\x61r/v1/types.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xa4\x06\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\x12)\n\x0brun_started\x18\n \x01(\x0b\x32\x12.car.v1.RunStartedH\x00\x12\x32\n\x0estatus_changed\x18\x0b \x01(\x0b\x32\x18.car.v1.RunStatusChangedH\x00\x12-\n\ragent_started\x18\x0c \x01(\x0b\x32\x14.car.v1.AgentStartedH\x00\x12/\n\x0e\x61gent_finished\x18\r \x01(\x0b\x32\x15.car.v1.AgentFinishedH\x00\x12-\n\ragent_skipped\x18\x0e \x01(\x0b\x32\x14.car.v1.AgentSkippedH\x00\x12\x37\n\x12\x61gent_redispatched\x18\x0f \x01(\x0b\x32\x19.car.v1.AgentRedispatchedH\x00\x12/\n\x0e\x62udget_updated\x18\x10 \x01(\x0b\x32\x15.car.v1.BudgetUpdatedH\x00\x12)\n\x08progress\x18\x11 \x01(\x0b\x32\x15.car.v1.AgentProgressH\x00\x12%\n\x06\x63ustom\x18\x12 \x01(\x0b\x32\x13.car.v1.CustomEventH\x00\x12\x38\n\x13tool_call_suspended\x18\x13 \x01(\x0b\x32\x19.car.v1.ToolCallSuspendedH\x00\x12\x34\n\x11tool_call_resumed\x18\x14 \x01(\x0b\x32\x17.car.v1.ToolCallResumedH\x00\x12,\n\ndelegation\x18\x15 \x01(\x0b\x32\x16.car.v1.DelegationMadeH\x00\x12\x31\n\x0fsubtask_spawned\x18\x16 \x01(\x0b\x32\x16.car.v1.SubtaskSpawnedH\x00\x12\x35\n\x11\x61\x64visor_consulted\x18\x17 \x01(\x0b\x32\x18.car.v1.AdvisorConsultedH\x00\x12+\n\x0crun_finished\x18\x18 \x01(\x0b\x32\x13.car.v1.RunFinishedH\x00\x42\x06\n\x04kind\"B\n\nRunStarted\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07pattern\x18\x03 \x01(\t\"E\n\x10RunStatusChanged\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Q\n\x0c\x41gentStarted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\"\x8c\x01\n\rAgentFinished\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.car.v1.AgentOutput\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\r\"P\n\x0c\x41gentSkipped\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.car.v1.AgentOutput\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"v\n\x11\x41gentRedispatched\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x12previous_worker_id\x18\x05 \x01(\t\"7\n\rBudgetUpdated\x12&\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\"j\n\rAgentProgress\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\x08\x66raction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_fraction\"j\n\x0b\x43ustomEvent\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"\xb7\x01\n\x11ToolCallSuspended\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12)\n\targuments\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\"S\n\x0fToolCallResumed\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12*\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x18.car.v1.ToolCallDecision\":\n\x0e\x44\x65legationMade\x12(\n\x06record\x18\x01 \x01(\x0b\x32\x18.car.v1.DelegationRecord\"7\n\x0eSubtaskSpawned\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.car.v1.SubtaskRecord\"T\n\x10\x41\x64visorConsulted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x31\n\x0c\x63onsultation\x18\x02 \x01(\x0b\x32\x1b.car.v1.AdvisorConsultation\"\xc9\x01\n\x0bRunFinished\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12!\n\x06result\x18\x04 \x01(\x0b\x32\x11.car.v1.RunResult\x12&\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\x12\x16\n\x0eresult_omitted\x18\x06 \x01(\x08\x12\x14\n\x0cresult_bytes\x18\x07 \x01(\x04\"U\n\x11ReadEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"6\n\x12ReadEventsResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.car.v1.RunEvent2U\n\x0c\x45ventService\x12\x45\n\nReadEvents\x12\x19.car.v1.ReadEventsRequest\x1a\x1a.car.v1.ReadEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/events.proto\x12\x06\x63\x61r.v1\x1a\x15\x63\x61r/v1/patterns.proto\x1a\x12\x63\x61r/v1/types.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xa4\x06\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\x12)\n\x0brun_started\x18\n \x01(\x0b\x32\x12.car.v1.RunStartedH\x00\x12\x32\n\x0estatus_changed\x18\x0b \x01(\x0b\x32\x18.car.v1.RunStatusChangedH\x00\x12-\n\ragent_started\x18\x0c \x01(\x0b\x32\x14.car.v1.AgentStartedH\x00\x12/\n\x0e\x61gent_finished\x18\r \x01(\x0b\x32\x15.car.v1.AgentFinishedH\x00\x12-\n\ragent_skipped\x18\x0e \x01(\x0b\x32\x14.car.v1.AgentSkippedH\x00\x12\x37\n\x12\x61gent_redispatched\x18\x0f \x01(\x0b\x32\x19.car.v1.AgentRedispatchedH\x00\x12/\n\x0e\x62udget_updated\x18\x10 \x01(\x0b\x32\x15.car.v1.BudgetUpdatedH\x00\x12)\n\x08progress\x18\x11 \x01(\x0b\x32\x15.car.v1.AgentProgressH\x00\x12%\n\x06\x63ustom\x18\x12 \x01(\x0b\x32\x13.car.v1.CustomEventH\x00\x12\x38\n\x13tool_call_suspended\x18\x13 \x01(\x0b\x32\x19.car.v1.ToolCallSuspendedH\x00\x12\x34\n\x11tool_call_resumed\x18\x14 \x01(\x0b\x32\x17.car.v1.ToolCallResumedH\x00\x12,\n\ndelegation\x18\x15 \x01(\x0b\x32\x16.car.v1.DelegationMadeH\x00\x12\x31\n\x0fsubtask_spawned\x18\x16 \x01(\x0b\x32\x16.car.v1.SubtaskSpawnedH\x00\x12\x35\n\x11\x61\x64visor_consulted\x18\x17 \x01(\x0b\x32\x18.car.v1.AdvisorConsultedH\x00\x12+\n\x0crun_finished\x18\x18 \x01(\x0b\x32\x13.car.v1.RunFinishedH\x00\x42\x06\n\x04kind\"B\n\nRunStarted\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07pattern\x18\x03 \x01(\t\"E\n\x10RunStatusChanged\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\"_\n\x0c\x41gentStarted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\t\"\x9a\x01\n\rAgentFinished\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.car.v1.AgentOutput\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\r\x12\x0c\n\x04step\x18\x07 \x01(\t\"P\n\x0c\x41gentSkipped\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.car.v1.AgentOutput\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"v\n\x11\x41gentRedispatched\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x12previous_worker_id\x18\x05 \x01(\t\"7\n\rBudgetUpdated\x12&\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\"j\n\rAgentProgress\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\x08\x66raction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_fraction\"j\n\x0b\x43ustomEvent\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"\xb7\x01\n\x11ToolCallSuspended\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x15\n\rassignment_id\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12)\n\targuments\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\"S\n\x0fToolCallResumed\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12*\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x18.car.v1.ToolCallDecision\":\n\x0e\x44\x65legationMade\x12(\n\x06record\x18\x01 \x01(\x0b\x32\x18.car.v1.DelegationRecord\"7\n\x0eSubtaskSpawned\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.car.v1.SubtaskRecord\"T\n\x10\x41\x64visorConsulted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x31\n\x0c\x63onsultation\x18\x02 \x01(\x0b\x32\x1b.car.v1.AdvisorConsultation\"\xc9\x01\n\x0bRunFinished\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.car.v1.RunStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12!\n\x06result\x18\x04 \x01(\x0b\x32\x11.car.v1.RunResult\x12&\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\x12\x16\n\x0eresult_omitted\x18\x06 \x01(\x08\x12\x14\n\x0cresult_bytes\x18\x07 \x01(\x04\"U\n\x11ReadEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"6\n\x12ReadEventsResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.car.v1.RunEvent2U\n\x0c\x45ventService\x12\x45\n\nReadEvents\x12\x19.car.v1.ReadEventsRequest\x1a\x1a.car.v1.ReadEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSTATUSCHANGED']._serialized_start=979
   _globals['_RUNSTATUSCHANGED']._serialized_end=1048
   _globals['_AGENTSTARTED']._serialized_start=1050
-  _globals['_AGENTSTARTED']._serialized_end=1131
-  _globals['_AGENTFINISHED']._serialized_start=1134
-  _globals['_AGENTFINISHED']._serialized_end=1274
-  _globals['_AGENTSKIPPED']._serialized_start=1276
-  _globals['_AGENTSKIPPED']._serialized_end=1356
-  _globals['_AGENTREDISPATCHED']._serialized_start=1358
-  _globals['_AGENTREDISPATCHED']._serialized_end=1476
-  _globals['_BUDGETUPDATED']._serialized_start=1478
-  _globals['_BUDGETUPDATED']._serialized_end=1533
-  _globals['_AGENTPROGRESS']._serialized_start=1535
-  _globals['_AGENTPROGRESS']._serialized_end=1641
-  _globals['_CUSTOMEVENT']._serialized_start=1643
-  _globals['_CUSTOMEVENT']._serialized_end=1749
-  _globals['_TOOLCALLSUSPENDED']._serialized_start=1752
-  _globals['_TOOLCALLSUSPENDED']._serialized_end=1935
-  _globals['_TOOLCALLRESUMED']._serialized_start=1937
-  _globals['_TOOLCALLRESUMED']._serialized_end=2020
-  _globals['_DELEGATIONMADE']._serialized_start=2022
-  _globals['_DELEGATIONMADE']._serialized_end=2080
-  _globals['_SUBTASKSPAWNED']._serialized_start=2082
-  _globals['_SUBTASKSPAWNED']._serialized_end=2137
-  _globals['_ADVISORCONSULTED']._serialized_start=2139
-  _globals['_ADVISORCONSULTED']._serialized_end=2223
-  _globals['_RUNFINISHED']._serialized_start=2226
-  _globals['_RUNFINISHED']._serialized_end=2427
-  _globals['_READEVENTSREQUEST']._serialized_start=2429
-  _globals['_READEVENTSREQUEST']._serialized_end=2514
-  _globals['_READEVENTSRESPONSE']._serialized_start=2516
-  _globals['_READEVENTSRESPONSE']._serialized_end=2570
-  _globals['_EVENTSERVICE']._serialized_start=2572
-  _globals['_EVENTSERVICE']._serialized_end=2657
+  _globals['_AGENTSTARTED']._serialized_end=1145
+  _globals['_AGENTFINISHED']._serialized_start=1148
+  _globals['_AGENTFINISHED']._serialized_end=1302
+  _globals['_AGENTSKIPPED']._serialized_start=1304
+  _globals['_AGENTSKIPPED']._serialized_end=1384
+  _globals['_AGENTREDISPATCHED']._serialized_start=1386
+  _globals['_AGENTREDISPATCHED']._serialized_end=1504
+  _globals['_BUDGETUPDATED']._serialized_start=1506
+  _globals['_BUDGETUPDATED']._serialized_end=1561
+  _globals['_AGENTPROGRESS']._serialized_start=1563
+  _globals['_AGENTPROGRESS']._serialized_end=1669
+  _globals['_CUSTOMEVENT']._serialized_start=1671
+  _globals['_CUSTOMEVENT']._serialized_end=1777
+  _globals['_TOOLCALLSUSPENDED']._serialized_start=1780
+  _globals['_TOOLCALLSUSPENDED']._serialized_end=1963
+  _globals['_TOOLCALLRESUMED']._serialized_start=1965
+  _globals['_TOOLCALLRESUMED']._serialized_end=2048
+  _globals['_DELEGATIONMADE']._serialized_start=2050
+  _globals['_DELEGATIONMADE']._serialized_end=2108
+  _globals['_SUBTASKSPAWNED']._serialized_start=2110
+  _globals['_SUBTASKSPAWNED']._serialized_end=2165
+  _globals['_ADVISORCONSULTED']._serialized_start=2167
+  _globals['_ADVISORCONSULTED']._serialized_end=2251
+  _globals['_RUNFINISHED']._serialized_start=2254
+  _globals['_RUNFINISHED']._serialized_end=2455
+  _globals['_READEVENTSREQUEST']._serialized_start=2457
+  _globals['_READEVENTSREQUEST']._serialized_end=2542
+  _globals['_READEVENTSRESPONSE']._serialized_start=2544
+  _globals['_READEVENTSRESPONSE']._serialized_end=2598
+  _globals['_EVENTSERVICE']._serialized_start=2600
+  _globals['_EVENTSERVICE']._serialized_end=2685
 # @@protoc_insertion_point(module_scope)

@@ -158,12 +158,17 @@ class AgentStarted(google.protobuf.message.Message):
     ASSIGNMENT_ID_FIELD_NUMBER: builtins.int
     ROLE_FIELD_NUMBER: builtins.int
     INDEX_FIELD_NUMBER: builtins.int
+    STEP_FIELD_NUMBER: builtins.int
     agent: builtins.str
     assignment_id: builtins.str
     role: builtins.str
     """The agent's role in the pattern: "agent", "mapper", "reducer", ..."""
     index: builtins.int
     """Position of the agent in its pattern (mapper index, stage, ...)."""
+    step: builtins.str
+    """The step's key: its place in the pattern, stable across a restart
+    (e.g. "map/17", "pipeline/2"; docs/patterns/).
+    """
     def __init__(
         self,
         *,
@@ -171,8 +176,9 @@ class AgentStarted(google.protobuf.message.Message):
         assignment_id: builtins.str = ...,
         role: builtins.str = ...,
         index: builtins.int = ...,
+        step: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["agent", b"agent", "assignment_id", b"assignment_id", "index", b"index", "role", b"role"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent", b"agent", "assignment_id", b"assignment_id", "index", b"index", "role", b"role", "step", b"step"]) -> None: ...
 
 global___AgentStarted = AgentStarted
 
@@ -188,11 +194,14 @@ class AgentFinished(google.protobuf.message.Message):
     ATTEMPT_FIELD_NUMBER: builtins.int
     ROLE_FIELD_NUMBER: builtins.int
     INDEX_FIELD_NUMBER: builtins.int
+    STEP_FIELD_NUMBER: builtins.int
     assignment_id: builtins.str
     worker_id: builtins.str
     attempt: builtins.int
     role: builtins.str
     index: builtins.int
+    step: builtins.str
+    """The step's key (see AgentStarted.step)."""
     @property
     def output(self) -> carsvc._proto.car.v1.types_pb2.AgentOutput: ...
     def __init__(
@@ -204,9 +213,10 @@ class AgentFinished(google.protobuf.message.Message):
         attempt: builtins.int = ...,
         role: builtins.str = ...,
         index: builtins.int = ...,
+        step: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["output", b"output"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["assignment_id", b"assignment_id", "attempt", b"attempt", "index", b"index", "output", b"output", "role", b"role", "worker_id", b"worker_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["assignment_id", b"assignment_id", "attempt", b"attempt", "index", b"index", "output", b"output", "role", b"role", "step", b"step", "worker_id", b"worker_id"]) -> None: ...
 
 global___AgentFinished = AgentFinished
 

@@ -462,7 +462,10 @@ type AgentStarted struct {
 	// The agent's role in the pattern: "agent", "mapper", "reducer", ...
 	Role string `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"`
 	// Position of the agent in its pattern (mapper index, stage, ...).
-	Index         uint32 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	Index uint32 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	// The step's key: its place in the pattern, stable across a restart
+	// (e.g. "map/17", "pipeline/2"; docs/patterns/).
+	Step          string `protobuf:"bytes,5,opt,name=step,proto3" json:"step,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -525,15 +528,24 @@ func (x *AgentStarted) GetIndex() uint32 {
 	return 0
 }
 
+func (x *AgentStarted) GetStep() string {
+	if x != nil {
+		return x.Step
+	}
+	return ""
+}
+
 // An agent produced its output (successfully or not).
 type AgentFinished struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AssignmentId  string                 `protobuf:"bytes,1,opt,name=assignment_id,json=assignmentId,proto3" json:"assignment_id,omitempty"`
-	Output        *AgentOutput           `protobuf:"bytes,2,opt,name=output,proto3" json:"output,omitempty"`
-	WorkerId      string                 `protobuf:"bytes,3,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
-	Attempt       uint32                 `protobuf:"varint,4,opt,name=attempt,proto3" json:"attempt,omitempty"`
-	Role          string                 `protobuf:"bytes,5,opt,name=role,proto3" json:"role,omitempty"`
-	Index         uint32                 `protobuf:"varint,6,opt,name=index,proto3" json:"index,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	AssignmentId string                 `protobuf:"bytes,1,opt,name=assignment_id,json=assignmentId,proto3" json:"assignment_id,omitempty"`
+	Output       *AgentOutput           `protobuf:"bytes,2,opt,name=output,proto3" json:"output,omitempty"`
+	WorkerId     string                 `protobuf:"bytes,3,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	Attempt      uint32                 `protobuf:"varint,4,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	Role         string                 `protobuf:"bytes,5,opt,name=role,proto3" json:"role,omitempty"`
+	Index        uint32                 `protobuf:"varint,6,opt,name=index,proto3" json:"index,omitempty"`
+	// The step's key (see AgentStarted.step).
+	Step          string `protobuf:"bytes,7,opt,name=step,proto3" json:"step,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -608,6 +620,13 @@ func (x *AgentFinished) GetIndex() uint32 {
 		return x.Index
 	}
 	return 0
+}
+
+func (x *AgentFinished) GetStep() string {
+	if x != nil {
+		return x.Step
+	}
+	return ""
 }
 
 // The budget refused an agent; `output` is its skipped output.
@@ -1476,19 +1495,21 @@ const file_car_v1_events_proto_rawDesc = "" +
 	"\apattern\x18\x03 \x01(\tR\apattern\"U\n" +
 	"\x10RunStatusChanged\x12)\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x11.car.v1.RunStatusR\x06status\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"s\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x87\x01\n" +
 	"\fAgentStarted\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12#\n" +
 	"\rassignment_id\x18\x02 \x01(\tR\fassignmentId\x12\x12\n" +
 	"\x04role\x18\x03 \x01(\tR\x04role\x12\x14\n" +
-	"\x05index\x18\x04 \x01(\rR\x05index\"\xc2\x01\n" +
+	"\x05index\x18\x04 \x01(\rR\x05index\x12\x12\n" +
+	"\x04step\x18\x05 \x01(\tR\x04step\"\xd6\x01\n" +
 	"\rAgentFinished\x12#\n" +
 	"\rassignment_id\x18\x01 \x01(\tR\fassignmentId\x12+\n" +
 	"\x06output\x18\x02 \x01(\v2\x13.car.v1.AgentOutputR\x06output\x12\x1b\n" +
 	"\tworker_id\x18\x03 \x01(\tR\bworkerId\x12\x18\n" +
 	"\aattempt\x18\x04 \x01(\rR\aattempt\x12\x12\n" +
 	"\x04role\x18\x05 \x01(\tR\x04role\x12\x14\n" +
-	"\x05index\x18\x06 \x01(\rR\x05index\"e\n" +
+	"\x05index\x18\x06 \x01(\rR\x05index\x12\x12\n" +
+	"\x04step\x18\a \x01(\tR\x04step\"e\n" +
 	"\fAgentSkipped\x12+\n" +
 	"\x06output\x18\x01 \x01(\v2\x13.car.v1.AgentOutputR\x06output\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x14\n" +

@@ -1269,6 +1269,10 @@ pub struct AgentStarted {
     /// Position of the agent in its pattern (mapper index, stage, ...).
     #[prost(uint32, tag = "4")]
     pub index: u32,
+    /// The step's key: its place in the pattern, stable across a restart
+    /// (e.g. "map/17", "pipeline/2"; docs/patterns/).
+    #[prost(string, tag = "5")]
+    pub step: ::prost::alloc::string::String,
 }
 /// An agent produced its output (successfully or not).
 #[allow(clippy::all)]
@@ -1286,6 +1290,9 @@ pub struct AgentFinished {
     pub role: ::prost::alloc::string::String,
     #[prost(uint32, tag = "6")]
     pub index: u32,
+    /// The step's key (see AgentStarted.step).
+    #[prost(string, tag = "7")]
+    pub step: ::prost::alloc::string::String,
 }
 /// The budget refused an agent; `output` is its skipped output.
 #[allow(clippy::all)]

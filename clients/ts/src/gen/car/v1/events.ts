@@ -73,6 +73,11 @@ export interface AgentStarted {
   role: string;
   /** Position of the agent in its pattern (mapper index, stage, ...). */
   index: number;
+  /**
+   * The step's key: its place in the pattern, stable across a restart
+   * (e.g. "map/17", "pipeline/2"; docs/patterns/).
+   */
+  step: string;
 }
 
 /** An agent produced its output (successfully or not). */
@@ -83,6 +88,8 @@ export interface AgentFinished {
   attempt: number;
   role: string;
   index: number;
+  /** The step's key (see AgentStarted.step). */
+  step: string;
 }
 
 /** The budget refused an agent; `output` is its skipped output. */
@@ -840,7 +847,7 @@ export const RunStatusChanged: MessageFns<RunStatusChanged> = {
 };
 
 function createBaseAgentStarted(): AgentStarted {
-  return { agent: "", assignmentId: "", role: "", index: 0 };
+  return { agent: "", assignmentId: "", role: "", index: 0, step: "" };
 }
 
 export const AgentStarted: MessageFns<AgentStarted> = {
@@ -856,6 +863,9 @@ export const AgentStarted: MessageFns<AgentStarted> = {
     }
     if (message.index !== 0) {
       writer.uint32(32).uint32(message.index);
+    }
+    if (message.step !== "") {
+      writer.uint32(42).string(message.step);
     }
     return writer;
   },
@@ -905,6 +915,14 @@ export const AgentStarted: MessageFns<AgentStarted> = {
             message.index = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.step = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -927,6 +945,7 @@ export const AgentStarted: MessageFns<AgentStarted> = {
         : "",
       role: isSet(object.role) ? globalThis.String(object.role) : "",
       index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      step: isSet(object.step) ? globalThis.String(object.step) : "",
     };
   },
 
@@ -944,6 +963,9 @@ export const AgentStarted: MessageFns<AgentStarted> = {
     if (message.index !== 0) {
       obj.index = Math.round(message.index);
     }
+    if (message.step !== "") {
+      obj.step = message.step;
+    }
     return obj;
   },
 
@@ -956,12 +978,13 @@ export const AgentStarted: MessageFns<AgentStarted> = {
     message.assignmentId = object.assignmentId ?? "";
     message.role = object.role ?? "";
     message.index = object.index ?? 0;
+    message.step = object.step ?? "";
     return message;
   },
 };
 
 function createBaseAgentFinished(): AgentFinished {
-  return { assignmentId: "", output: undefined, workerId: "", attempt: 0, role: "", index: 0 };
+  return { assignmentId: "", output: undefined, workerId: "", attempt: 0, role: "", index: 0, step: "" };
 }
 
 export const AgentFinished: MessageFns<AgentFinished> = {
@@ -983,6 +1006,9 @@ export const AgentFinished: MessageFns<AgentFinished> = {
     }
     if (message.index !== 0) {
       writer.uint32(48).uint32(message.index);
+    }
+    if (message.step !== "") {
+      writer.uint32(58).string(message.step);
     }
     return writer;
   },
@@ -1048,6 +1074,14 @@ export const AgentFinished: MessageFns<AgentFinished> = {
             message.index = reader.uint32();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.step = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1076,6 +1110,7 @@ export const AgentFinished: MessageFns<AgentFinished> = {
       attempt: isSet(object.attempt) ? globalThis.Number(object.attempt) : 0,
       role: isSet(object.role) ? globalThis.String(object.role) : "",
       index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      step: isSet(object.step) ? globalThis.String(object.step) : "",
     };
   },
 
@@ -1099,6 +1134,9 @@ export const AgentFinished: MessageFns<AgentFinished> = {
     if (message.index !== 0) {
       obj.index = Math.round(message.index);
     }
+    if (message.step !== "") {
+      obj.step = message.step;
+    }
     return obj;
   },
 
@@ -1115,6 +1153,7 @@ export const AgentFinished: MessageFns<AgentFinished> = {
     message.attempt = object.attempt ?? 0;
     message.role = object.role ?? "";
     message.index = object.index ?? 0;
+    message.step = object.step ?? "";
     return message;
   },
 };
