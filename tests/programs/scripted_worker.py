@@ -1,11 +1,13 @@
 """A scripted worker process for tests that need a real process boundary.
 
     python -m tests.programs.scripted_worker ADDRESS --agent NAME [--sleep S]
-        [--worker-id ID] [--max-in-flight N] [--answer TEXT]
+        [--worker-id ID] [--max-in-flight N] [--answer TEXT] [--suspend TOOL]
 
 Each assignment sleeps S seconds (the stand-in for a model call), then answers
-"<answer> from <worker-id>: <task>". It prints "started <assignment_id>" for
-every assignment it receives, so a test can kill it mid-assignment.
+"<answer> from <worker-id>: <task>". It prints "started <assignment_id> <name>"
+for every assignment it receives, so a test can kill it mid-assignment and see
+what was dispatched. With --suspend, an agent first suspends a call of TOOL
+(tool call id "<name>-call") and answers "approved: <result>" or "denied".
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--worker-id", default="scripted")
     parser.add_argument("--max-in-flight", type=int, default=1)
     parser.add_argument("--answer", default="answer")
+    parser.add_argument("--suspend", default="")
     args = parser.parse_args()
 
     worker = Worker(args.address, worker_id=args.worker_id, max_in_flight=args.max_in_flight)
@@ -34,6 +37,9 @@ def main() -> None:
     async def handle(ctx: AgentContext) -> str:
         print(f"started {ctx.assignment_id} {ctx.name}", flush=True)
         await asyncio.sleep(args.sleep)
+        if args.suspend:
+            decision = await ctx.suspend_tool_call(f"{ctx.name}-call", args.suspend, {"task": ctx.task})
+            return f"approved: {decision.result}" if decision.approved else "denied"
         return f"{args.answer} from {args.worker_id}: {ctx.task}"
 
     for agent in args.agent:
