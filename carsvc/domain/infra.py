@@ -142,7 +142,7 @@ class RunInfra:
         # run's task): what workers read in AssignmentCancel.reason.
         self.cancel_reason = ""
 
-    async def _suspend_tool_call(self, ctx: AgentContext, call: worker_pb2.SuspendToolCall) -> worker_pb2.CallResult:
+    async def _suspend_tool_call(self, ctx: RunningAgent, call: worker_pb2.SuspendToolCall) -> worker_pb2.CallResult:
         decision = await self.decisions.suspend(ctx.name, ctx.assignment_id, call)
         return worker_pb2.CallResult(decision=decision)
 
@@ -216,7 +216,7 @@ class RunInfra:
         parent state only when it succeeds."""
         base: StateStore | Overlay = parent_state if parent_state is not None else self.state
         view: StateStore | Overlay = Overlay(base, spec.name) if isolated else base
-        ctx = AgentContext(self, spec, view, role=role, index=index)
+        ctx = RunningAgent(self, spec, view, role=role, index=index)
         self.mailbox.register(spec.name)
         if timeout is None:
             timeout = spec_timeout(spec) or self.agent_timeout
@@ -267,9 +267,10 @@ def spec_timeout(spec: AgentSpec) -> float | None:
     return None
 
 
-class AgentContext:
-    """One running agent's view of its run: the state it reads and writes (an
-    overlay when isolated), its mailbox name, and the tools it may use."""
+class RunningAgent:
+    """One agent of a run while a worker runs it, as the sidecar sees it: the
+    state it reads and writes (an overlay when isolated), its mailbox name and
+    the tools it may use. (Not the worker SDK's `carsvc.worker.AgentContext`.)"""
 
     __slots__ = ("assignment_id", "attempt", "index", "infra", "name", "role", "spec", "state", "tools", "worker_id")
 

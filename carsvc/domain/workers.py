@@ -33,7 +33,7 @@ from carsvc.domain.errors import InvalidArgument, Unavailable, shown
 from carsvc.logs import ids
 
 if TYPE_CHECKING:
-    from carsvc.domain.infra import AgentContext
+    from carsvc.domain.infra import RunningAgent
 
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
@@ -115,7 +115,7 @@ class Assignment:
         task: str,
         run_id: str,
         thread_id: str,
-        context: AgentContext | None,
+        context: RunningAgent | None,
         future: asyncio.Future[AgentOutput],
     ) -> None:
         self.assignment_id = assignment_id
@@ -443,7 +443,7 @@ class Dispatcher:
         agent: str = "",
         run_id: str = "",
         thread_id: str = "",
-        context: AgentContext | None = None,
+        context: RunningAgent | None = None,
         timeout: float | None = None,
     ) -> AgentOutput:
         """Runs `spec` on `task` on some worker and returns its output.

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted
-from carsvc.domain.infra import AgentContext, RunInfra, succeeded
+from carsvc.domain.infra import RunInfra, RunningAgent, succeeded
 from carsvc.domain.overlay import Overlay
 from carsvc.patterns.base import (
     CallScope,
@@ -93,7 +93,7 @@ class Advisor:
         consultations: dict[int, AdvisorConsultation] = {}
         used = 0
 
-        async def consult(ctx: AgentContext, call: worker_pb2.ConsultAdvisorCall) -> worker_pb2.CallResult:
+        async def consult(ctx: RunningAgent, call: worker_pb2.ConsultAdvisorCall) -> worker_pb2.CallResult:
             nonlocal used
             if ctx.role != "agent":
                 raise FailedPrecondition(

@@ -20,9 +20,9 @@ from carsvc.domain.errors import FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import (
     BUDGET_SKIPPED_PREFIX,
     MAX_TIMEOUT_S,
-    AgentContext,
     CallHook,
     RunInfra,
+    RunningAgent,
     succeeded,
 )
 from carsvc.domain.overlay import Overlay, StateStore
@@ -317,7 +317,7 @@ class CallScope:
         self._closed = False
 
     def install(self, op: str, hook: CallHook) -> None:
-        async def guarded(ctx: AgentContext, arg: Any) -> Any:
+        async def guarded(ctx: RunningAgent, arg: Any) -> Any:
             if self._closed:
                 raise FailedPrecondition(f"'{op}' is no longer available: the pattern has finished")
             task = asyncio.current_task()

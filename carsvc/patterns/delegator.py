@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import Code, FailedPrecondition, NotFound
-from carsvc.domain.infra import AgentContext, RunInfra, succeeded
+from carsvc.domain.infra import RunInfra, RunningAgent, succeeded
 from carsvc.patterns.base import (
     CallScope,
     Job,
@@ -67,7 +67,7 @@ class Delegator:
         records: dict[int, DelegationRecord] = {}
         count = 0
 
-        async def delegate(ctx: AgentContext, call: worker_pb2.DelegateCall) -> worker_pb2.CallResult:
+        async def delegate(ctx: RunningAgent, call: worker_pb2.DelegateCall) -> worker_pb2.CallResult:
             nonlocal count
             if ctx.role != "main":
                 raise FailedPrecondition(

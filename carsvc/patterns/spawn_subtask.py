@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import Code, FailedPrecondition, InvalidArgument, PermissionDenied
-from carsvc.domain.infra import AgentContext, RunInfra, succeeded
+from carsvc.domain.infra import RunInfra, RunningAgent, succeeded
 from carsvc.patterns.base import (
     MAX_NAME_CHARS,
     CallScope,
@@ -91,7 +91,7 @@ class SpawnSubtask:
         used_names = {self.main.name}
         count = 0
 
-        async def spawn(ctx: AgentContext, call: worker_pb2.SpawnSubtaskCall) -> worker_pb2.CallResult:
+        async def spawn(ctx: RunningAgent, call: worker_pb2.SpawnSubtaskCall) -> worker_pb2.CallResult:
             nonlocal count
             if ctx.role != "main":
                 raise FailedPrecondition(

@@ -20,7 +20,7 @@ from google.protobuf import empty_pb2, struct_pb2
 from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
 from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, check_value
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
-from carsvc.domain.infra import AgentContext
+from carsvc.domain.infra import RunningAgent
 from carsvc.domain.workers import Dispatcher, WorkerSession
 from carsvc.services.errors import frame_error, shown
 
@@ -108,7 +108,7 @@ class CallHandler:
             result.call_id = call.call_id
             session.reply(result)
 
-    def _quick(self, ctx: AgentContext, op: str, arg: Any, field: str) -> CallResult:
+    def _quick(self, ctx: RunningAgent, op: str, arg: Any, field: str) -> CallResult:
         if op == "state_get":
             self._key(arg.key, field)
             value = ctx.state.get(arg.key)
@@ -167,11 +167,11 @@ class CallHandler:
             return CallResult(ack=_ACK)
         raise InvalidArgument(f"unsupported operation '{op}'", field=field)
 
-    async def _recv(self, ctx: AgentContext, timeout: float) -> CallResult:
+    async def _recv(self, ctx: RunningAgent, timeout: float) -> CallResult:
         message = await ctx.infra.mailbox.recv(ctx.name, timeout)
         return CallResult(message=message)
 
-    async def _hooked(self, ctx: AgentContext, op: str, arg: Any, field: str) -> CallResult:
+    async def _hooked(self, ctx: RunningAgent, op: str, arg: Any, field: str) -> CallResult:
         hook = ctx.infra.hooks.get(op)
         if hook is None:
             raise FailedPrecondition(
@@ -193,7 +193,7 @@ class CallHandler:
         call: RuntimeCall,
         field: str,
         work: Awaitable[CallResult],
-        ctx: AgentContext,
+        ctx: RunningAgent,
     ) -> None:
         tasks = self._tasks.setdefault(session, set())
 
