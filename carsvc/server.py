@@ -31,9 +31,9 @@ from carsvc.config import Settings
 from carsvc.domain.journal import Journal
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import RunManager, RunSettings
+from carsvc.domain.specs import Limits
 from carsvc.domain.workers import Dispatcher
 from carsvc.metrics import Metrics, metrics_url, serve_metrics
-from carsvc.patterns import Limits
 from carsvc.security.server import ServerSecurity
 from carsvc.services.budget import BudgetService
 from carsvc.services.calls import CallHandler

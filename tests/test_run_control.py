@@ -14,8 +14,8 @@ from carsvc.client import Client, agent, deny, resume, single
 from carsvc.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from carsvc.domain.infra import RunInfra
 from carsvc.domain.runs import ON_BUSY_ENQUEUE, ON_BUSY_INTERRUPT, RunManager
+from carsvc.domain.runtime import PatternOutcome
 from carsvc.domain.workers import Dispatcher
-from carsvc.patterns.base import PatternOutcome
 from carsvc.worker import AgentContext, Decision
 from tests.conftest import Workers
 

@@ -34,9 +34,9 @@ from carsvc.domain.infra import RunInfra, limits_from_proto, snapshot_to_proto
 from carsvc.domain.journal import Journal, Recovered
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import StateStore
+from carsvc.domain.runtime import Pattern, PatternOutcome
 from carsvc.domain.workers import Dispatcher
 from carsvc.logs import ids
-from carsvc.patterns.base import Pattern, PatternOutcome
 
 RunStatus = types_pb2.RunStatus
 RunEvent = events_pb2.RunEvent

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from carsvc.domain.runtime import Pattern
+from carsvc.domain.specs import Limits, Resolver
 from carsvc.patterns.adversarial_review import AdversarialReview
 from carsvc.patterns.advisor import Advisor
-from carsvc.patterns.base import Limits, Pattern, PatternOutcome, Resolver
 from carsvc.patterns.delegator import Delegator
 from carsvc.patterns.fleet import Fleet
 from carsvc.patterns.map_reduce import MapReduce
@@ -42,4 +43,4 @@ BUILDERS: dict[str, Builder] = {
     )
 }
 
-__all__ = ["BUILDERS", "Limits", "Pattern", "PatternOutcome", "Resolver"]
+__all__ = ["BUILDERS", "Builder"]

@@ -18,19 +18,10 @@ from typing import Any, ClassVar
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.infra import RunInfra, succeeded
-from carsvc.patterns.base import (
-    Job,
-    Limits,
-    PatternOutcome,
-    Resolver,
-    agent_failure,
-    check_count,
-    check_text,
-    error_text,
-    extract_json,
-    require_ref,
-    run_gated,
-)
+from carsvc.domain.runtime import Job, PatternOutcome, error_text, run_gated
+from carsvc.domain.specs import Limits, Resolver, check_count, check_text, require_ref
+from carsvc.patterns.answers import extract_json
+from carsvc.patterns.outcomes import agent_failure
 from carsvc.patterns.prompts import REVIEW_CRITERION_LINE, REVIEW_TASK
 
 AgentOutput = types_pb2.AgentOutput

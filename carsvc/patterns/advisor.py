@@ -18,21 +18,10 @@ from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import Code, FailedPrecondition, InvalidArgument, ResourceExhausted
 from carsvc.domain.infra import RunInfra, RunningAgent, succeeded
 from carsvc.domain.overlay import Overlay
-from carsvc.patterns.base import (
-    CallScope,
-    Job,
-    Limits,
-    PatternOutcome,
-    Resolver,
-    agent_failure,
-    check_distinct,
-    check_text,
-    copy_spec,
-    error_text,
-    extract_json,
-    require_ref,
-    run_gated,
-)
+from carsvc.domain.runtime import CallScope, Job, PatternOutcome, error_text, run_gated
+from carsvc.domain.specs import Limits, Resolver, check_distinct, check_text, copy_spec, require_ref
+from carsvc.patterns.answers import extract_json
+from carsvc.patterns.outcomes import agent_failure
 from carsvc.patterns.prompts import ADVISOR_TASK
 
 AgentOutput = types_pb2.AgentOutput

@@ -17,20 +17,9 @@ from typing import ClassVar
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import Code, FailedPrecondition, NotFound
 from carsvc.domain.infra import RunInfra, RunningAgent, succeeded
-from carsvc.patterns.base import (
-    CallScope,
-    Job,
-    Limits,
-    PatternOutcome,
-    Resolver,
-    agent_failure,
-    check_distinct,
-    check_text,
-    copy_spec,
-    require_ref,
-    resolve_agents,
-    run_recorded,
-)
+from carsvc.domain.runtime import CallScope, Job, PatternOutcome, run_recorded
+from carsvc.domain.specs import Limits, Resolver, check_distinct, check_text, copy_spec, require_ref, resolve_agents
+from carsvc.patterns.outcomes import agent_failure
 from carsvc.values import to_value
 
 AgentOutput = types_pb2.AgentOutput

@@ -16,7 +16,9 @@ from typing import ClassVar
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.infra import MAX_TIMEOUT_S, RunInfra, succeeded
-from carsvc.patterns.base import Job, Limits, PatternOutcome, Resolver, check_text, no_output, resolve_agents, run_batch
+from carsvc.domain.runtime import Job, PatternOutcome, run_batch
+from carsvc.domain.specs import Limits, Resolver, check_text, resolve_agents
+from carsvc.patterns.outcomes import no_output
 
 AgentSpec = types_pb2.AgentSpec
 

@@ -20,14 +20,8 @@ from typing import ClassVar
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.infra import BUDGET_SKIPPED_PREFIX, RunInfra, succeeded
-from carsvc.patterns.base import (
-    Limits,
-    PatternOutcome,
-    Resolver,
-    check_count,
-    check_text,
-    require_ref,
-)
+from carsvc.domain.runtime import PatternOutcome
+from carsvc.domain.specs import Limits, Resolver, check_count, check_text, require_ref
 from carsvc.patterns.prompts import (
     MAP_ITEM_TASK,
     MAP_SUMMARIES_OMITTED_LINE,

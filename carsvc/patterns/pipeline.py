@@ -12,7 +12,9 @@ from typing import ClassVar
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.infra import RunInfra, succeeded
-from carsvc.patterns.base import Limits, PatternOutcome, Resolver, agent_failure, check_text, resolve_agents
+from carsvc.domain.runtime import PatternOutcome
+from carsvc.domain.specs import Limits, Resolver, check_text, resolve_agents
+from carsvc.patterns.outcomes import agent_failure
 from carsvc.patterns.swarm import run_chain
 
 

@@ -6,7 +6,8 @@ from typing import ClassVar
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.infra import RunInfra, succeeded
-from carsvc.patterns.base import Limits, PatternOutcome, Resolver, check_text, require_ref
+from carsvc.domain.runtime import PatternOutcome
+from carsvc.domain.specs import Limits, Resolver, check_text, require_ref
 
 
 class Single:

@@ -17,19 +17,9 @@ from typing import ClassVar
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.errors import Code, FailedPrecondition, InvalidArgument, PermissionDenied
 from carsvc.domain.infra import RunInfra, RunningAgent, succeeded
-from carsvc.patterns.base import (
-    MAX_NAME_CHARS,
-    CallScope,
-    Job,
-    Limits,
-    PatternOutcome,
-    Resolver,
-    agent_failure,
-    check_text,
-    copy_spec,
-    require_ref,
-    run_recorded,
-)
+from carsvc.domain.runtime import CallScope, Job, PatternOutcome, run_recorded
+from carsvc.domain.specs import MAX_NAME_CHARS, Limits, Resolver, check_text, copy_spec, require_ref
+from carsvc.patterns.outcomes import agent_failure
 from carsvc.patterns.prompts import SUBTASK_SYSTEM_PROMPT
 
 AgentOutput = types_pb2.AgentOutput

@@ -17,23 +17,10 @@ from typing import ClassVar
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.infra import RunInfra, succeeded
-from carsvc.patterns.base import (
-    MAX_ROUNDS,
-    Job,
-    Limits,
-    PatternOutcome,
-    Resolver,
-    answer_lines,
-    check_distinct,
-    check_text,
-    error_text,
-    is_skipped,
-    no_output,
-    require_ref,
-    resolve_agents,
-    run_admitted,
-    run_batch,
-)
+from carsvc.domain.runtime import Job, PatternOutcome, error_text, run_admitted, run_batch
+from carsvc.domain.specs import Limits, Resolver, check_distinct, check_text, require_ref, resolve_agents
+from carsvc.patterns.answers import answer_lines
+from carsvc.patterns.outcomes import is_skipped, no_output
 from carsvc.patterns.prompts import (
     ANSWER_LINE,
     FAILED_ANSWER_LINE,
@@ -45,6 +32,7 @@ from carsvc.patterns.prompts import (
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
 DEFAULT_MAX_ROUNDS = 3
+MAX_ROUNDS = 1_000
 _APPROVED = re.compile(r"\bAPPROVED\b")
 _NOT_APPROVED = re.compile(r"\bNOT\s+APPROVED\b")
 

@@ -21,21 +21,10 @@ from typing import ClassVar
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.infra import RunInfra, succeeded
-from carsvc.patterns.base import (
-    Job,
-    Limits,
-    PatternOutcome,
-    Resolver,
-    agent_failure,
-    answer_lines,
-    check_text,
-    no_output,
-    resolve_agents,
-    resolve_optional,
-    run_admitted,
-    run_batch,
-    run_gated,
-)
+from carsvc.domain.runtime import Job, PatternOutcome, run_admitted, run_batch, run_gated
+from carsvc.domain.specs import Limits, Resolver, check_text, resolve_agents, resolve_optional
+from carsvc.patterns.answers import answer_lines
+from carsvc.patterns.outcomes import agent_failure, no_output
 from carsvc.patterns.prompts import (
     ANSWER_LINE,
     DEBATE_JUDGE_TASK,

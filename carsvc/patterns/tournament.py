@@ -18,21 +18,9 @@ from typing import ClassVar
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.infra import RunInfra, succeeded
-from carsvc.patterns.base import (
-    Job,
-    Limits,
-    PatternOutcome,
-    Resolver,
-    check_distinct,
-    check_text,
-    copy_spec,
-    error_text,
-    no_output,
-    require_ref,
-    resolve_agents,
-    run_admitted,
-    run_batch,
-)
+from carsvc.domain.runtime import Job, PatternOutcome, error_text, run_admitted, run_batch
+from carsvc.domain.specs import Limits, Resolver, check_distinct, check_text, copy_spec, require_ref, resolve_agents
+from carsvc.patterns.outcomes import no_output
 from carsvc.patterns.prompts import TOURNAMENT_JUDGE_TASK
 
 AgentOutput = types_pb2.AgentOutput

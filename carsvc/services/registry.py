@@ -9,8 +9,8 @@ import grpc
 from carsvc._proto.car.v1 import registry_pb2, registry_pb2_grpc
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.registry import AgentRegistry
+from carsvc.domain.specs import Limits, check_spec_bounds
 from carsvc.domain.workers import Dispatcher
-from carsvc.patterns.base import Limits, check_spec_bounds
 from carsvc.services.errors import unary
 
 

@@ -14,7 +14,6 @@ from google.protobuf.message import DecodeError
 from carsvc._proto.car.v1 import (
     events_pb2,
     events_pb2_grpc,
-    patterns_pb2,
     runs_pb2,
     runs_pb2_grpc,
     types_pb2,
@@ -24,8 +23,8 @@ from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
-from carsvc.patterns import BUILDERS, Limits
-from carsvc.patterns.base import check_spec_bounds
+from carsvc.domain.specs import AgentResolver, Limits
+from carsvc.patterns import BUILDERS
 from carsvc.services.convert import limits_from_proto
 from carsvc.services.errors import abort, frame_error, shown, streaming, unary
 from carsvc.services.submit import SubmitStream
@@ -125,18 +124,11 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         self.runs = runs
         self.registry = registry
         self.limits = limits
+        # Turns each AgentRef of a run request into its spec (inline or registered).
+        self.resolve_agent = AgentResolver(registry, limits)
         # How far a watcher may fall behind, in events and in bytes (docs/runs.md).
         self.watcher_buffer = watcher_buffer
         self.watcher_max_bytes = watcher_max_bytes
-
-    def _resolve(self, ref: patterns_pb2.AgentRef, field: str) -> types_pb2.AgentSpec:
-        source = ref.WhichOneof("source")
-        if source == "spec":
-            check_spec_bounds(ref.spec, f"{field}.spec", self.limits)
-            return ref.spec
-        if source == "registered_name":
-            return self.registry.get(ref.registered_name, field=f"{field}.registered_name")
-        raise InvalidArgument("must give an inline spec or a registered_name", field=field)
 
     def start(self, request: runs_pb2.StartRunRequest) -> RunRecord:
         """Checks a StartRunRequest and starts (or queues) its run."""
@@ -158,7 +150,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         build = BUILDERS.get(which)
         if build is None:
             raise CarError(f"the '{which}' pattern is not available yet", field="pattern", code=Code.UNIMPLEMENTED)
-        pattern = build(getattr(request, which), self._resolve, self.limits)
+        pattern = build(getattr(request, which), self.resolve_agent, self.limits)
         limits = limits_from_proto(request.budget) if request.HasField("budget") else None
         return self.runs.start(
             pattern,
