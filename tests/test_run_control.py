@@ -34,7 +34,7 @@ class Hold:
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
         await self.release.wait()
-        return PatternOutcome(patterns_pb2.RunResult())
+        return PatternOutcome(patterns_pb2.SingleResult())
 
 
 # -- the registry (seed 004's thread_run tests, translated) ---------------------------

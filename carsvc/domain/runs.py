@@ -34,7 +34,7 @@ from carsvc.domain.infra import RunInfra, limits_from_proto, snapshot_to_proto
 from carsvc.domain.journal import Journal, Recovered
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import StateStore
-from carsvc.domain.runtime import Pattern, PatternOutcome
+from carsvc.domain.runtime import Pattern, PatternOutcome, run_result
 from carsvc.domain.workers import Dispatcher
 from carsvc.logs import ids
 
@@ -433,7 +433,7 @@ class RunManager:
             timer = asyncio.get_running_loop().call_later(record.timeout, self._time_out, record)
         try:
             outcome = await record.pattern.run(record.infra)
-            record.set_result(outcome.result, self.settings.max_inline_result_bytes)
+            record.set_result(run_result(outcome.result), self.settings.max_inline_result_bytes)
             status = FAILED if outcome.failed else SUCCEEDED
             reason, detail = outcome.reason, outcome.detail
         except asyncio.CancelledError:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from google.protobuf.message import Message
+
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.errors import FailedPrecondition
 from carsvc.domain.infra import CallHook, RunInfra, RunningAgent, succeeded
@@ -24,9 +26,11 @@ log = logging.getLogger("carsvc.patterns")
 
 @dataclass(slots=True)
 class PatternOutcome:
-    """A finished pattern: its result, and whether the run counts as failed."""
+    """A finished pattern: its own result message (SingleResult, MapReduceResult,
+    ...), and whether the run counts as failed. The run wraps the result into
+    its RunResult once (run_result)."""
 
-    result: RunResult
+    result: Message
     failed: bool = False
     reason: str = "completed"
     detail: str = ""
@@ -37,6 +41,25 @@ class Pattern(Protocol):
     def name(self) -> str: ...
 
     async def run(self, infra: RunInfra) -> PatternOutcome: ...
+
+
+# RunResult's `result` oneof: a pattern's result message type -> its member's name.
+_RESULT_MEMBERS = {
+    f.message_type.full_name: f.name
+    for f in RunResult.DESCRIPTOR.oneofs_by_name["result"].fields
+    if f.message_type is not None
+}
+
+
+def run_result(result: Message) -> RunResult:
+    """A pattern's own result as the run's result: the RunResult whose member
+    of that type holds it."""
+    member = _RESULT_MEMBERS.get(result.DESCRIPTOR.full_name)
+    if member is None:
+        raise TypeError(f"{result.DESCRIPTOR.full_name} is not a member of {RunResult.DESCRIPTOR.full_name}")
+    wrapped = RunResult()
+    getattr(wrapped, member).CopyFrom(result)
+    return wrapped
 
 
 def error_text(output: AgentOutput) -> str:

@@ -134,15 +134,13 @@ class AdversarialReview:
     async def run(self, infra: RunInfra) -> PatternOutcome:
         output = await run_gated(infra, Job(self.reviewer, self.task(), role="reviewer"))
         result = patterns_pb2.AdversarialReviewResult(reviewer_output=output, criteria=self.criteria)
-        run_result = patterns_pb2.RunResult(adversarial_review=result)
-        result = run_result.adversarial_review  # the copy inside run_result
         if not succeeded(output):
             result.findings.append(inconclusive(f"the reviewer produced no review: {error_text(output)}"))
-            return agent_failure(run_result, output, "reviewer")
+            return agent_failure(result, output, "reviewer")
         findings = parse_findings(output.answer)
         if findings is None:
             findings = [inconclusive(output.answer)]
         result.findings.extend(findings)
         result.blockers = sum(1 for f in findings if f.severity == patterns_pb2.SEVERITY_BLOCKER)
         result.passed = verdict(findings, self.fail_on_blockers)
-        return PatternOutcome(run_result)
+        return PatternOutcome(result)

@@ -126,8 +126,6 @@ class Advisor:
         result = patterns_pb2.AdvisorResult(
             task=self.task, output=output, consultations=[consultations[i] for i in sorted(consultations)]
         )
-        run_result = patterns_pb2.RunResult(advisor=result)
-        result = run_result.advisor  # the copy inside run_result
         if not succeeded(output):
-            return agent_failure(run_result, output, "agent")
-        return PatternOutcome(run_result)
+            return agent_failure(result, output, "agent")
+        return PatternOutcome(result)

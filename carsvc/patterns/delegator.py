@@ -85,11 +85,9 @@ class Delegator:
             delegations=[records[i] for i in sorted(records)],
             main_output=main_output,
         )
-        run_result = patterns_pb2.RunResult(delegator=result)
-        result = run_result.delegator  # the copy inside run_result
         if not succeeded(main_output):
-            return agent_failure(run_result, main_output, "main agent")
-        return PatternOutcome(run_result)
+            return agent_failure(result, main_output, "main agent")
+        return PatternOutcome(result)
 
     @staticmethod
     def _made(infra: RunInfra, record: DelegationRecord) -> None:

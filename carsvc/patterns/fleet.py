@@ -59,8 +59,6 @@ class Fleet:
             succeeded=ok,
             failed=len(outputs) - ok,
         )
-        run_result = patterns_pb2.RunResult(fleet=result)
-        result = run_result.fleet  # the copy inside run_result
         if not ok:
-            return no_output(run_result, outputs)
-        return PatternOutcome(run_result)
+            return no_output(result, outputs)
+        return PatternOutcome(result)

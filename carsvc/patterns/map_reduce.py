@@ -142,7 +142,7 @@ class MapReduce:
             all_succeeded=all(succeeded(o) for o in map_outputs),
             reducer_output=reducer_output,
         )
-        outcome = PatternOutcome(patterns_pb2.RunResult(map_reduce=result))
+        outcome = PatternOutcome(result)
         if not reducer_ran and all(o.error.startswith(BUDGET_SKIPPED_PREFIX) for o in map_outputs):
             outcome.failed = True
             outcome.reason = "budget_exhausted"

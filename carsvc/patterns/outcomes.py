@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from carsvc._proto.car.v1 import patterns_pb2, types_pb2
+from google.protobuf.message import Message
+
+from carsvc._proto.car.v1 import types_pb2
 from carsvc.domain.infra import BUDGET_SKIPPED_PREFIX
 from carsvc.domain.runtime import PatternOutcome, error_text
 
 AgentOutput = types_pb2.AgentOutput
-RunResult = patterns_pb2.RunResult
 
 
 def is_skipped(output: AgentOutput) -> bool:
@@ -18,7 +19,7 @@ def is_skipped(output: AgentOutput) -> bool:
     return output.HasField("error") and output.error.startswith(BUDGET_SKIPPED_PREFIX)
 
 
-def agent_failure(result: RunResult, output: AgentOutput, what: str) -> PatternOutcome:
+def agent_failure(result: Message, output: AgentOutput, what: str) -> PatternOutcome:
     """The outcome of a run whose product depended on `output`, which failed:
     budget_exhausted when the budget refused the agent, else agent_failed."""
     reason = "budget_exhausted" if is_skipped(output) else "agent_failed"
@@ -26,7 +27,7 @@ def agent_failure(result: RunResult, output: AgentOutput, what: str) -> PatternO
     return PatternOutcome(result, failed=True, reason=reason, detail=detail)
 
 
-def no_output(result: RunResult, outputs: Sequence[AgentOutput]) -> PatternOutcome:
+def no_output(result: Message, outputs: Sequence[AgentOutput]) -> PatternOutcome:
     """The outcome of a run none of whose agents produced an answer (car-multi's
     NoOutput): budget_exhausted when the budget refused every one of them."""
     reason = "budget_exhausted" if outputs and all(is_skipped(o) for o in outputs) else "agent_failed"

@@ -40,8 +40,6 @@ class Pipeline:
             final_answer=last.answer if succeeded(last) else "",
             all_succeeded=all(succeeded(o) for o in stages),
         )
-        run_result = patterns_pb2.RunResult(pipeline=result)
-        result = run_result.pipeline  # the copy inside run_result
         if not succeeded(last):
-            return agent_failure(run_result, last, "last stage")
-        return PatternOutcome(run_result)
+            return agent_failure(result, last, "last stage")
+        return PatternOutcome(result)

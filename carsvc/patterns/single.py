@@ -30,7 +30,7 @@ class Single:
             reason = "completed" if succeeded(output) else "agent_failed"
         else:
             reason = "budget_exhausted"
-        result = patterns_pb2.RunResult(single=patterns_pb2.SingleResult(task=self.task, output=output))
+        result = patterns_pb2.SingleResult(task=self.task, output=output)
         if reason == "completed":
             return PatternOutcome(result)
         detail = output.error if output.HasField("error") else "the agent returned an empty answer"

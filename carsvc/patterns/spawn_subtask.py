@@ -119,11 +119,9 @@ class SpawnSubtask:
             subtasks=[records[i] for i in sorted(records)],
             main_output=main_output,
         )
-        run_result = patterns_pb2.RunResult(spawn_subtask=result)
-        result = run_result.spawn_subtask  # the copy inside run_result
         if not succeeded(main_output):
-            return agent_failure(run_result, main_output, "main agent")
-        return PatternOutcome(run_result)
+            return agent_failure(result, main_output, "main agent")
+        return PatternOutcome(result)
 
     def _name(self, requested: str, index: int, used: set[str]) -> str:
         if not requested:

@@ -108,15 +108,13 @@ class Supervisor:
                 break
             previous, feedback = outputs, review.answer
         result.total_rounds = len(result.rounds)
-        run_result = patterns_pb2.RunResult(supervisor=result)
-        result = run_result.supervisor  # the copy inside run_result
         if not answered:
-            return no_output(run_result, [o for r in result.rounds for o in r.outputs])
+            return no_output(result, [o for r in result.rounds for o in r.outputs])
         if len(self.workers) == 1:
             result.final_answer = answered[0].answer
         else:
             result.final_answer = answer_lines(answered)
-        return PatternOutcome(run_result)
+        return PatternOutcome(result)
 
     def _worker_task(self, previous: AgentOutput | None, feedback: str) -> str:
         if previous is None:

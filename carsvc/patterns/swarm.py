@@ -114,31 +114,29 @@ class Swarm:
             revised = [self._revise_task(i, first) for i in range(len(first))]
             outputs = await run_batch(infra, self._jobs(revised, "debate_round2"))
         result.outputs.extend(outputs)
-        run_result = patterns_pb2.RunResult(swarm=result)
-        result = run_result.swarm  # the copy inside run_result
         if not any(succeeded(o) for o in outputs):
-            return no_output(run_result, outputs)
+            return no_output(result, outputs)
 
         if self.synthesizer is None:
             if self.mode == SEQUENTIAL:  # the chain's most refined answer
                 result.final_summary = next(o.answer for o in reversed(outputs) if succeeded(o))
             else:
                 result.final_summary = labelled(outputs)
-            return PatternOutcome(run_result)
+            return PatternOutcome(result)
         role = "judge" if self.mode == DEBATE else "synthesizer"
         skipped = infra.admit(self.synthesizer.name, role=role)
         if skipped is not None:
             result.synthesizer_output.CopyFrom(skipped)
             result.final_summary = labelled(outputs)
-            return PatternOutcome(run_result)
+            return PatternOutcome(result)
         template = DEBATE_JUDGE_TASK if self.mode == DEBATE else SYNTHESIZE_TASK
         task = template.format(task=self.task, count=len(outputs), answers=answer_lines(outputs))
         synth = await run_admitted(infra, Job(self.synthesizer, task, role=role, isolated=self.isolated))
         result.synthesizer_output.CopyFrom(synth)
         if not succeeded(synth):
-            return agent_failure(run_result, synth, role)
+            return agent_failure(result, synth, role)
         result.final_summary = synth.answer
-        return PatternOutcome(run_result)
+        return PatternOutcome(result)
 
     def _revise_task(self, i: int, first: Sequence[AgentOutput]) -> str:
         own = first[i].answer if succeeded(first[i]) else NO_ANSWER

@@ -70,13 +70,11 @@ class Tournament:
         jobs = [Job(c, self.task, role="competitor", index=i) for i, c in enumerate(self.competitors)]
         candidates = await run_batch(infra, jobs)
         result = patterns_pb2.TournamentResult(task=self.task, candidates=candidates)
-        run_result = patterns_pb2.RunResult(tournament=result)
-        result = run_result.tournament  # the copy inside run_result
         answers = {c.name: c.answer for c in candidates if succeeded(c)}
         alive = [c.name for c in candidates if succeeded(c)]
         if not alive:
             result.ranking.extend(c.name for c in candidates)
-            return no_output(run_result, candidates)
+            return no_output(result, candidates)
         eliminated: list[list[str]] = []
         number = 0
         while len(alive) > 1:
@@ -96,7 +94,7 @@ class Tournament:
         for losers in reversed(eliminated):
             result.ranking.extend(losers)
         result.ranking.extend(c.name for c in candidates if c.name not in answers)
-        return PatternOutcome(run_result)
+        return PatternOutcome(result)
 
     async def _match(
         self, infra: RunInfra, number: int, index: int, left: str, right: str, answers: dict[str, str]

@@ -67,12 +67,10 @@ class Vote:
         result = patterns_pb2.VoteResult(
             task=self.task, votes=votes, winner=majority, agreement_ratio=winner_votes / counted if counted else 0.0
         )
-        run_result = patterns_pb2.RunResult(vote=result)
-        result = run_result.vote  # the copy inside run_result
         if not counted:
-            return no_output(run_result, votes)
+            return no_output(result, votes)
         if self.synthesizer is None:
-            return PatternOutcome(run_result)
+            return PatternOutcome(result)
         synth = infra.admit(self.synthesizer.name, role="synthesizer")
         if synth is None:
             task = VOTE_SYNTHESIZE_TASK.format(
@@ -82,7 +80,7 @@ class Vote:
             if not succeeded(synth):
                 result.winner = ""
                 result.synthesizer_output.CopyFrom(synth)
-                return agent_failure(run_result, synth, "synthesizer")
+                return agent_failure(result, synth, "synthesizer")
             result.winner = synth.answer
         result.synthesizer_output.CopyFrom(synth)
-        return PatternOutcome(run_result)
+        return PatternOutcome(result)
