@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
 from carsvc.domain.budget import CoordinationBudget
@@ -18,9 +18,7 @@ from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.eventlog import RunEventLog
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import Overlay, StateStore
-
-if TYPE_CHECKING:
-    from carsvc.domain.workers import Assignment, Dispatcher
+from carsvc.domain.workers import Assignment, Dispatcher
 
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
@@ -228,7 +226,7 @@ class RunInfra:
                 agent=agent or spec.name,
                 run_id=self.run_id,
                 thread_id=self.thread_id,
-                context=ctx,
+                observer=ctx,
                 timeout=timeout,
             )
         finally:
@@ -270,7 +268,10 @@ def spec_timeout(spec: AgentSpec) -> float | None:
 class RunningAgent:
     """One agent of a run while a worker runs it, as the sidecar sees it: the
     state it reads and writes (an overlay when isolated), its mailbox name and
-    the tools it may use. (Not the worker SDK's `carsvc.worker.AgentContext`.)"""
+    the tools it may use. (Not the worker SDK's `carsvc.worker.AgentContext`.)
+
+    It is its assignment's AssignmentObserver: the dispatcher tells it where
+    the assignment went, and it turns that into the run's events."""
 
     __slots__ = ("assignment_id", "attempt", "index", "infra", "name", "role", "spec", "state", "tools", "worker_id")
 
@@ -294,8 +295,13 @@ class RunningAgent:
         self.worker_id = ""
         self.attempt = 1
 
+    # -- AssignmentObserver ------------------------------------------------------
+
+    @property
+    def cancel_reason(self) -> str:
+        return self.infra.cancel_reason
+
     def on_assigned(self, a: Assignment) -> None:
-        """Called by the dispatcher when the assignment exists (before placement)."""
         self.assignment_id = a.assignment_id
         self.infra.emit(
             RunEvent(
@@ -309,7 +315,7 @@ class RunningAgent:
         self.worker_id = worker_id
         self.attempt = a.attempt
 
-    def on_redispatch(self, a: Assignment, reason: str, previous_worker: str) -> None:
+    def on_redispatched(self, a: Assignment, reason: str, previous_worker_id: str) -> None:
         self.infra.emit(
             RunEvent(
                 agent_redispatched=events_pb2.AgentRedispatched(
@@ -317,7 +323,7 @@ class RunningAgent:
                     assignment_id=a.assignment_id,
                     attempt=a.attempt,
                     reason=reason,
-                    previous_worker_id=previous_worker,
+                    previous_worker_id=previous_worker_id,
                 )
             )
         )

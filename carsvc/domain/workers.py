@@ -25,15 +25,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from carsvc._proto.car.v1 import types_pb2
 from carsvc.domain.clock import now_ms
 from carsvc.domain.errors import InvalidArgument, Unavailable, shown
 from carsvc.logs import ids
-
-if TYPE_CHECKING:
-    from carsvc.domain.infra import RunningAgent
 
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
@@ -86,6 +83,29 @@ class Finished:
     ending: Ending
 
 
+class AssignmentObserver(Protocol):
+    """What the dispatcher tells the one who asked for an assignment, and asks
+    of it. The dispatcher declares these hooks and calls them; the run's side
+    (domain/infra.py's RunningAgent) implements them, so this module never
+    imports the layer above it."""
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why the caller is being cancelled, sent to the worker in
+        AssignmentCancel.reason (empty: "run cancelled")."""
+        ...
+
+    def on_assigned(self, a: Assignment) -> None:
+        """The assignment exists (it has its id; it is not placed yet)."""
+
+    def on_placed(self, a: Assignment, worker_id: str) -> None:
+        """The assignment's current attempt went to `worker_id`."""
+
+    def on_redispatched(self, a: Assignment, reason: str, previous_worker_id: str) -> None:
+        """The worker holding the assignment was lost (`reason`); it is queued
+        again as attempt `a.attempt`."""
+
+
 class Assignment:
     """One agent run handed to workers, possibly over several attempts."""
 
@@ -94,9 +114,9 @@ class Assignment:
         "agent",
         "assignment_id",
         "attempt",
-        "context",
         "deadline_ms",
         "future",
+        "observer",
         "run_id",
         "session",
         "spec",
@@ -115,7 +135,7 @@ class Assignment:
         task: str,
         run_id: str,
         thread_id: str,
-        context: RunningAgent | None,
+        observer: AssignmentObserver | None,
         future: asyncio.Future[AgentOutput],
     ) -> None:
         self.assignment_id = assignment_id
@@ -124,7 +144,7 @@ class Assignment:
         self.task = task
         self.run_id = run_id
         self.thread_id = thread_id
-        self.context = context
+        self.observer = observer
         self.future = future
         self.attempt = 1
         self.state = State.QUEUED
@@ -406,8 +426,8 @@ class Dispatcher:
             a.attempt += 1
             a.state = State.QUEUED
             self.redispatched += 1
-            if a.context is not None:
-                a.context.on_redispatch(a, reason, session.worker_id)
+            if a.observer is not None:
+                a.observer.on_redispatched(a, reason, session.worker_id)
             self._place(a, front=True)
 
     def check_heartbeats(self) -> list[WorkerSession]:
@@ -443,7 +463,7 @@ class Dispatcher:
         agent: str = "",
         run_id: str = "",
         thread_id: str = "",
-        context: RunningAgent | None = None,
+        observer: AssignmentObserver | None = None,
         timeout: float | None = None,
     ) -> AgentOutput:
         """Runs `spec` on `task` on some worker and returns its output.
@@ -453,14 +473,14 @@ class Dispatcher:
         the assignment on its worker."""
         loop = asyncio.get_running_loop()
         a = Assignment(
-            next(self._ids), agent or spec.name, spec, task, run_id, thread_id, context,
+            next(self._ids), agent or spec.name, spec, task, run_id, thread_id, observer,
             loop.create_future(),
         )
         self._active[a.assignment_id] = a
         if run_id:
             self._finished_by_run.setdefault(run_id, [])
-        if context is not None:
-            context.on_assigned(a)
+        if observer is not None:
+            observer.on_assigned(a)
         if timeout is not None and timeout > 0:
             timeout = min(timeout, MAX_DEADLINE_S)  # inf or absurd values: no OverflowError
             a.deadline_ms = now_ms() + int(timeout * 1000)
@@ -471,7 +491,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             # The reason the client gave (CancelRun, a Session's cancel, an
             # interrupting run) reaches the worker in AssignmentCancel.reason.
-            reason = context.infra.cancel_reason if context is not None else ""
+            reason = observer.cancel_reason if observer is not None else ""
             self.cancel(a, reason or "run cancelled")
             raise
         finally:
@@ -629,8 +649,8 @@ class Dispatcher:
         session.outbox_assignments.append(a)
         session.wakeup.set()
         self.dispatched += 1
-        if a.context is not None:
-            a.context.on_placed(a, session.worker_id)
+        if a.observer is not None:
+            a.observer.on_placed(a, session.worker_id)
 
     def _pump(self, session: WorkerSession) -> None:
         """Fills `session`'s free slots from the pending queues it serves."""

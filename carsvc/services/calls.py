@@ -84,12 +84,12 @@ class CallHandler:
                     field=f"{field}.call_id",
                 )
             a = self.dispatcher.running(session, call.assignment_id)
-            if a is None or a.context is None:
+            ctx = a.observer if a is not None else None
+            if not isinstance(ctx, RunningAgent):  # None: work outside a run
                 raise FailedPrecondition(
                     f"assignment '{shown(call.assignment_id)}' is not running on this worker session",
                     field=f"{field}.assignment_id",
                 )
-            ctx = a.context
             arg = getattr(call, op)
             if op == "suspend_tool_call" and arg.HasField("arguments"):
                 self._value(arg.arguments, f"{field}.{op}.arguments")
