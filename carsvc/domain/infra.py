@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
+from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.budget import CoordinationBudget
 from carsvc.domain.budget_types import BudgetError, BudgetLimits, BudgetSnapshot, usd_to_micros
 from carsvc.domain.decisions import DecisionBox
@@ -33,9 +33,13 @@ MAX_BUDGET_COUNT = 2**63 - 1
 # fleet's agent_timeout_secs): a year.
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
+# What a runtime-call hook answers with: a domain value, which services/calls.py
+# wraps in the call's CallResult (an output for delegate and spawn_subtask, a
+# consultation for consult_advisor, a decision for suspend_tool_call).
+CallAnswer = types_pb2.AgentOutput | patterns_pb2.AdvisorConsultation | types_pb2.ToolCallDecision
 # A hook a pattern installs for a runtime call it supports (delegate, spawn, ...):
-# it receives the calling agent's context and the call's arguments.
-CallHook = Callable[..., Awaitable[Any]]
+# it receives the calling agent and the call's arguments.
+CallHook = Callable[["RunningAgent", Any], Awaitable[CallAnswer]]
 
 
 def skipped_output(name: str, error: BudgetError) -> AgentOutput:
@@ -140,9 +144,10 @@ class RunInfra:
         # run's task): what workers read in AssignmentCancel.reason.
         self.cancel_reason = ""
 
-    async def _suspend_tool_call(self, ctx: RunningAgent, call: worker_pb2.SuspendToolCall) -> worker_pb2.CallResult:
-        decision = await self.decisions.suspend(ctx.name, ctx.assignment_id, call)
-        return worker_pb2.CallResult(decision=decision)
+    async def _suspend_tool_call(
+        self, ctx: RunningAgent, call: worker_pb2.SuspendToolCall
+    ) -> types_pb2.ToolCallDecision:
+        return await self.decisions.suspend(ctx.name, ctx.assignment_id, call)
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Ties `task` to the run: it is cancelled when the run ends."""

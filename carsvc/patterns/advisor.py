@@ -82,7 +82,7 @@ class Advisor:
         consultations: dict[int, AdvisorConsultation] = {}
         used = 0
 
-        async def consult(ctx: RunningAgent, call: worker_pb2.ConsultAdvisorCall) -> worker_pb2.CallResult:
+        async def consult(ctx: RunningAgent, call: worker_pb2.ConsultAdvisorCall) -> AdvisorConsultation:
             nonlocal used
             if ctx.role != "agent":
                 raise FailedPrecondition(
@@ -115,7 +115,7 @@ class Advisor:
                     advisor_consulted=events_pb2.AdvisorConsulted(agent=ctx.name, consultation=consultation)
                 )
             )
-            return worker_pb2.CallResult(consultation=consultation)
+            return consultation
 
         output = infra.admit(self.agent.name, role="agent")
         if output is None:

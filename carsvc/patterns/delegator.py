@@ -56,7 +56,7 @@ class Delegator:
         records: dict[int, DelegationRecord] = {}
         count = 0
 
-        async def delegate(ctx: RunningAgent, call: worker_pb2.DelegateCall) -> worker_pb2.CallResult:
+        async def delegate(ctx: RunningAgent, call: worker_pb2.DelegateCall) -> AgentOutput:
             nonlocal count
             if ctx.role != "main":
                 raise FailedPrecondition(
@@ -72,7 +72,7 @@ class Delegator:
                 raise NotFound(record.error + f" (known: {', '.join(sorted(self.specialists))})")
             job = Job(spec, call.subtask, role="specialist", index=index, parent_state=ctx.state)
             output = await run_recorded(infra, job, record, lambda: self._made(infra, record))
-            return worker_pb2.CallResult(agent_output=output)
+            return output
 
         main_output = infra.admit(self.main.name, role="main")
         if main_output is None:

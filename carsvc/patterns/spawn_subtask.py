@@ -81,7 +81,7 @@ class SpawnSubtask:
         used_names = {self.main.name}
         count = 0
 
-        async def spawn(ctx: RunningAgent, call: worker_pb2.SpawnSubtaskCall) -> worker_pb2.CallResult:
+        async def spawn(ctx: RunningAgent, call: worker_pb2.SpawnSubtaskCall) -> AgentOutput:
             nonlocal count
             if ctx.role != "main":
                 raise FailedPrecondition(
@@ -105,7 +105,7 @@ class SpawnSubtask:
                 parent_state=ctx.state,
             )
             output = await run_recorded(infra, job, record, lambda: self._spawned(infra, record))
-            return worker_pb2.CallResult(agent_output=output)
+            return output
 
         main_output = infra.admit(self.main.name, role="main")
         if main_output is None:

@@ -17,10 +17,10 @@ from typing import Any
 
 from google.protobuf import empty_pb2, struct_pb2
 
-from carsvc._proto.car.v1 import events_pb2, types_pb2, worker_pb2
+from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, check_value
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
-from carsvc.domain.infra import RunningAgent
+from carsvc.domain.infra import CallAnswer, RunningAgent
 from carsvc.domain.workers import Dispatcher, WorkerSession
 from carsvc.services.errors import frame_error, shown
 
@@ -45,6 +45,17 @@ _HOOKED = {
 NEEDS_ANSWER = frozenset(
     {"state_get", "state_keys", "mailbox_recv", "delegate", "spawn_subtask", "consult_advisor", "suspend_tool_call"}
 )
+
+
+def answer_result(answer: CallAnswer) -> CallResult:
+    """The CallResult envelope for what a hook answered."""
+    match answer:
+        case types_pb2.AgentOutput():
+            return CallResult(agent_output=answer)
+        case patterns_pb2.AdvisorConsultation():
+            return CallResult(consultation=answer)
+        case types_pb2.ToolCallDecision():
+            return CallResult(decision=answer)
 
 
 def _copy_value(value: struct_pb2.Value) -> struct_pb2.Value:
@@ -184,8 +195,7 @@ class CallHandler:
                 field=f"{field}.{op}",
                 code=Code.PERMISSION_DENIED,
             )
-        result: CallResult = await hook(ctx, arg)
-        return result
+        return answer_result(await hook(ctx, arg))
 
     def _spawn(
         self,
