@@ -207,6 +207,7 @@ class RunInfra:
         task: str,
         *,
         role: str,
+        step: str,
         index: int = 0,
         agent: str = "",
         isolated: bool = False,
@@ -215,11 +216,12 @@ class RunInfra:
     ) -> AgentOutput:
         """Runs one admitted agent on a worker and records its spend.
 
-        With `isolated`, the agent writes to its own overlay, merged into the
-        parent state only when it succeeds."""
+        `step` is the agent's place in the pattern (Job.step). With `isolated`,
+        the agent writes to its own overlay, merged into the parent state only
+        when it succeeds."""
         base: StateStore | Overlay = parent_state if parent_state is not None else self.state
         view: StateStore | Overlay = Overlay(base, spec.name) if isolated else base
-        ctx = RunningAgent(self, spec, view, role=role, index=index)
+        ctx = RunningAgent(self, spec, view, role=role, step=step, index=index)
         self.mailbox.register(spec.name)
         if timeout is None:
             timeout = spec_timeout(spec) or self.agent_timeout
@@ -278,7 +280,19 @@ class RunningAgent:
     It is its assignment's AssignmentObserver: the dispatcher tells it where
     the assignment went, and it turns that into the run's events."""
 
-    __slots__ = ("assignment_id", "attempt", "index", "infra", "name", "role", "spec", "state", "tools", "worker_id")
+    __slots__ = (
+        "assignment_id",
+        "attempt",
+        "index",
+        "infra",
+        "name",
+        "role",
+        "spec",
+        "state",
+        "step",
+        "tools",
+        "worker_id",
+    )
 
     def __init__(
         self,
@@ -287,6 +301,7 @@ class RunningAgent:
         state: StateStore | Overlay,
         *,
         role: str,
+        step: str,
         index: int,
     ) -> None:
         self.infra = infra
@@ -295,6 +310,7 @@ class RunningAgent:
         self.state = state
         self.tools = frozenset(spec.tools)
         self.role = role
+        self.step = step  # its place in the pattern (Job.step)
         self.index = index
         self.assignment_id = ""
         self.worker_id = ""

@@ -69,11 +69,16 @@ def error_text(output: AgentOutput) -> str:
 
 @dataclass(slots=True)
 class Job:
-    """One agent a pattern wants to run."""
+    """One agent a pattern wants to run.
+
+    `step` is the agent's place in the pattern ("map/17", "pipeline/2",
+    "supervisor/round-1/review"; docs/patterns/README.md): unique within the
+    run and the same whenever the run reaches that agent again."""
 
     spec: AgentSpec
     task: str
     role: str
+    step: str
     index: int = 0
     agent: str = ""  # the name workers are matched on, when the instance is renamed
     isolated: bool = False
@@ -89,6 +94,7 @@ async def run_admitted(infra: RunInfra, job: Job) -> AgentOutput:
             job.spec,
             job.task,
             role=job.role,
+            step=job.step,
             index=job.index,
             agent=job.agent,
             isolated=job.isolated,

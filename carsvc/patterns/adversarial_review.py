@@ -132,7 +132,7 @@ class AdversarialReview:
         return REVIEW_TASK.format(work_output=self.work_output, criteria=criteria)
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
-        output = await run_gated(infra, Job(self.reviewer, self.task(), role="reviewer"))
+        output = await run_gated(infra, Job(self.reviewer, self.task(), role="reviewer", step="review/reviewer"))
         result = patterns_pb2.AdversarialReviewResult(reviewer_output=output, criteria=self.criteria)
         if not succeeded(output):
             result.findings.append(inconclusive(f"the reviewer produced no review: {error_text(output)}"))

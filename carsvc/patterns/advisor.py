@@ -101,7 +101,9 @@ class Advisor:
             # that is never merged: reads fall through, nothing it writes is kept.
             scratch = Overlay(ctx.state, spec.name)
             task = ADVISOR_TASK.format(task=self.task, prompt=call.prompt)
-            job = Job(spec, task, role="advisor", index=index, isolated=True, parent_state=scratch)
+            job = Job(
+                spec, task, role="advisor", step=f"advisor/{index}", index=index, isolated=True, parent_state=scratch
+            )
             output = await run_gated(infra, job)
             if succeeded(output):
                 verdict = parse_advice(output.answer)
@@ -122,7 +124,7 @@ class Advisor:
             async with CallScope(infra) as calls:
                 calls.install("consult_advisor", consult)
                 spec = copy_spec(self.agent, add_tools=[CONSULT_ADVISOR_TOOL])
-                output = await infra.run_agent(spec, self.task, role="agent")
+                output = await infra.run_agent(spec, self.task, role="agent", step="agent")
         result = patterns_pb2.AdvisorResult(
             task=self.task, output=output, consultations=[consultations[i] for i in sorted(consultations)]
         )

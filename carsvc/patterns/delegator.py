@@ -12,6 +12,7 @@ may delegate (depth 1). See docs/patterns/delegator.md."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import ClassVar
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
@@ -55,6 +56,8 @@ class Delegator:
     async def run(self, infra: RunInfra) -> PatternOutcome:
         records: dict[int, DelegationRecord] = {}
         count = 0
+        # How many delegations each specialist has had: the n of its step keys.
+        delegated: Counter[str] = Counter()
 
         async def delegate(ctx: RunningAgent, call: worker_pb2.DelegateCall) -> AgentOutput:
             nonlocal count
@@ -70,7 +73,9 @@ class Delegator:
                 record.error = f"unknown specialist: '{call.specialist}'"
                 self._made(infra, record)
                 raise NotFound(record.error + f" (known: {', '.join(sorted(self.specialists))})")
-            job = Job(spec, call.subtask, role="specialist", index=index, parent_state=ctx.state)
+            step = f"delegate/{spec.name}/{delegated[spec.name]}"
+            delegated[spec.name] += 1
+            job = Job(spec, call.subtask, role="specialist", step=step, index=index, parent_state=ctx.state)
             output = await run_recorded(infra, job, record, lambda: self._made(infra, record))
             return output
 
@@ -78,7 +83,7 @@ class Delegator:
         if main_output is None:
             async with CallScope(infra) as calls:
                 calls.install("delegate", delegate)
-                main_output = await infra.run_agent(self.main_spec(), self.task, role="main")
+                main_output = await infra.run_agent(self.main_spec(), self.task, role="main", step="main")
         result = patterns_pb2.DelegatorResult(
             task=self.task,
             final_answer=main_output.answer if succeeded(main_output) else "",

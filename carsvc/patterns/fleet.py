@@ -48,7 +48,7 @@ class Fleet:
     async def run(self, infra: RunInfra) -> PatternOutcome:
         started = time.perf_counter()
         jobs = [
-            Job(a, self.task or a.system_prompt, role="agent", index=i, timeout=self.agent_timeout)
+            Job(a, self.task or a.system_prompt, role="agent", step=f"fleet/{i}", index=i, timeout=self.agent_timeout)
             for i, a in enumerate(self.agents)
         ]
         outputs = await run_batch(infra, jobs)

@@ -130,7 +130,7 @@ class MapReduce:
         reducer_ran = reducer_output is None
         if reducer_output is None:
             task = reduce_task(self.task, len(map_outputs), lines, self.max_task_bytes)
-            reducer_output = await infra.run_agent(self.reducer, task, role="reducer")
+            reducer_output = await infra.run_agent(self.reducer, task, role="reducer", step="reduce")
             # car-multi: `Ok(o) => o.answer`, whether or not the output carries an error.
             reduced = reducer_output.answer
         else:
@@ -166,7 +166,9 @@ class MapReduce:
         spec.name = name
         task = MAP_ITEM_TASK.format(task=self.task, item=self.items[i])
         try:
-            return await infra.run_agent(spec, task, role="mapper", index=i, agent=self.mapper.name)
+            return await infra.run_agent(
+                spec, task, role="mapper", step=f"map/{i}", index=i, agent=self.mapper.name
+            )
         except Exception as exc:  # a bug must not shift the other items' indices
             log.exception("mapper %s of run %s failed inside the sidecar", name, infra.run_id)
             return AgentOutput(name=name, error=f"internal error: {exc}")

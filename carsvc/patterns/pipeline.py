@@ -32,7 +32,7 @@ class Pipeline:
         return cls(stages, msg.task)
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
-        stages = await run_chain(infra, self.stages, self.task, role="stage")
+        stages = await run_chain(infra, self.stages, self.task, role="stage", steps="pipeline")
         last = stages[-1]
         result = patterns_pb2.PipelineResult(
             task=self.task,

@@ -26,7 +26,7 @@ class Single:
     async def run(self, infra: RunInfra) -> PatternOutcome:
         output = infra.admit(self.agent.name, role="agent")
         if output is None:
-            output = await infra.run_agent(self.agent, self.task, role="agent")
+            output = await infra.run_agent(self.agent, self.task, role="agent", step="single")
             reason = "completed" if succeeded(output) else "agent_failed"
         else:
             reason = "budget_exhausted"

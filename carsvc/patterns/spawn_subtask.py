@@ -12,6 +12,7 @@ See docs/patterns/spawn_subtask.md."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import ClassVar
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
@@ -80,6 +81,8 @@ class SpawnSubtask:
         records: dict[int, SubtaskRecord] = {}
         used_names = {self.main.name}
         count = 0
+        # How many sub-agents each caller (by its step key) has spawned: the n of their step keys.
+        spawned: Counter[str] = Counter()
 
         async def spawn(ctx: RunningAgent, call: worker_pb2.SpawnSubtaskCall) -> AgentOutput:
             nonlocal count
@@ -96,10 +99,13 @@ class SpawnSubtask:
             count += 1
             used_names.add(name)
             record = records[index] = SubtaskRecord(name=name, task=call.task, tools=tools)
+            step = f"spawn/{ctx.step}/{spawned[ctx.step]}"
+            spawned[ctx.step] += 1
             job = Job(
                 self.sub_spec(name, tools),
                 call.task,
                 role="subtask",
+                step=step,
                 index=index,
                 agent=SUBTASK_AGENT.format(parent=self.main.name),
                 parent_state=ctx.state,
@@ -112,7 +118,7 @@ class SpawnSubtask:
             async with CallScope(infra) as calls:
                 calls.install("spawn_subtask", spawn)
                 spec = copy_spec(self.main, add_tools=[SPAWN_SUBTASK_TOOL])
-                main_output = await infra.run_agent(spec, self.task, role="main")
+                main_output = await infra.run_agent(spec, self.task, role="main", step="main")
         result = patterns_pb2.SpawnSubtaskResult(
             task=self.task,
             final_answer=main_output.answer if succeeded(main_output) else "",

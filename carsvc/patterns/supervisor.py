@@ -83,7 +83,13 @@ class Supervisor:
         answered: Sequence[AgentOutput] = ()  # the latest round in which a worker succeeded
         for number in range(1, self.max_rounds + 1):
             jobs = [
-                Job(w, self._worker_task(previous[i] if previous else None, feedback), role="worker", index=i)
+                Job(
+                    w,
+                    self._worker_task(previous[i] if previous else None, feedback),
+                    role="worker",
+                    step=f"supervisor/round-{number}/worker-{i}",
+                    index=i,
+                )
                 for i, w in enumerate(self.workers)
             ]
             outputs = await run_batch(infra, jobs)
@@ -97,7 +103,13 @@ class Supervisor:
                 review_task = SUPERVISOR_REVIEW_TASK.format(
                     task=self.task, round=number, max_rounds=self.max_rounds, answers=review_lines(outputs)
                 )
-                job = Job(self.supervisor, review_task, role="supervisor", index=number - 1)
+                job = Job(
+                    self.supervisor,
+                    review_task,
+                    role="supervisor",
+                    step=f"supervisor/round-{number}/review",
+                    index=number - 1,
+                )
                 review = await run_admitted(infra, job)
             this_round.review.CopyFrom(review)
             if not succeeded(review):

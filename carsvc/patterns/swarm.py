@@ -50,14 +50,14 @@ def sequential_task(task: str, earlier: Sequence[AgentOutput]) -> str:
 
 
 async def run_chain(
-    infra: RunInfra, agents: Sequence[AgentSpec], task: str, *, role: str, isolated: bool = False
+    infra: RunInfra, agents: Sequence[AgentSpec], task: str, *, role: str, steps: str, isolated: bool = False
 ) -> list[AgentOutput]:
     """Runs `agents` one after another, each gated just before it starts, each
     task carrying the answers before it. A failed or refused agent does not
-    stop the chain."""
+    stop the chain. Agent i's step key is `{steps}/{i}`."""
     outputs: list[AgentOutput] = []
     for i, spec in enumerate(agents):
-        job = Job(spec, sequential_task(task, outputs), role=role, index=i, isolated=isolated)
+        job = Job(spec, sequential_task(task, outputs), role=role, step=f"{steps}/{i}", index=i, isolated=isolated)
         outputs.append(await run_gated(infra, job))
     return outputs
 
@@ -96,23 +96,27 @@ class Swarm:
         check_text(msg.task, "swarm.task", limits)
         return cls(agents, msg.mode, msg.task, synthesizer, msg.isolated)
 
-    def _jobs(self, tasks: Sequence[str], role: str) -> list[Job]:
+    def _jobs(self, tasks: Sequence[str], role: str, step: str) -> list[Job]:
+        """One job per agent; `step` is a template of its step key over `i`."""
         return [
-            Job(spec, t, role=role, index=i, isolated=self.isolated)
+            Job(spec, t, role=role, step=step.format(i=i), index=i, isolated=self.isolated)
             for i, (spec, t) in enumerate(zip(self.agents, tasks, strict=True))
         ]
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
         result = patterns_pb2.SwarmResult(task=self.task)
         if self.mode == SEQUENTIAL:
-            outputs = await run_chain(infra, self.agents, self.task, role="agent", isolated=self.isolated)
+            outputs = await run_chain(
+                infra, self.agents, self.task, role="agent", steps="swarm", isolated=self.isolated
+            )
         elif self.mode == PARALLEL:
-            outputs = await run_batch(infra, self._jobs([self.task] * len(self.agents), "agent"))
+            outputs = await run_batch(infra, self._jobs([self.task] * len(self.agents), "agent", "swarm/{i}"))
         else:
-            first = await run_batch(infra, self._jobs([self.task] * len(self.agents), "debate_round1"))
+            plain = [self.task] * len(self.agents)
+            first = await run_batch(infra, self._jobs(plain, "debate_round1", "debate/round-1/agent-{i}"))
             result.first_round.extend(first)
             revised = [self._revise_task(i, first) for i in range(len(first))]
-            outputs = await run_batch(infra, self._jobs(revised, "debate_round2"))
+            outputs = await run_batch(infra, self._jobs(revised, "debate_round2", "debate/round-2/agent-{i}"))
         result.outputs.extend(outputs)
         if not any(succeeded(o) for o in outputs):
             return no_output(result, outputs)
@@ -131,7 +135,9 @@ class Swarm:
             return PatternOutcome(result)
         template = DEBATE_JUDGE_TASK if self.mode == DEBATE else SYNTHESIZE_TASK
         task = template.format(task=self.task, count=len(outputs), answers=answer_lines(outputs))
-        synth = await run_admitted(infra, Job(self.synthesizer, task, role=role, isolated=self.isolated))
+        step = "debate/judge" if self.mode == DEBATE else "swarm/synthesizer"
+        job = Job(self.synthesizer, task, role=role, step=step, isolated=self.isolated)
+        synth = await run_admitted(infra, job)
         result.synthesizer_output.CopyFrom(synth)
         if not succeeded(synth):
             return agent_failure(result, synth, role)

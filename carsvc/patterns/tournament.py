@@ -67,7 +67,10 @@ class Tournament:
         return cls(competitors, judge, msg.task)
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
-        jobs = [Job(c, self.task, role="competitor", index=i) for i, c in enumerate(self.competitors)]
+        jobs = [
+            Job(c, self.task, role="competitor", step=f"tournament/{i}", index=i)
+            for i, c in enumerate(self.competitors)
+        ]
         candidates = await run_batch(infra, jobs)
         result = patterns_pb2.TournamentResult(task=self.task, candidates=candidates)
         answers = {c.name: c.answer for c in candidates if succeeded(c)}
@@ -108,7 +111,9 @@ class Tournament:
             task = TOURNAMENT_JUDGE_TASK.format(
                 task=self.task, left=left, left_answer=answers[left], right=right, right_answer=answers[right]
             )
-            output = await run_admitted(infra, Job(judge, task, role="judge", index=index, agent=self.judge.name))
+            step = f"tournament/round-{number}/match-{index}/judge"
+            job = Job(judge, task, role="judge", step=step, index=index, agent=self.judge.name)
+            output = await run_admitted(infra, job)
             if not succeeded(output):
                 match.note = f"judge failed ({error_text(output)}); the left candidate wins"
             else:

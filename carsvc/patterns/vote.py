@@ -62,7 +62,8 @@ class Vote:
         return cls(agents, msg.task, synthesizer)
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
-        votes = await run_batch(infra, [Job(a, self.task, role="voter", index=i) for i, a in enumerate(self.agents)])
+        jobs = [Job(a, self.task, role="voter", step=f"vote/{i}", index=i) for i, a in enumerate(self.agents)]
+        votes = await run_batch(infra, jobs)
         majority, winner_votes, counted = tally(votes)
         result = patterns_pb2.VoteResult(
             task=self.task, votes=votes, winner=majority, agreement_ratio=winner_votes / counted if counted else 0.0
@@ -76,7 +77,7 @@ class Vote:
             task = VOTE_SYNTHESIZE_TASK.format(
                 task=self.task, count=counted, answers=answer_lines(votes), majority=majority, votes=winner_votes
             )
-            synth = await run_admitted(infra, Job(self.synthesizer, task, role="synthesizer"))
+            synth = await run_admitted(infra, Job(self.synthesizer, task, role="synthesizer", step="vote/synthesizer"))
             if not succeeded(synth):
                 result.winner = ""
                 result.synthesizer_output.CopyFrom(synth)
