@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.budget import CoordinationBudget
-from carsvc.domain.budget_types import BudgetError, BudgetLimits, BudgetSnapshot, usd_to_micros
+from carsvc.domain.budget_types import BudgetError
+from carsvc.domain.convert import snapshot_to_proto
 from carsvc.domain.decisions import DecisionBox
-from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.eventlog import RunEventLog
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import Overlay, StateStore
@@ -27,8 +26,6 @@ log = logging.getLogger("carsvc.runs")
 
 BUDGET_SKIPPED_PREFIX = "coordination budget exhausted: "
 
-# The budget keeps tokens and micro-dollars in int64 counters.
-MAX_BUDGET_COUNT = 2**63 - 1
 # The longest deadline an agent may be given (a spec's metadata.timeout_secs,
 # fleet's agent_timeout_secs): a year.
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
@@ -50,55 +47,6 @@ def skipped_output(name: str, error: BudgetError) -> AgentOutput:
 def succeeded(output: AgentOutput) -> bool:
     """car-multi's rule: no error and a non-empty answer."""
     return not output.HasField("error") and bool(output.answer)
-
-
-def snapshot_to_proto(snap: BudgetSnapshot) -> types_pb2.BudgetSnapshot:
-    msg = types_pb2.BudgetSnapshot(
-        input_tokens=snap.input_tokens,
-        output_tokens=snap.output_tokens,
-        total_tokens=snap.total_tokens,
-        cost_usd=snap.cost_usd,
-        agents_started=snap.agents_started,
-        exhausted=snap.exhausted,
-        budget_id=snap.budget_id,
-        agents_denied=snap.agents_denied,
-    )
-    lim = snap.limits
-    if lim.max_input_tokens is not None:
-        msg.limits.max_input_tokens = lim.max_input_tokens
-    if lim.max_output_tokens is not None:
-        msg.limits.max_output_tokens = lim.max_output_tokens
-    if lim.max_total_tokens is not None:
-        msg.limits.max_total_tokens = lim.max_total_tokens
-    if lim.max_cost_usd is not None:
-        msg.limits.max_cost_usd = lim.max_cost_usd
-    if lim.max_agents is not None:
-        msg.limits.max_agents = lim.max_agents
-    return msg
-
-
-def limits_from_proto(msg: types_pb2.BudgetLimits, field: str = "budget") -> BudgetLimits:
-    """BudgetLimits from its message; a bad cost is INVALID_ARGUMENT naming `field`."""
-    cost: float | None = None
-    if msg.HasField("max_cost_usd"):
-        cost = msg.max_cost_usd
-        if not math.isfinite(cost) or cost < 0:
-            raise InvalidArgument(f"must be a finite, non-negative number, not {cost}", field=f"{field}.max_cost_usd")
-        if usd_to_micros(cost) > MAX_BUDGET_COUNT:
-            raise InvalidArgument(
-                f"must be at most {MAX_BUDGET_COUNT // 1_000_000} (int64 micro-dollars), not {cost}",
-                field=f"{field}.max_cost_usd",
-            )
-    for name in ("max_input_tokens", "max_output_tokens", "max_total_tokens"):
-        if msg.HasField(name) and getattr(msg, name) > MAX_BUDGET_COUNT:
-            raise InvalidArgument(f"must be at most 2**63-1, not {getattr(msg, name)}", field=f"{field}.{name}")
-    return BudgetLimits(
-        max_input_tokens=msg.max_input_tokens if msg.HasField("max_input_tokens") else None,
-        max_output_tokens=msg.max_output_tokens if msg.HasField("max_output_tokens") else None,
-        max_total_tokens=msg.max_total_tokens if msg.HasField("max_total_tokens") else None,
-        max_cost_usd=cost,
-        max_agents=msg.max_agents if msg.HasField("max_agents") else None,
-    )
 
 
 class RunInfra:

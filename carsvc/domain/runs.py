@@ -18,6 +18,7 @@ from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
 from carsvc.domain.budget import CoordinationBudget
 from carsvc.domain.budget_types import BudgetLimits
 from carsvc.domain.clock import now_ms
+from carsvc.domain.convert import limits_from_proto, snapshot_to_proto
 from carsvc.domain.decisions import Outcome, check_decisions
 from carsvc.domain.errors import (
     AlreadyExists,
@@ -30,7 +31,7 @@ from carsvc.domain.errors import (
     Unavailable,
 )
 from carsvc.domain.eventlog import RunEventLog, Subscription
-from carsvc.domain.infra import RunInfra, limits_from_proto, snapshot_to_proto
+from carsvc.domain.infra import RunInfra
 from carsvc.domain.journal import Journal, Recovered
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import StateStore

@@ -7,6 +7,7 @@ from typing import Any
 import grpc
 
 from carsvc._proto.car.v1 import registry_pb2, registry_pb2_grpc
+from carsvc.domain.convert import worker_to_proto
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.specs import Limits, check_spec_bounds
@@ -55,19 +56,7 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.ListWorkersResponse:
         workers = [
-            registry_pb2.WorkerInfo(
-                worker_id=s.worker_id,
-                session_id=s.session_id,
-                agents=s.agents,
-                max_in_flight=s.max_in_flight,
-                in_flight=len(s.in_flight),
-                labels=s.labels,
-                sdk=s.sdk,
-                connected_unix_ms=s.connected_ms,
-                last_seen_unix_ms=s.last_seen_ms,
-                completed=s.completed,
-                draining=s.draining,
-            )
+            worker_to_proto(s)
             for s in sorted(self.dispatcher.sessions.values(), key=lambda s: (s.worker_id, s.session_id))
         ]
         return registry_pb2.ListWorkersResponse(workers=workers)

@@ -19,13 +19,13 @@ from carsvc._proto.car.v1 import (
     types_pb2,
 )
 from carsvc.domain.bounds import check_value
+from carsvc.domain.convert import limits_from_proto
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
 from carsvc.domain.specs import AgentResolver, Limits
 from carsvc.patterns import BUILDERS
-from carsvc.services.convert import limits_from_proto
 from carsvc.services.errors import abort, frame_error, shown, streaming, unary
 from carsvc.services.submit import SubmitStream
 from carsvc.services.watchers import MESSAGE_BYTES, event_batches, events_behind, kinds_filter, wrapped

@@ -12,6 +12,7 @@ from google.protobuf import struct_pb2
 
 from carsvc._proto.car.v1 import state_pb2, state_pb2_grpc
 from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, MAX_KEY_BYTES, check_key, check_room, check_scope, check_value
+from carsvc.domain.convert import transition_to_proto
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES, frame
 from carsvc.domain.overlay import StateStore, StateTransition
@@ -24,15 +25,6 @@ MAX_WRITER_CHARS = 256
 DEFAULT_KEYS_PAGE = 1_000
 MAX_KEYS_PAGE = 10_000
 KEYS_PAGE_BYTES = 1024 * 1024
-
-
-def transition_to_proto(t: StateTransition) -> state_pb2.StateTransition:
-    msg = state_pb2.StateTransition(index=t.index, key=t.key, writer=t.writer, time_unix_ms=t.time_unix_ms)
-    if isinstance(t.old, struct_pb2.Value):
-        msg.old_value.CopyFrom(t.old)
-    if isinstance(t.new, struct_pb2.Value):
-        msg.new_value.CopyFrom(t.new)
-    return msg
 
 
 def _check_writer(writer: str) -> None:
