@@ -71,15 +71,6 @@ class DecisionBox:
         # Called with True when the first suspension opens, False when the last closes.
         self.on_waiting: Callable[[bool], None] = lambda waiting: None
 
-    @property
-    def waiting(self) -> list[str]:
-        return list(self._waiting)
-
-    @property
-    def unmatched(self) -> list[str]:
-        """The keys of the decisions kept for tool calls that have not suspended."""
-        return [decision_key(d) for queue in self._unmatched.values() for d in queue]
-
     def submit(self, decisions: list[ToolCallDecision]) -> Outcome:
         """Delivers each decision to its waiting tool call, or keeps it for later."""
         if self._closed:

@@ -505,10 +505,6 @@ class RunEventLog:
         # a watcher that went away is marked so too.
         sub.overflowed = True
 
-    @property
-    def watcher_count(self) -> int:
-        return len(self._subscribers)
-
 
 def _split(data: bytes) -> list[memoryview]:
     """The frames laid end to end in `data`."""

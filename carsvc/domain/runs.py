@@ -680,10 +680,6 @@ class RunManager:
             after_seq, buffer, self.settings.max_watchers_per_run, max_bytes=max_bytes, follow=follow
         )
 
-    @property
-    def active_count(self) -> int:
-        return len(self._active_by_thread)
-
     # -- control ------------------------------------------------------------------------
 
     async def cancel(self, record: RunRecord, reason: str, *, wait: bool = False) -> bool:

@@ -525,9 +525,6 @@ class Dispatcher:
             return None
         return a
 
-    def is_known(self, assignment_id: str) -> bool:
-        return assignment_id in self._active or self.finished(assignment_id) is not None
-
     def active(self, assignment_id: str) -> Assignment | None:
         """The assignment while it is queued, running or being cancelled."""
         return self._active.get(assignment_id)
