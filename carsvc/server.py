@@ -76,29 +76,11 @@ class Sidecar:
         self.settings = s = settings or Settings()
         # Tokens and TLS, loaded now so a bad file fails before anything starts.
         self.security = security or ServerSecurity.from_settings(s)
-        self.dispatcher = Dispatcher(
-            max_attempts=s.max_attempts,
-            unplaced_timeout=s.unplaced_timeout_s,
-            heartbeat_timeout=s.heartbeat_timeout_s,
-            cancel_ack_timeout=s.cancel_ack_timeout_s,
-        )
+        self.dispatcher = Dispatcher.from_settings(s)
         self.registry = AgentRegistry()
         self.runs = RunManager(
             self.dispatcher,
-            RunSettings(
-                event_retention=s.event_retention,
-                finished_run_retention=s.finished_run_retention,
-                max_queued_per_thread=s.max_queued_per_thread,
-                mailbox_depth=s.mailbox_depth,
-                mailbox_recv_timeout=s.mailbox_recv_timeout_s,
-                suspension_timeout=s.suspension_timeout_s,
-                max_unmatched_decisions=s.max_unmatched_decisions,
-                cancel_ack_timeout=s.cancel_ack_timeout_s,
-                agent_timeout=s.agent_timeout_s or None,
-                max_watchers_per_run=s.max_watchers_per_run,
-                max_inline_result_bytes=s.max_inline_result_bytes,
-                max_state_scopes=s.max_state_scopes,
-            ),
+            RunSettings.from_settings(s),
             journal=Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync)
             if s.data_dir
             else None,

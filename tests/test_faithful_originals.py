@@ -41,6 +41,10 @@ def suspend_call(tool_call_id: str, arguments: Any = None, timeout_ms: int = 0) 
     return call
 
 
+def _box(emit: Recorder, max_unmatched: int = Settings().max_unmatched_decisions) -> DecisionBox:
+    return DecisionBox(emit, max_unmatched=max_unmatched, default_timeout=Settings().suspension_timeout_s)
+
+
 class Recorder:
     def __init__(self) -> None:
         self.events: list[events_pb2.RunEvent] = []
@@ -54,7 +58,7 @@ class Recorder:
 
 
 async def test_early_decisions_for_one_call_are_all_kept_and_delivered_in_order() -> None:
-    box = DecisionBox(Recorder())
+    box = _box(Recorder())
     outcome = box.submit([decision("call-1", "d1"), decision("call-1", "d2"), decision("call-2", "d3")])
     assert outcome.queued == ["d1", "d2", "d3"]
     first = await box.suspend("a", "as-1", suspend_call("call-1"))
@@ -69,7 +73,7 @@ async def test_early_decisions_for_one_call_are_all_kept_and_delivered_in_order(
 
 
 async def test_the_bound_on_unmatched_decisions_counts_every_one() -> None:
-    box = DecisionBox(Recorder(), max_unmatched=3)
+    box = _box(Recorder(), max_unmatched=3)
     assert box.submit([decision("call-1", f"d{i}") for i in range(3)]).queued == ["d0", "d1", "d2"]
     with pytest.raises(ResourceExhausted) as refused:
         box.submit([decision("call-1", "d3")])
@@ -83,7 +87,7 @@ async def test_the_bound_on_unmatched_decisions_counts_every_one() -> None:
 
 async def test_an_early_decision_is_recorded_after_its_suspended_call() -> None:
     recorder = Recorder()
-    box = DecisionBox(recorder)
+    box = _box(recorder)
     box.submit([decision("call-1", "d1")])
     got = await box.suspend("ops", "as-1", suspend_call("call-1", arguments="rm -rf build"))
     assert got.decision_id == "d1"

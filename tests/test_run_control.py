@@ -4,6 +4,7 @@ decisions (tirea's registry, made stricter)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import ClassVar
 
 import grpc
@@ -11,13 +12,19 @@ import pytest
 
 from carsvc._proto.car.v1 import patterns_pb2, runs_pb2, types_pb2
 from carsvc.client import Client, agent, deny, resume, single
+from carsvc.config import Settings
 from carsvc.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from carsvc.domain.infra import RunInfra
-from carsvc.domain.runs import ON_BUSY_ENQUEUE, ON_BUSY_INTERRUPT, RunManager
+from carsvc.domain.runs import ON_BUSY_ENQUEUE, ON_BUSY_INTERRUPT, RunManager, RunSettings
 from carsvc.domain.runtime import PatternOutcome
 from carsvc.domain.workers import Dispatcher
 from carsvc.worker import AgentContext, Decision
 from tests.conftest import Workers
+
+
+def _manager() -> RunManager:
+    settings = Settings()
+    return RunManager(Dispatcher.from_settings(settings), RunSettings.from_settings(settings))
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
 CANCELLED = types_pb2.RUN_STATUS_CANCELLED
@@ -41,7 +48,7 @@ class Hold:
 
 
 async def test_register_and_look_up_by_thread_and_run_id() -> None:
-    runs = RunManager(Dispatcher())
+    runs = _manager()
     pattern = Hold()
     record = runs.start(pattern, thread_id="t", agent_id="owner", run_id="r")
     assert runs.get("r") is record
@@ -55,7 +62,7 @@ async def test_register_and_look_up_by_thread_and_run_id() -> None:
 
 
 async def test_one_active_run_per_thread_and_ending_frees_the_thread() -> None:
-    runs = RunManager(Dispatcher())
+    runs = _manager()
     first = Hold()
     a = runs.start(first, thread_id="t", run_id="a")
     with pytest.raises(FailedPrecondition, match="already has an active run 'a'"):
@@ -72,7 +79,7 @@ async def test_one_active_run_per_thread_and_ending_frees_the_thread() -> None:
 
 
 async def test_enqueue_starts_after_the_active_run_and_is_bounded() -> None:
-    runs = RunManager(Dispatcher())
+    runs = _manager()
     first, second = Hold(), Hold()
     a = runs.start(first, thread_id="t", run_id="a")
     b = runs.start(second, thread_id="t", run_id="b", on_busy=ON_BUSY_ENQUEUE)
@@ -80,7 +87,7 @@ async def test_enqueue_starts_after_the_active_run_and_is_bounded() -> None:
     first.release.set()
     await a.done.wait()
     assert b.status == types_pb2.RUN_STATUS_RUNNING and runs.active_run("t") is b
-    runs.settings = runs.settings.__class__(max_queued_per_thread=1)
+    runs.settings = dataclasses.replace(runs.settings, max_queued_per_thread=1)
     runs.start(Hold(), thread_id="t", run_id="c", on_busy=ON_BUSY_ENQUEUE)
     with pytest.raises(Exception, match="already has 1 queued runs"):
         runs.start(Hold(), thread_id="t", run_id="d", on_busy=ON_BUSY_ENQUEUE)
@@ -92,7 +99,7 @@ async def test_enqueue_starts_after_the_active_run_and_is_bounded() -> None:
 
 
 async def test_interrupt_cancels_the_active_run_then_starts() -> None:
-    runs = RunManager(Dispatcher())
+    runs = _manager()
     old = runs.start(Hold(), thread_id="t", run_id="old")
     new_pattern = Hold()
     new = runs.start(new_pattern, thread_id="t", run_id="new", on_busy=ON_BUSY_INTERRUPT)
@@ -105,7 +112,7 @@ async def test_interrupt_cancels_the_active_run_then_starts() -> None:
 
 
 async def test_fan_out_subscribers_see_the_same_events() -> None:
-    runs = RunManager(Dispatcher())
+    runs = _manager()
     pattern = Hold()
     record = runs.start(pattern, thread_id="t")
     subscriptions = [record.events.subscribe(0, 100) for _ in range(3)]
@@ -115,7 +122,7 @@ async def test_fan_out_subscribers_see_the_same_events() -> None:
 
 
 def test_lookups_name_the_field() -> None:
-    runs = RunManager(Dispatcher())
+    runs = _manager()
     with pytest.raises(NotFound, match="run_id"):
         runs.get("nope")
     with pytest.raises(InvalidArgument, match="give run_id or thread_id"):

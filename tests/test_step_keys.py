@@ -10,6 +10,7 @@ from typing import Any, cast
 from google.protobuf.message import Message
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2
+from carsvc.config import Settings
 from carsvc.domain.budget import CoordinationBudget
 from carsvc.domain.eventlog import RunEventLog
 from carsvc.domain.infra import RunInfra
@@ -57,6 +58,9 @@ class StepRecorder:
         pass
 
 
+DEFAULTS = Settings()
+
+
 async def steps_of(pattern: Pattern, recorder: StepRecorder | None = None) -> list[str]:
     recorder = recorder or StepRecorder()
     infra = RunInfra(
@@ -67,6 +71,10 @@ async def steps_of(pattern: Pattern, recorder: StepRecorder | None = None) -> li
         events=RunEventLog("run", 10_000),
         mailbox=Mailbox(),
         dispatcher=cast(Dispatcher, recorder),
+        mailbox_recv_timeout=DEFAULTS.mailbox_recv_timeout_s,
+        suspension_timeout=DEFAULTS.suspension_timeout_s,
+        max_unmatched_decisions=DEFAULTS.max_unmatched_decisions,
+        agent_timeout=None,
     )
     await pattern.run(infra)
     assert len(set(recorder.steps)) == len(recorder.steps), recorder.steps

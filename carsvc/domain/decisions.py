@@ -55,8 +55,8 @@ class DecisionBox:
         self,
         emit: Callable[[events_pb2.RunEvent], object],
         *,
-        max_unmatched: int = 256,
-        default_timeout: float = 3600.0,
+        max_unmatched: int,
+        default_timeout: float,
     ) -> None:
         self._emit = emit
         self.max_unmatched = max_unmatched

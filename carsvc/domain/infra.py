@@ -62,10 +62,10 @@ class RunInfra:
         events: RunEventLog,
         mailbox: Mailbox,
         dispatcher: Dispatcher,
-        mailbox_recv_timeout: float = 30.0,
-        suspension_timeout: float = 3600.0,
-        max_unmatched_decisions: int = 256,
-        agent_timeout: float | None = None,
+        mailbox_recv_timeout: float,
+        suspension_timeout: float,
+        max_unmatched_decisions: int,
+        agent_timeout: float | None,
     ) -> None:
         self.run_id = run_id
         self.thread_id = thread_id

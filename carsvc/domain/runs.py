@@ -13,6 +13,7 @@ import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
 from carsvc.domain.budget import CoordinationBudget
@@ -38,6 +39,9 @@ from carsvc.domain.overlay import StateStore
 from carsvc.domain.runtime import Pattern, PatternOutcome, run_result
 from carsvc.domain.workers import Dispatcher
 from carsvc.logs import ids
+
+if TYPE_CHECKING:
+    from carsvc.config import Settings
 
 RunStatus = types_pb2.RunStatus
 RunEvent = events_pb2.RunEvent
@@ -76,21 +80,41 @@ def status_name(status: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RunSettings:
-    event_retention: int = 10_000
-    finished_run_retention: int = 10_000
-    max_queued_per_thread: int = 16
-    mailbox_depth: int = 1024
-    mailbox_recv_timeout: float = 30.0
-    suspension_timeout: float = 3600.0
-    max_unmatched_decisions: int = 256
-    cancel_ack_timeout: float = 10.0
-    agent_timeout: float | None = 3600.0
-    max_watchers_per_run: int = 1_000
+    """What the RunManager takes from the sidecar's Settings (carsvc/config.py,
+    where each is explained and has its default)."""
+
+    event_retention: int
+    finished_run_retention: int
+    max_queued_per_thread: int
+    mailbox_depth: int
+    mailbox_recv_timeout: float
+    suspension_timeout: float
+    max_unmatched_decisions: int
+    cancel_ack_timeout: float
+    agent_timeout: float | None  # None: no deadline
+    max_watchers_per_run: int
     # A result larger than this, serialized, is not sent inline (GetRun, ListRuns,
     # run_finished, Submit): it is marked result_omitted and read with ReadRunResult.
-    max_inline_result_bytes: int = 1 << 20
+    max_inline_result_bytes: int
     # State scopes the sidecar holds at once (each with at least one key, or in use).
-    max_state_scopes: int = 100_000
+    max_state_scopes: int
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> RunSettings:
+        return cls(
+            event_retention=s.event_retention,
+            finished_run_retention=s.finished_run_retention,
+            max_queued_per_thread=s.max_queued_per_thread,
+            mailbox_depth=s.mailbox_depth,
+            mailbox_recv_timeout=s.mailbox_recv_timeout_s,
+            suspension_timeout=s.suspension_timeout_s,
+            max_unmatched_decisions=s.max_unmatched_decisions,
+            cancel_ack_timeout=s.cancel_ack_timeout_s,
+            agent_timeout=s.agent_timeout_s or None,
+            max_watchers_per_run=s.max_watchers_per_run,
+            max_inline_result_bytes=s.max_inline_result_bytes,
+            max_state_scopes=s.max_state_scopes,
+        )
 
 
 @dataclass(eq=False)
@@ -210,11 +234,11 @@ class RunManager:
     """Starts runs, keeps them reachable by run and thread id, and ends them."""
 
     def __init__(
-        self, dispatcher: Dispatcher, settings: RunSettings | None = None, journal: Journal | None = None
+        self, dispatcher: Dispatcher, settings: RunSettings, journal: Journal | None = None
     ) -> None:
         self.dispatcher = dispatcher
         self.journal = journal
-        self.settings = settings or RunSettings()
+        self.settings = settings
         self.runs: OrderedDict[str, RunRecord] = OrderedDict()
         self._active_by_thread: dict[str, RunRecord] = {}
         self._queued_by_thread: dict[str, deque[RunRecord]] = {}

@@ -25,12 +25,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from carsvc._proto.car.v1 import types_pb2
 from carsvc.domain.clock import now_ms
 from carsvc.domain.errors import InvalidArgument, Unavailable, shown
 from carsvc.logs import ids
+
+if TYPE_CHECKING:
+    from carsvc.config import Settings
 
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
@@ -40,6 +43,8 @@ MAX_DEADLINE_S = 365 * 24 * 3600.0
 
 log = logging.getLogger("carsvc.workers")
 
+# What a worker whose hello names no max_in_flight may hold at once.
+DEFAULT_MAX_IN_FLIGHT = 1
 # Finished assignment ids of ended runs (or of work outside a run) remembered to
 # tell a late or duplicate result from an unknown one; those of active runs are
 # all kept until their run ends.
@@ -304,17 +309,15 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        max_attempts: int = 3,
-        unplaced_timeout: float = 30.0,
-        heartbeat_timeout: float = 15.0,
-        cancel_ack_timeout: float = 10.0,
-        default_max_in_flight: int = 1,
+        max_attempts: int,
+        unplaced_timeout: float,
+        heartbeat_timeout: float,
+        cancel_ack_timeout: float,
     ) -> None:
         self.max_attempts = max_attempts
         self.unplaced_timeout = unplaced_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.cancel_ack_timeout = cancel_ack_timeout
-        self.default_max_in_flight = default_max_in_flight
         self.sessions: dict[str, WorkerSession] = {}
         self._active: dict[str, Assignment] = {}
         self._pending: dict[str, deque[Assignment]] = {}
@@ -336,6 +339,15 @@ class Dispatcher:
         self.redispatched = 0
         self.accepted = 0
         self.superseded = 0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Dispatcher:
+        return cls(
+            max_attempts=s.max_attempts,
+            unplaced_timeout=s.unplaced_timeout_s,
+            heartbeat_timeout=s.heartbeat_timeout_s,
+            cancel_ack_timeout=s.cancel_ack_timeout_s,
+        )
 
     # -- sessions ---------------------------------------------------------------
 
@@ -364,7 +376,7 @@ class Dispatcher:
             next(self._session_ids),
             worker_id,
             agents,
-            max_in_flight or self.default_max_in_flight,
+            max_in_flight or DEFAULT_MAX_IN_FLIGHT,
             dict(labels or {}),
             sdk,
         )

@@ -18,7 +18,7 @@ from typing import Any
 from google.protobuf import empty_pb2, struct_pb2
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
-from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, check_value
+from carsvc.domain.bounds import check_value
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import CallAnswer, RunningAgent
 from carsvc.domain.workers import Dispatcher, WorkerSession
@@ -65,9 +65,7 @@ def _copy_value(value: struct_pb2.Value) -> struct_pb2.Value:
 
 
 class CallHandler:
-    def __init__(
-        self, dispatcher: Dispatcher, max_field_bytes: int, max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH
-    ) -> None:
+    def __init__(self, dispatcher: Dispatcher, max_field_bytes: int, max_value_depth: int) -> None:
         self.dispatcher = dispatcher
         self.max_field_bytes = max_field_bytes
         self.max_value_depth = max_value_depth

@@ -11,10 +11,10 @@ import grpc
 from google.protobuf import struct_pb2
 
 from carsvc._proto.car.v1 import state_pb2, state_pb2_grpc
-from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, MAX_KEY_BYTES, check_key, check_room, check_scope, check_value
+from carsvc.domain.bounds import MAX_KEY_BYTES, check_key, check_room, check_scope, check_value
 from carsvc.domain.convert import transition_to_proto
 from carsvc.domain.errors import InvalidArgument
-from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES, frame
+from carsvc.domain.eventlog import frame
 from carsvc.domain.overlay import StateStore, StateTransition
 from carsvc.domain.runs import RunManager
 from carsvc.services.errors import shown, streaming, unary
@@ -39,9 +39,9 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         max_field_bytes: int,
         watcher_buffer: int,
         *,
-        max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH,
-        max_state_keys: int = 10_000,
-        watcher_max_bytes: int = DEFAULT_WATCHER_MAX_BYTES,
+        max_value_depth: int,
+        max_state_keys: int,
+        watcher_max_bytes: int,
     ) -> None:
         self.runs = runs
         self.max_field_bytes = max_field_bytes

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import types_pb2, worker_pb2, worker_pb2_grpc
-from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, check_output_values
+from carsvc.domain.bounds import check_output_values
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.workers import Assignment, Dispatcher, State, Verdict, WorkerSession
 from carsvc.services.calls import CallHandler
@@ -45,8 +45,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         *,
         heartbeat_interval_ms: int,
         max_message_bytes: int,
-        max_output_bytes: int = 1024 * 1024,
-        max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH,
+        max_output_bytes: int,
+        max_value_depth: int,
     ) -> None:
         self.dispatcher = dispatcher
         self.calls = calls
