@@ -17,6 +17,17 @@ ENV_PREFIX = "CARSVC_"
 MAX_INLINE_BYTES = 3 * 1024 * 1024
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _parse_bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(raw)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every field can be set by the environment variable CARSVC_<FIELD> (upper case)."""
@@ -40,6 +51,9 @@ class Settings:
     # waits for the commit holding it: nothing acknowledged is ever lost).
     journal_flush_ms: int = 50
     journal_sync: str = "normal"
+    # With a journal, runs still active when the sidecar stops (or crashes) resume
+    # after the restart (StartRunRequest.resume overrides it per run).
+    resume_runs: bool = True
     # Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics; 0 turns them off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -154,7 +168,7 @@ class Settings:
                 continue
             kind = type(getattr(cls(), f.name))
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ValueError(
                     f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"

@@ -178,7 +178,7 @@ class Sidecar:
         journal = self.runs.journal
         if journal is not None:
             recovered = journal.load()
-            self.runs.restore(recovered)
+            self.runs.restore(recovered, self.run_service.pattern_of)
             journal.start()
             log.info(
                 "journal %s (sync %s): recovered %d runs and %d state scopes", journal.path, journal.sync,

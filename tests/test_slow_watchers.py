@@ -222,7 +222,8 @@ async def test_watchers_only_see_journaled_events_so_a_restart_never_reuses_thei
     run_finished would take a seq it already had."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {"CARSVC_JOURNAL_FLUSH_MS": "2000"}
+    # The run must end at the restart (not resume) for its run_finished to be checked.
+    env = {"CARSVC_JOURNAL_FLUSH_MS": "2000", "CARSVC_RESUME_RUNS": "false"}
     worker = Worker(address, worker_id="ticker", max_in_flight=4, reconnect_max_delay=0.2)
 
     @worker.agent("ticker")
@@ -248,7 +249,7 @@ async def test_watchers_only_see_journaled_events_so_a_restart_never_reuses_thei
                 await asyncio.sleep(0.01)
             first.send_signal(signal.SIGKILL)
             await first.wait()
-        async with sidecar_process(port, tmp_path):
+        async with sidecar_process(port, tmp_path, env):
             await asyncio.wait_for(watching, 30)  # the watch resumed by itself and ended
             run = await client.get_run(handle.run_id)
             assert run.termination_reason == "sidecar_restarted"

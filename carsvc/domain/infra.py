@@ -83,6 +83,13 @@ class RunInfra:
         # Runtime-call hooks: every run serves "suspend_tool_call"; a pattern adds
         # "delegate", "spawn_subtask" or "consult_advisor" when it offers them.
         self.hooks: dict[str, CallHook] = {"suspend_tool_call": self._suspend_tool_call}
+        # Resuming after a restart (RunManager): step outputs journaled before it,
+        # returned instead of dispatching the step again, and the steps whose
+        # agent_finished event the restored log already holds.
+        self.replay: dict[str, AgentOutput] = {}
+        self.reported: set[str] = set()
+        # Told about every accepted step output (the journal, for resumable runs).
+        self.on_step: Callable[[str, AgentOutput], None] | None = None
         # Work started on behalf of the run outside its own task (runtime calls
         # that run agents or wait); cancelled when the run ends.
         self._children: set[asyncio.Task[Any]] = set()
@@ -167,6 +174,9 @@ class RunInfra:
         `step` is the agent's place in the pattern (Job.step). With `isolated`,
         the agent writes to its own overlay, merged into the parent state only
         when it succeeds."""
+        journaled = self.replay.pop(step, None) if self.replay else None
+        if journaled is not None:
+            return self._replayed(step, journaled, role=role, index=index)
         base: StateStore | Overlay = parent_state if parent_state is not None else self.state
         view: StateStore | Overlay = Overlay(base, spec.name) if isolated else base
         ctx = RunningAgent(self, spec, view, role=role, step=step, index=index)
@@ -183,6 +193,7 @@ class RunInfra:
                 thread_id=self.thread_id,
                 observer=ctx,
                 timeout=timeout,
+                assignment_id=f"{self.run_id}:{step}",
             )
         finally:
             self.mailbox.unregister(spec.name)
@@ -194,6 +205,8 @@ class RunInfra:
             else:
                 view.discard()
         self.record(output)
+        if self.on_step is not None:
+            self.on_step(step, output)  # journaled before its event: see _replayed
         self.emit(
             RunEvent(
                 agent_finished=events_pb2.AgentFinished(
@@ -203,9 +216,26 @@ class RunInfra:
                     attempt=ctx.attempt,
                     role=role,
                     index=index,
+                    step=step,
                 )
             )
         )
+        return output
+
+    def _replayed(self, step: str, output: AgentOutput, *, role: str, index: int) -> AgentOutput:
+        """A step whose output was journaled before a restart: no worker runs it
+        again. Its spend counts again (the budget is rebuilt by the replay), its
+        state writes are already in the scope, and its agent_finished event is
+        emitted only if the crash lost it (the step was journaled first)."""
+        self.record(output)
+        if step not in self.reported:
+            self.emit(
+                RunEvent(
+                    agent_finished=events_pb2.AgentFinished(
+                        assignment_id=f"{self.run_id}:{step}", output=output, role=role, index=index, step=step
+                    )
+                )
+            )
         return output
 
 
@@ -275,7 +305,7 @@ class RunningAgent:
         self.infra.emit(
             RunEvent(
                 agent_started=events_pb2.AgentStarted(
-                    agent=self.name, assignment_id=a.assignment_id, role=self.role, index=self.index
+                    agent=self.name, assignment_id=a.assignment_id, role=self.role, index=self.index, step=self.step
                 )
             )
         )

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
+
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
 from carsvc.domain.budget import CoordinationBudget
 from carsvc.domain.budget_types import BudgetLimits
@@ -59,6 +61,9 @@ ON_BUSY_ENQUEUE = runs_pb2.ON_BUSY_ENQUEUE
 
 log = logging.getLogger("carsvc.runs")
 
+# Rebuilds a journaled run's pattern from its request (RunService.pattern_of).
+Rebuild = Callable[[runs_pb2.StartRunRequest], Pattern]
+
 # Thread ids the sidecar generates (StartRun without thread_id).
 _GENERATED_THREAD = re.compile(r"thread-[0-9a-f]{32}")
 
@@ -98,6 +103,8 @@ class RunSettings:
     max_inline_result_bytes: int
     # State scopes the sidecar holds at once (each with at least one key, or in use).
     max_state_scopes: int
+    # With a journal, active runs resume after a restart (unless a request opts out).
+    resume_runs: bool
 
     @classmethod
     def from_settings(cls, s: Settings) -> RunSettings:
@@ -114,6 +121,7 @@ class RunSettings:
             max_watchers_per_run=s.max_watchers_per_run,
             max_inline_result_bytes=s.max_inline_result_bytes,
             max_state_scopes=s.max_state_scopes,
+            resume_runs=s.resume_runs,
         )
 
 
@@ -150,6 +158,10 @@ class RunRecord:
     ending: bool = False
     # Some of its events could not be read back from the journal.
     history_incomplete: bool = False
+    # Its request is journaled: after a restart it resumes (docs/runs.md).
+    resumable: bool = False
+    # Stopped for a restart without ending: it resumes when the sidecar is back.
+    parked: bool = False
 
     @property
     def finished(self) -> bool:
@@ -363,7 +375,11 @@ class RunManager:
         labels: dict[str, str] | None = None,
         timeout: float | None = None,
         initial_decisions: list[types_pb2.ToolCallDecision] | None = None,
+        request: runs_pb2.StartRunRequest | None = None,
     ) -> RunRecord:
+        """Starts (or queues) a run of `pattern`. With a journal, `request` (the
+        StartRunRequest it came from) is journaled so the run can resume after a
+        restart, unless it opts out (request.resume, else the resume_runs setting)."""
         if not self.dispatcher.accepting:
             # Draining (Sidecar.stop): a run started now would only be cancelled.
             raise Unavailable(
@@ -412,6 +428,8 @@ class RunManager:
         self.runs[run_id] = record
         self._scope_runs[state_scope] += 1
         self._scope_users[state_scope] += 1
+        if request is not None and self._may_resume(request):
+            self._make_resumable(record, request.SerializeToString(), {})
         if active is None:
             self._launch(record)
             return record
@@ -424,6 +442,51 @@ class RunManager:
         else:
             queue.append(record)
         return record
+
+    # -- resuming after a restart -----------------------------------------------------
+
+    def _may_resume(self, request: runs_pb2.StartRunRequest) -> bool:
+        if self.journal is None or request.budget_id:  # shared budgets are not journaled
+            return False
+        return request.resume if request.HasField("resume") else self.settings.resume_runs
+
+    def _make_resumable(
+        self, record: RunRecord, request: bytes | None, steps: dict[str, types_pb2.AgentOutput]
+    ) -> None:
+        """Journals the run's request (None: it is there already) and every step
+        output it accepts; `steps` are outputs a resumed run returns without a worker."""
+        journal = self.journal
+        assert journal is not None
+        run_id = record.run_id
+        if request is not None:
+            journal.request(run_id, request)
+        record.resumable = True
+        record.infra.replay = steps
+        record.infra.on_step = lambda step, output: journal.step(run_id, step, output)
+
+    def _park(self, record: RunRecord) -> None:
+        """Stops a resumable run for a restart without ending it: its workers are
+        told why, its journal record stays active, and it resumes on start-up."""
+        record.parked = True
+        record.infra.cancel_reason = "the sidecar is restarting; the run resumes after it"
+        record.infra.end()
+        if record.task is not None:
+            record.task.cancel(record.infra.cancel_reason)
+
+    def _resume(self, record: RunRecord) -> None:
+        """Runs a restored run's pattern again from the top (journaled steps replay)."""
+        self._active_by_thread[record.thread_id] = record
+        record.status = RUNNING
+        record.events.append(
+            RunEvent(
+                status_changed=events_pb2.RunStatusChanged(
+                    status=types_pb2.RUN_STATUS_RUNNING, reason="resumed after the sidecar restarted"
+                )
+            )
+        )
+        record.task = asyncio.get_running_loop().create_task(self._drive(record), name=f"run-{record.run_id}")
+        record.task.add_done_callback(lambda _: self._ensure_finished(record))
+        self._journal_run(record)
 
     def _launch(self, record: RunRecord) -> None:
         self._active_by_thread[record.thread_id] = record
@@ -448,7 +511,7 @@ class RunManager:
 
     def _ensure_finished(self, record: RunRecord) -> None:
         # A task cancelled before its first step never runs _drive's handlers.
-        if not record.ending:
+        if not record.ending and not record.parked:
             self._finish(record, CANCELLED, "cancelled", record.cancel_reason or "cancelled")
 
     async def _drive(self, record: RunRecord) -> None:
@@ -462,6 +525,8 @@ class RunManager:
             status = FAILED if outcome.failed else SUCCEEDED
             reason, detail = outcome.reason, outcome.detail
         except asyncio.CancelledError:
+            if record.parked:
+                return  # stopped for a restart: it resumes from the journal, it does not end
             if record.timed_out:
                 reason, detail = "timeout", record.infra.cancel_reason
             else:
@@ -523,6 +588,8 @@ class RunManager:
             ended = record.to_proto(whole=True)
             ended.status = status  # type: ignore[assignment]
             journal.run(record.ordinal, ended)
+            if record.resumable:
+                journal.run_ended(record.run_id)
             commit = None if at_once else journal.settle()
             if commit is not None:
                 commit.add_done_callback(lambda done: self._ended(record, status, done))
@@ -585,10 +652,12 @@ class RunManager:
 
     # -- recovery -------------------------------------------------------------------------
 
-    def restore(self, recovered: Recovered) -> None:
+    def restore(self, recovered: Recovered, rebuild: Rebuild | None = None) -> None:
         """Puts back what a journal held: state scopes, and runs with their
-        events. Runs that were active when the sidecar stopped end FAILED with
-        reason `sidecar_restarted`."""
+        events. Runs that were active when the sidecar stopped resume (their
+        pattern rebuilt from the journaled request by `rebuild`; docs/runs.md),
+        or, when they cannot, end FAILED with reason `sidecar_restarted`."""
+        resumed: list[RunRecord] = []
         for name, keys in recovered.state.items():
             store = self.scopes[name] = StateStore()
             for key, (value, writer) in keys.items():
@@ -636,10 +705,46 @@ class RunManager:
                 record.done.set()
                 self._finished_order.append(record.run_id)
             else:
+                why = self._restore_active(record, recovered, rebuild)
+                if not why:
+                    resumed.append(record)
+                    continue
                 # Not served yet: a crash before this end is committed ends the run the same way again.
-                self._finish(
-                    record, FAILED, "sidecar_restarted", "the sidecar restarted while the run was active", at_once=True
-                )
+                self._finish(record, FAILED, "sidecar_restarted", why, at_once=True)
+        for record in resumed:
+            if record.thread_id in self._active_by_thread:
+                record.status = PENDING
+                self._queued_by_thread.setdefault(record.thread_id, deque()).append(record)
+            elif record.status == PENDING:
+                self._launch(record)
+            else:
+                self._resume(record)
+        if resumed:
+            log.info("resuming %d run(s) after the restart", len(resumed))
+
+    def _restore_active(self, record: RunRecord, recovered: Recovered, rebuild: Rebuild | None) -> str:
+        """Makes a restored active run ready to resume; returns why it cannot
+        (empty when it can)."""
+        data = recovered.requests.get(record.run_id)
+        if data is None or rebuild is None:
+            return "the sidecar restarted while the run was active (the run does not resume)"
+        try:
+            request = runs_pb2.StartRunRequest.FromString(data)
+            pattern = rebuild(request)
+        except (DecodeError, CarError) as err:
+            log.error("run %s cannot resume: %s", record.run_id, err, extra=ids(run_id=record.run_id))
+            return f"the sidecar restarted while the run was active, and it cannot resume: {err}"
+        record.pattern = pattern
+        record.timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+        record.infra.decisions.on_waiting = lambda waiting: self._set_waiting(record, waiting)
+        record.infra.on_denied = self._count_denial
+        if request.initial_decisions:
+            record.infra.decisions.submit(list(request.initial_decisions))
+        self._make_resumable(record, None, dict(recovered.steps.get(record.run_id, {})))
+        record.infra.reported = {
+            e.agent_finished.step for e in record.events.since(0) if e.WhichOneof("kind") == "agent_finished"
+        }
+        return ""
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -752,8 +857,12 @@ class RunManager:
         for w in pending:
             w.cancel()
         for r in active:
-            if not r.finished:
+            if r.finished or r.ending:
+                continue
+            if r.resumable and r.task is not None and not r.task.done():
+                self._park(r)
+            else:
                 self._request_cancel(r, "the sidecar is shutting down")
-        remaining = [r.done.wait() for r in active if not r.finished]
+        remaining = [r.done.wait() for r in active if not r.finished and not r.parked]
         if remaining:
             await asyncio.wait([asyncio.ensure_future(c) for c in remaining], timeout=5.0)

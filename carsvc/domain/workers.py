@@ -477,15 +477,18 @@ class Dispatcher:
         thread_id: str = "",
         observer: AssignmentObserver | None = None,
         timeout: float | None = None,
+        assignment_id: str = "",
     ) -> AgentOutput:
         """Runs `spec` on `task` on some worker and returns its output.
+        `assignment_id`: a stable id (a run's step keeps its id across a restart);
+        one is made when empty.
 
         Never raises for worker trouble: lost workers, timeouts and refusals
         come back as an output with `error` set. Cancelling the caller cancels
         the assignment on its worker."""
         loop = asyncio.get_running_loop()
         a = Assignment(
-            next(self._ids), agent or spec.name, spec, task, run_id, thread_id, observer,
+            assignment_id or next(self._ids), agent or spec.name, spec, task, run_id, thread_id, observer,
             loop.create_future(),
         )
         self._active[a.assignment_id] = a

@@ -24,6 +24,7 @@ from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
+from carsvc.domain.runtime import Pattern
 from carsvc.domain.specs import AgentResolver, Limits
 from carsvc.patterns import BUILDERS
 from carsvc.services.errors import abort, frame_error, shown, streaming, unary
@@ -130,6 +131,20 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         self.watcher_buffer = watcher_buffer
         self.watcher_max_bytes = watcher_max_bytes
 
+    def pattern_of(self, request: runs_pb2.StartRunRequest) -> Pattern:
+        """The pattern a StartRunRequest asks for, checked (also how a journaled
+        request is rebuilt when its run resumes after a restart)."""
+        which = request.WhichOneof("pattern")
+        if which is None:
+            raise InvalidArgument(
+                "exactly one pattern must be set (" + ", ".join(sorted(BUILDERS)) + ")",
+                field="pattern",
+            )
+        build = BUILDERS.get(which)
+        if build is None:
+            raise CarError(f"the '{which}' pattern is not available yet", field="pattern", code=Code.UNIMPLEMENTED)
+        return build(getattr(request, which), self.resolve_agent, self.limits)
+
     def start(self, request: runs_pb2.StartRunRequest) -> RunRecord:
         """Checks a StartRunRequest and starts (or queues) its run."""
         for name in ("thread_id", "agent_id", "run_id", "budget_id", "state_scope"):
@@ -141,16 +156,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         _check_labels(request.labels)
         for i, decision in enumerate(request.initial_decisions):
             _check_decision(decision, f"initial_decisions[{i}]", self.limits.max_value_depth)
-        which = request.WhichOneof("pattern")
-        if which is None:
-            raise InvalidArgument(
-                "exactly one pattern must be set (" + ", ".join(sorted(BUILDERS)) + ")",
-                field="pattern",
-            )
-        build = BUILDERS.get(which)
-        if build is None:
-            raise CarError(f"the '{which}' pattern is not available yet", field="pattern", code=Code.UNIMPLEMENTED)
-        pattern = build(getattr(request, which), self.resolve_agent, self.limits)
+        pattern = self.pattern_of(request)
         limits = limits_from_proto(request.budget) if request.HasField("budget") else None
         return self.runs.start(
             pattern,
@@ -164,6 +170,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             labels=dict(request.labels),
             timeout=request.timeout_ms / 1000 if request.timeout_ms else None,
             initial_decisions=list(request.initial_decisions),
+            request=request,
         )
 
     @unary

@@ -1,0 +1,214 @@
+"""Runs survive the sidecar: a real sidecar process with --data-dir is SIGKILLed
+mid-run and started again on the same data directory; its in-flight runs resume
+and finish, steps whose outputs were journaled are not dispatched again, and
+every step is accepted exactly once. Workers are real processes that reconnect
+by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from carsvc._proto.car.v1 import events_pb2, types_pb2
+from carsvc.client import Client, agent, map_reduce, pipeline, resume, single
+from tests.procs import ScriptedWorker, free_port, sidecar_process
+
+SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
+WAITING = types_pb2.RUN_STATUS_WAITING
+# Commit often, so a kill finds most finished steps on disk.
+ENV = {"CARSVC_JOURNAL_FLUSH_MS": "20", "CARSVC_UNPLACED_TIMEOUT_S": "30"}
+
+
+def journaled_steps(data_dir: Path, run_id: str) -> set[str]:
+    """What the killed sidecar's journal holds for the run, read straight from disk."""
+    with sqlite3.connect(data_dir / "carsvc.sqlite3") as db:
+        return {step for (step,) in db.execute("SELECT step FROM steps WHERE run_id = ?", (run_id,))}
+
+
+async def events_until(
+    client: Client, run_id: str, enough: int, kind: str = "agent_finished", after_seq: int = 0
+) -> None:
+    """Returns once `enough` events of `kind` after `after_seq` were seen
+    (watchers only see journaled events)."""
+    seen = 0
+    async for event in client.watch(run_id, after_seq, reconnect_for=0):
+        if event.WhichOneof("kind") == kind:
+            seen += 1
+            if seen >= enough:
+                return
+    raise AssertionError(f"the run ended after {seen} {kind} events")
+
+
+async def all_events(client: Client, run_id: str) -> list[events_pb2.RunEvent]:
+    return [e async for e in client.watch(run_id)]
+
+
+def finished_steps(events: list[events_pb2.RunEvent]) -> Counter[str]:
+    return Counter(e.agent_finished.step for e in events if e.WhichOneof("kind") == "agent_finished")
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+async def workers(port: int) -> AsyncIterator[list[ScriptedWorker]]:
+    started: list[ScriptedWorker] = []
+    yield started
+    for w in started:
+        await w.stop()
+
+
+async def _kill_and_restart(
+    port: int, data_dir: Path, first: asyncio.subprocess.Process, workers: list[ScriptedWorker]
+) -> None:
+    first.kill()
+    await first.wait()
+    for w in workers:
+        w.generation += 1
+
+
+async def test_a_map_reduce_killed_midway_resumes_without_redoing_journaled_steps(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    items = [f"item-{i}" for i in range(300)]
+    async with sidecar_process(port, tmp_path, ENV) as first:
+        workers.append(
+            await ScriptedWorker.spawn(
+                address, "--agent", "mapper", "--agent", "reducer", "--sleep", "0.01", "--max-in-flight", "16",
+                "--answer", "done",
+            )
+        )
+        async with Client(address) as client:
+            handle = await client.start_run(
+                map_reduce(agent("mapper"), agent("reducer"), "t", items, max_concurrent=16)
+            )
+            await events_until(client, handle.run_id, 100)
+        await _kill_and_restart(port, tmp_path, first, workers)
+    before = journaled_steps(tmp_path, handle.run_id)
+    assert len(before) >= 100
+    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        run = await asyncio.wait_for(client.wait(handle.run_id), 60)
+        events = await all_events(client, handle.run_id)
+    assert run.status == SUCCEEDED, run.termination_detail
+    outputs = run.result.map_reduce.map_outputs
+    assert [o.answer.rsplit(": ", 1)[-1].rsplit(" ", 1)[-1] for o in outputs] == items
+    redone = {name for generation, name in workers[0].started if generation == 1}
+    assert not {f"mapper_{s.split('/')[1]}" for s in before if s.startswith("map/")} & redone
+    counts = finished_steps(events)
+    assert all(counts[f"map/{i}"] == 1 for i in range(len(items))), counts.most_common(3)
+    kinds = [e.WhichOneof("kind") for e in events]
+    assert kinds.count("run_started") == 1 and kinds[-1] == "run_finished"
+    resumed = [e for e in events if e.WhichOneof("kind") == "status_changed" and "resumed" in e.status_changed.reason]
+    assert len(resumed) == 1
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs))
+
+
+async def test_a_pipeline_killed_in_stage_2_finishes_without_rerunning_stage_1(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    async with sidecar_process(port, tmp_path, ENV) as first:
+        workers.append(
+            await ScriptedWorker.spawn(address, "--agent", "stage*", "--sleep", "1.0", "--answer", "ok")
+        )
+        async with Client(address) as client:
+            handle = await client.start_run(pipeline([agent("stage1"), agent("stage2"), agent("stage3")], "draft"))
+            await events_until(client, handle.run_id, 2, kind="agent_started")
+        await _kill_and_restart(port, tmp_path, first, workers)
+    assert journaled_steps(tmp_path, handle.run_id) == {"pipeline/0"}
+    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        run = await asyncio.wait_for(client.wait(handle.run_id), 60)
+    assert run.status == SUCCEEDED, run.termination_detail
+    assert [name for generation, name in workers[0].started if generation == 1] == ["stage2", "stage3"]
+    assert run.result.pipeline.final_answer.startswith("ok from scripted: ")
+
+
+async def test_a_waiting_run_resumes_waiting_and_a_later_decision_completes_it(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    spec = agent("deployer", tools=["deploy"])
+    async with sidecar_process(port, tmp_path, ENV) as first:
+        workers.append(await ScriptedWorker.spawn(address, "--agent", "deployer", "--suspend", "deploy"))
+        async with Client(address) as client:
+            handle = await client.start_run(single(spec, "prod"), agent_id="ops")
+            while (await client.get_run(handle.run_id)).status != WAITING:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)  # the WAITING record is committed (flush 20 ms)
+        await _kill_and_restart(port, tmp_path, first, workers)
+    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        for _ in range(200):
+            if (await client.get_run(handle.run_id)).status == WAITING:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.get_run(handle.run_id)).status == WAITING
+        await client.submit_decisions(resume("deployer-call", "go"), run_id=handle.run_id, agent_id="ops")
+        run = await asyncio.wait_for(client.wait(handle.run_id), 30)
+    assert run.status == SUCCEEDED, run.termination_detail
+    assert run.result.single.output.answer == "approved: go"
+
+
+async def test_a_run_that_opted_out_ends_sidecar_restarted(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    async with sidecar_process(port, tmp_path, ENV) as first:
+        workers.append(await ScriptedWorker.spawn(address, "--agent", "slow", "--sleep", "30"))
+        async with Client(address) as client:
+            kept = await client.start_run(single(agent("slow"), "t"))
+            request = client._start_request(single(agent("slow"), "t"), thread_id="other")
+            request.resume = False
+            opted_out = (await client.runs.StartRun(request)).run
+            await events_until(client, opted_out.run_id, 1, kind="agent_started")
+        await _kill_and_restart(port, tmp_path, first, workers)
+    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        ended = await client.get_run(opted_out.run_id)
+        assert (ended.status, ended.termination_reason) == (types_pb2.RUN_STATUS_FAILED, "sidecar_restarted")
+        assert (await client.get_run(kept.run_id)).status == types_pb2.RUN_STATUS_RUNNING
+        await client.cancel(kept.run_id)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_a_2000_item_map_reduce_killed_three_times_converges(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    items = [f"item-{i}" for i in range(2000)]
+    handle = None
+    for kill in range(4):
+        async with sidecar_process(port, tmp_path, ENV) as proc:
+            if not workers:
+                for n in range(2):
+                    workers.append(
+                        await ScriptedWorker.spawn(
+                            address, "--agent", "mapper", "--agent", "reducer", "--sleep", "0.01",
+                            "--max-in-flight", "16", "--worker-id", f"w{n}", "--answer", "done",
+                        )
+                    )
+            async with Client(address) as client:
+                if handle is None:
+                    handle = await client.start_run(
+                        map_reduce(agent("mapper"), agent("reducer"), "t", items, max_concurrent=32)
+                    )
+                if kill == 3:
+                    run = await asyncio.wait_for(client.wait(handle.run_id), 300)
+                    events = await all_events(client, handle.run_id)
+                    break
+                last_seq = (await client.get_run(handle.run_id)).last_seq
+                await events_until(client, handle.run_id, 300, after_seq=last_seq)
+            await _kill_and_restart(port, tmp_path, proc, workers)
+    assert handle is not None
+    assert run.status == SUCCEEDED, run.termination_detail
+    assert len(run.result.map_reduce.map_outputs) == len(items)
+    counts = finished_steps(events)
+    assert all(counts[f"map/{i}"] == 1 for i in range(len(items))), counts.most_common(3)
