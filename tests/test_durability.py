@@ -8,15 +8,11 @@ cannot be read back still starts."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
 import signal
-import socket
 import sqlite3
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,53 +26,12 @@ from carsvc.domain.journal import Journal
 from carsvc.server import Sidecar
 from carsvc.values import to_value
 from carsvc.worker import AgentContext, Worker
+from tests.procs import free_port, sidecar_process
 from tests.test_journal import poisoned_event
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def sidecar_process(
-    port: int, data_dir: Path, env: dict[str, str] | None = None, log: list[str] | None = None
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A real sidecar process on `data_dir`; its log lines go to `log`."""
-    lines = [] if log is None else log
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "carsvc", "serve", "--port", str(port), "--data-dir", str(data_dir),
-        "--heartbeat-interval-ms", "300", cwd=ROOT, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    stderr = proc.stderr
-    assert stderr is not None
-
-    async def read_log() -> None:
-        while line := await stderr.readline():
-            lines.append(line.decode(errors="replace"))
-
-    # Keep reading: a full pipe would stall the sidecar's logging, and with it the sidecar.
-    reader = asyncio.create_task(read_log())
-    try:
-        async with asyncio.timeout(30):
-            while not any("listening on" in line for line in lines):
-                assert not reader.done(), "the sidecar exited before listening:\n" + "".join(lines)
-                await asyncio.sleep(0.02)
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        await asyncio.wait_for(reader, 10)
 
 
 async def test_sigkill_and_restart_recovers_runs_state_and_reconnects(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     worker = Worker(address, worker_id="survivor", reconnect_max_delay=0.2)
     release = asyncio.Event()
@@ -222,7 +177,7 @@ KEEP_EVERY_RUN = {"CARSVC_FINISHED_RUN_RETENTION": "1000000"}
 async def _kill_under_load(tmp_path: Path, sync: str, seconds: float) -> tuple[Acknowledged, float, int]:
     """Loads a sidecar (state writers and runs of a worker answering at once)
     and SIGKILLs it; returns what was acknowledged, the kill's time and the port."""
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = {
         "CARSVC_JOURNAL_SYNC": sync,
@@ -314,7 +269,7 @@ async def test_sigkill_under_long_load_keeps_the_bound(tmp_path: Path, sync: str
 
 
 async def test_a_poisoned_event_in_the_journal_does_not_keep_the_sidecar_down(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     async with sidecar_process(port, tmp_path) as first, Client(address) as client:
         handle = await client.start_run(single(agent("nobody"), "t"), thread_id="poisoned")

@@ -17,21 +17,14 @@ import pytest
 from carsvc._proto.car.v1 import types_pb2
 from carsvc.client import Client, agent, single
 from carsvc.worker import AgentContext, Worker
+from tests.procs import ROOT, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = 100_000
 SAMPLE_EVERY = 10_000
 IN_FLIGHT = 64
 # Allocator noise on a ~200 MiB process: growth beyond this between the 50k and
 # 100k samples is a leak (it was +50 MiB before scopes and assignment ids were bounded).
 SLACK_MIB = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rss_mib(pid: int) -> float:
@@ -69,7 +62,7 @@ async def echo(ctx: AgentContext) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_rss_is_flat_between_50k_and_100k_sequential_runs() -> None:
-    port = _free_port()
+    port = free_port()
     async with sidecar_process(port) as proc:
         address = f"127.0.0.1:{port}"
         worker = Worker(address, max_in_flight=IN_FLIGHT)
