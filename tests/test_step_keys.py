@@ -1,23 +1,13 @@
 """Every agent a pattern runs has a step key: its place in the pattern
 (docs/patterns/README.md#step-keys). The keys are pinned here, run in-process
-against a dispatcher that answers at once and records each agent's key."""
+in a PatternEnvironment (carsvc/testing.py), whose dispatcher records each key."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
 
-from google.protobuf.message import Message
-
-from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2
-from carsvc.config import Settings
-from carsvc.domain.budget import CoordinationBudget
-from carsvc.domain.eventlog import RunEventLog
-from carsvc.domain.infra import RunInfra
-from carsvc.domain.mailbox import Mailbox
-from carsvc.domain.overlay import StateStore
+from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.domain.runtime import Pattern
-from carsvc.domain.workers import Dispatcher
 from carsvc.patterns.adversarial_review import AdversarialReview
 from carsvc.patterns.advisor import Advisor
 from carsvc.patterns.delegator import Delegator
@@ -30,55 +20,34 @@ from carsvc.patterns.supervisor import Supervisor
 from carsvc.patterns.swarm import Swarm
 from carsvc.patterns.tournament import Tournament
 from carsvc.patterns.vote import Vote
+from carsvc.testing import PatternEnvironment, ScriptedAgent
 
-AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
 
 
-class StepRecorder:
-    """A dispatcher stand-in: each agent answers `answers.get(name, "ok")` at
-    once; before answering, an agent at a step in `calls` makes those runtime
-    calls. The step keys are recorded in the order the agents start."""
+Calls = Callable[[ScriptedAgent], Awaitable[object]]
 
-    def __init__(
-        self, answers: dict[str, str] | None = None, calls: dict[str, Sequence[tuple[str, Message]]] | None = None
-    ) -> None:
+
+class StepRecorder:
+    """The script: each agent answers `answers.get(name, "ok")`; before
+    answering, an agent at a step in `calls` makes its runtime calls."""
+
+    def __init__(self, answers: dict[str, str] | None = None, calls: dict[str, Calls] | None = None) -> None:
         self.answers = answers or {}
         self.calls = calls or {}
-        self.steps: list[str] = []
 
-    async def execute(self, spec: AgentSpec, task: str, **kw: Any) -> AgentOutput:
-        agent = kw["observer"]
-        self.steps.append(agent.step)
-        for op, call in self.calls.get(agent.step, ()):
-            await agent.infra.hooks[op](agent, call)
-        return AgentOutput(name=spec.name, answer=self.answers.get(spec.name, "ok"))
-
-    def run_ended(self, run_id: str) -> None:
-        pass
-
-
-DEFAULTS = Settings()
+    async def __call__(self, agent: ScriptedAgent) -> str:
+        if agent.step in self.calls:
+            await self.calls[agent.step](agent)
+        return self.answers.get(agent.name, "ok")
 
 
 async def steps_of(pattern: Pattern, recorder: StepRecorder | None = None) -> list[str]:
-    recorder = recorder or StepRecorder()
-    infra = RunInfra(
-        run_id="run",
-        thread_id="thread",
-        state=StateStore(),
-        budget=CoordinationBudget(),
-        events=RunEventLog("run", 10_000),
-        mailbox=Mailbox(),
-        dispatcher=cast(Dispatcher, recorder),
-        mailbox_recv_timeout=DEFAULTS.mailbox_recv_timeout_s,
-        suspension_timeout=DEFAULTS.suspension_timeout_s,
-        max_unmatched_decisions=DEFAULTS.max_unmatched_decisions,
-        agent_timeout=None,
-    )
-    await pattern.run(infra)
-    assert len(set(recorder.steps)) == len(recorder.steps), recorder.steps
-    return recorder.steps
+    env = PatternEnvironment(recorder or StepRecorder())
+    await env.run(pattern)
+    steps = env.dispatcher.steps
+    assert len(set(steps)) == len(steps), steps
+    return steps
 
 
 def agents(*names: str) -> list[AgentSpec]:
@@ -133,19 +102,25 @@ async def test_supervisor_rounds_review_and_tournament_matches() -> None:
 
 async def test_runtime_calls_key_the_agents_they_start() -> None:
     main, s1, s2 = agents("main", "s1", "s2")
-    delegations: list[tuple[str, Message]] = [
-        ("delegate", worker_pb2.DelegateCall(specialist="s1", subtask="x")),
-        ("delegate", worker_pb2.DelegateCall(specialist="s2", subtask="y")),
-        ("delegate", worker_pb2.DelegateCall(specialist="s1", subtask="z")),
-    ]
+
+    async def delegations(agent: ScriptedAgent) -> None:
+        for specialist, subtask in (("s1", "x"), ("s2", "y"), ("s1", "z")):
+            await agent.delegate(specialist, subtask)
+
     steps = await steps_of(Delegator(main, [s1, s2], "t"), StepRecorder(calls={"main": delegations}))
     assert steps == ["main", "delegate/s1/0", "delegate/s2/0", "delegate/s1/1"]
 
-    spawns: list[tuple[str, Message]] = [("spawn_subtask", worker_pb2.SpawnSubtaskCall(task="x"))] * 2
+    async def spawns(agent: ScriptedAgent) -> None:
+        for task in ("x", "y"):
+            await agent.spawn_subtask(task)
+
     steps = await steps_of(SpawnSubtask(main, "t"), StepRecorder(calls={"main": spawns}))
     assert steps == ["main", "spawn/main/0", "spawn/main/1"]
 
-    consults: list[tuple[str, Message]] = [("consult_advisor", worker_pb2.ConsultAdvisorCall(prompt="p"))] * 2
+    async def consults(agent: ScriptedAgent) -> None:
+        for _ in range(2):
+            await agent.consult_advisor("p")
+
     advised, advisor = agents("agent", "advisor")
     steps = await steps_of(Advisor(advised, advisor, "t", max_uses=2), StepRecorder(calls={"agent": consults}))
     assert steps == ["agent", "advisor/0", "advisor/1"]

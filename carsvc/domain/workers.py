@@ -258,6 +258,14 @@ def cancelled_output(name: str, reason: str) -> AgentOutput:
     return AgentOutput(name=name, error=f"cancelled: {reason}")
 
 
+def lost_output(name: str, worker_id: str, reason: str, attempt: int, max_attempts: int) -> AgentOutput:
+    """The output of an assignment whose worker was lost on its last attempt."""
+    return AgentOutput(
+        name=name,
+        error=f"worker '{worker_id}' was lost ({reason}) on attempt {attempt} of {max_attempts}; giving up",
+    )
+
+
 def timed_out_output(name: str, seconds: float) -> AgentOutput:
     out = AgentOutput(name=name, error=f"timed out after {seconds:g}s")
     out.outcome.status = types_pb2.OUTCOME_STATUS_TIMEOUT
@@ -420,16 +428,7 @@ class Dispatcher:
                     a.run_id, a.assignment_id, a.spec.name, a.attempt, self.max_attempts, extra=where,
                 )
                 self._retire(a, Ending.LOST)
-                self._resolve(
-                    a,
-                    AgentOutput(
-                        name=a.spec.name,
-                        error=(
-                            f"worker '{session.worker_id}' was lost ({reason}) on attempt "
-                            f"{a.attempt} of {self.max_attempts}; giving up"
-                        ),
-                    ),
-                )
+                self._resolve(a, lost_output(a.spec.name, session.worker_id, reason, a.attempt, self.max_attempts))
                 continue
             log.info(
                 "run %s: assignment %s (%s) re-dispatched as attempt %d",
