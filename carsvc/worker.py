@@ -544,6 +544,9 @@ class Worker:
                 if frame.welcome.heartbeat_interval_ms:
                     # Send well within the interval so one slow frame never lapses us.
                     link.heartbeat_s = frame.welcome.heartbeat_interval_ms / 1000 / 2
+                    # The frame writer waits with the interval it had before the welcome
+                    # (5 s): wake it, so a sidecar with a shorter one never sees us lapse.
+                    link.outbox.ready.set()
                 self.connected.set()
             for assignment in frame.assignments:
                 self._start(link, assignment)

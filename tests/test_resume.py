@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from carsvc._proto.car.v1 import events_pb2, types_pb2
-from carsvc.client import Client, agent, map_reduce, pipeline, resume, single
+from carsvc.client import Client, agent, map_reduce, pipeline, resume, single, supervisor
+from carsvc.patterns.answers import answer_lines
 from tests.procs import ScriptedWorker, free_port, sidecar_process
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
@@ -212,3 +213,151 @@ async def test_a_2000_item_map_reduce_killed_three_times_converges(
     assert len(run.result.map_reduce.map_outputs) == len(items)
     counts = finished_steps(events)
     assert all(counts[f"map/{i}"] == 1 for i in range(len(items))), counts.most_common(3)
+
+
+class CancelSeeingWorker(ScriptedWorker):
+    """A ScriptedWorker that also collects the reason of every AssignmentCancel
+    it got ("cancelled <assignment_id> <reason>" lines)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.cancels: list[tuple[str, str]] = []
+        super().__init__(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            words = line.decode().split(maxsplit=2)
+            if words[:1] == ["ready"]:
+                self.ready.set()
+            elif words[:1] == ["started"] and len(words) >= 3:
+                self.started.append((self.generation, words[2].strip()))
+            elif words[:1] == ["cancelled"] and len(words) >= 2:
+                self.cancels.append((words[1], words[2].strip() if len(words) > 2 else ""))
+
+
+async def test_a_supervisor_killed_in_round_2_finishes_without_rerunning_round_1(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    request = supervisor([agent("writer-a"), agent("writer-b")], agent("editor"), "notes", max_rounds=3)
+    async with sidecar_process(port, tmp_path, ENV) as first:
+        # The editor's review depends on the round its task names: round 1 is sent back, round 2 approved.
+        worker = await ScriptedWorker.spawn(
+            address, "--agent", "writer*", "--agent", "editor", "--sleep", "1.0", "--max-in-flight", "4",
+            "--answer", "draft", "--reply-when", "Round 1 of 3", "NOT APPROVED: add the dates",
+            "--reply-when", "Round 2 of 3", "APPROVED",
+        )
+        workers.append(worker)
+        async with Client(address) as client:
+            handle = await client.start_run(request)
+            # Round 2's workers were dispatched (agent_started 4 of 2 + 1 + 2)...
+            await events_until(client, handle.run_id, 4, kind="agent_started")
+        # ... and got their assignments: the kill lands while they run.
+        while len(worker.started) < 5:
+            await asyncio.sleep(0.02)
+        await _kill_and_restart(port, tmp_path, first, workers)
+    assert journaled_steps(tmp_path, handle.run_id) == {
+        "supervisor/round-1/worker-0", "supervisor/round-1/worker-1", "supervisor/round-1/review"
+    }
+    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        run = await asyncio.wait_for(client.wait(handle.run_id), 60)
+        events = await all_events(client, handle.run_id)
+    assert run.status == SUCCEEDED, run.termination_detail
+    # Round 1's workers and review replayed from the journal; only round 2 went to workers again.
+    assert sorted(name for generation, name in worker.started if generation == 1) == ["editor", "writer-a", "writer-b"]
+    result = run.result.supervisor
+    assert (result.approved, result.total_rounds) == (True, 2)
+    assert [r.review.answer for r in result.rounds] == ["NOT APPROVED: add the dates", "APPROVED"]
+    assert list(result.supervisor_feedback) == ["NOT APPROVED: add the dates", "APPROVED"]
+    assert [o.answer for o in result.rounds[0].outputs] == ["draft from scripted: notes"] * 2
+    for output in result.rounds[1].outputs:  # revised with round 1's (replayed) answer and feedback
+        assert output.answer.startswith("draft from scripted: notes\n\nYour previous answer:\ndraft from scripted")
+        assert "Supervisor feedback:\nNOT APPROVED: add the dates" in output.answer
+    assert result.final_answer == answer_lines(result.rounds[1].outputs)
+    counts = finished_steps(events)
+    assert counts == Counter(
+        f"supervisor/round-{r}/{s}" for r in (1, 2) for s in ("worker-0", "worker-1", "review")
+    ), counts
+
+
+async def test_a_graceful_stop_parks_resumable_runs_and_cancels_runs_that_opted_out(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    env = {**ENV, "CARSVC_SHUTDOWN_GRACE_S": "0.3"}
+    async with sidecar_process(port, tmp_path, env) as first:
+        worker = await CancelSeeingWorker.spawn(
+            address, "--agent", "slow", "--sleep", "2.0", "--max-in-flight", "4", "--answer", "ok"
+        )
+        assert isinstance(worker, CancelSeeingWorker)
+        workers.append(worker)
+        async with Client(address) as client:
+            kept = await client.start_run(single(agent("slow"), "kept"), thread_id="t")
+            queued = await client.start_run(single(agent("slow"), "queued"), thread_id="t", on_busy="enqueue")
+            request = client._start_request(single(agent("slow"), "dropped"), thread_id="other")
+            request.resume = False
+            opted_out = (await client.runs.StartRun(request)).run
+            while len(worker.started) < 2:
+                await asyncio.sleep(0.02)
+        first.terminate()
+        assert await asyncio.wait_for(first.wait(), 30) == 0
+        worker.generation += 1
+    kept_cancels = [reason for assignment, reason in worker.cancels if assignment.startswith(kept.run_id)]
+    dropped_cancels = [reason for assignment, reason in worker.cancels if assignment.startswith(opted_out.run_id)]
+    assert kept_cancels == ["the sidecar is restarting; the run resumes after it"]
+    assert dropped_cancels == ["the sidecar is shutting down"]
+    async with sidecar_process(port, tmp_path, env), Client(address) as client:
+        ended = await client.get_run(opted_out.run_id)
+        assert (ended.status, ended.termination_reason, ended.termination_detail) == (
+            types_pb2.RUN_STATUS_CANCELLED, "cancelled", "the sidecar is shutting down"
+        )
+        # A run queued behind the parked one stays queued (PENDING) and runs after it.
+        run = await asyncio.wait_for(client.wait(kept.run_id), 60)
+        after = await asyncio.wait_for(client.wait(queued.run_id), 60)
+        events = await all_events(client, kept.run_id)
+    assert run.status == SUCCEEDED, run.termination_detail
+    assert run.result.single.output.answer == "ok from scripted: kept"
+    assert after.status == SUCCEEDED, after.termination_detail
+    assert after.result.single.output.answer == "ok from scripted: queued"
+    assert after.started_unix_ms >= run.finished_unix_ms
+    assert [name for generation, name in worker.started if generation == 1] == ["slow", "slow"]
+    reasons = [e.status_changed.reason for e in events if e.WhichOneof("kind") == "status_changed"]
+    assert reasons == ["resumed after the sidecar restarted"]
+    assert finished_steps(events) == Counter({"single": 1})
+
+
+async def test_a_graceful_stop_of_a_waiting_run_cancels_its_agent_and_it_resumes_waiting(
+    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+) -> None:
+    address = f"127.0.0.1:{port}"
+    env = {**ENV, "CARSVC_SHUTDOWN_GRACE_S": "0.3"}
+    spec = agent("deployer", tools=["deploy"])
+    async with sidecar_process(port, tmp_path, env) as first:
+        worker = await CancelSeeingWorker.spawn(address, "--agent", "deployer", "--suspend", "deploy")
+        assert isinstance(worker, CancelSeeingWorker)
+        workers.append(worker)
+        async with Client(address) as client:
+            handle = await client.start_run(single(spec, "prod"), agent_id="ops")
+            while (await client.get_run(handle.run_id)).status != WAITING:
+                await asyncio.sleep(0.05)
+        first.terminate()
+        assert await asyncio.wait_for(first.wait(), 30) == 0
+        worker.generation += 1
+    # The agent is cancelled for the restart; it is not handed a decision nobody made.
+    assert worker.cancels == [(f"{handle.run_id}:single", "the sidecar is restarting; the run resumes after it")]
+    async with sidecar_process(port, tmp_path, env), Client(address) as client:
+        for _ in range(200):
+            if (await client.get_run(handle.run_id)).status == WAITING:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.get_run(handle.run_id)).status == WAITING
+        await client.submit_decisions(resume("deployer-call", "go"), run_id=handle.run_id, agent_id="ops")
+        run = await asyncio.wait_for(client.wait(handle.run_id), 30)
+        events = await all_events(client, handle.run_id)
+    assert run.status == SUCCEEDED, run.termination_detail
+    assert run.result.single.output.answer == "approved: go"
+    reasons = [e.status_changed.reason for e in events if e.WhichOneof("kind") == "status_changed"]
+    assert reasons == [
+        "a tool call waits for a decision", "resumed after the sidecar restarted", "a tool call waits for a decision",
+        "every tool call has its decision",
+    ]

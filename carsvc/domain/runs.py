@@ -622,8 +622,8 @@ class RunManager:
         queue = self._queued_by_thread.get(thread_id)
         while queue:
             nxt = queue.popleft()
-            if nxt.status != PENDING:
-                continue
+            if nxt.status != PENDING or nxt.parked:
+                continue  # parked: the sidecar is stopping, it starts after the restart
             if not queue:
                 del self._queued_by_thread[thread_id]
             if not self.dispatcher.awaiting_acknowledgement(previous.run_id):
@@ -636,7 +636,7 @@ class RunManager:
 
     async def _launch_after_acks(self, previous_run_id: str, nxt: RunRecord) -> None:
         await self.dispatcher.wait_acknowledged(previous_run_id, self.settings.cancel_ack_timeout)
-        if nxt.status == PENDING and self._active_by_thread.get(nxt.thread_id) is nxt:
+        if nxt.status == PENDING and not nxt.parked and self._active_by_thread.get(nxt.thread_id) is nxt:
             self._launch(nxt)
 
     def _retain(self, record: RunRecord) -> None:
@@ -859,7 +859,9 @@ class RunManager:
         for r in active:
             if r.finished or r.ending:
                 continue
-            if r.resumable and r.task is not None and not r.task.done():
+            if r.resumable and r.status == PENDING and r.task is None:
+                r.parked = True  # queued: it stays PENDING in the journal and starts after the restart
+            elif r.resumable and r.task is not None and not r.task.done():
                 self._park(r)
             else:
                 self._request_cancel(r, "the sidecar is shutting down")
