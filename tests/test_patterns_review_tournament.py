@@ -1,4 +1,5 @@
-"""Adversarial review and tournament runs over real workers. Conformance items 26-30."""
+"""Adversarial review and tournament runs: over real workers (the wire), and
+in-process against scripted agents (the patterns' logic). Conformance items 26-30."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from carsvc.client import Client, adversarial_review, agent, tournament
 from carsvc.patterns.adversarial_review import INCONCLUSIVE_EVIDENCE_CAP, parse_findings
 from carsvc.patterns.prompts import REVIEW_TASK, TOURNAMENT_JUDGE_TASK
 from carsvc.patterns.tournament import parse_verdict
+from carsvc.testing import PatternEnvironment, ScriptedAgent
 from carsvc.worker import AgentContext
 from tests.conftest import Workers
 
@@ -76,15 +78,10 @@ async def test_reviewer_sees_only_the_work_and_the_criteria(client: Client, work
     assert result.reviewer_output.name == "critic"
 
 
-async def test_unparseable_review_is_one_capped_inconclusive_finding(client: Client, workers: Workers) -> None:
+async def test_unparseable_review_is_one_capped_inconclusive_finding() -> None:
     """Item 29."""
     rambling = "I think it is mostly fine " * 200
-
-    async def reviewer(ctx: AgentContext) -> str:
-        return rambling
-
-    await workers.start({"critic": reviewer})
-    run = await client.run(adversarial_review(agent("critic"), "work", ["correct"]))
+    run = await PatternEnvironment({"critic": rambling}).run(adversarial_review(agent("critic"), "work", ["correct"]))
     assert run.status == SUCCEEDED
     result = run.result.adversarial_review
     (finding,) = result.findings
@@ -104,27 +101,20 @@ async def test_unparseable_review_is_one_capped_inconclusive_finding(client: Cli
         ({"criterion": "safe", "passed": True, "severity": "major"}, None, True),
     ],
 )
-async def test_fail_on_blockers(
-    client: Client, workers: Workers, finding: dict[str, object], fail_on_blockers: bool | None, passed: bool
-) -> None:
+async def test_fail_on_blockers(finding: dict[str, object], fail_on_blockers: bool | None, passed: bool) -> None:
     """Item 30."""
-
-    async def reviewer(ctx: AgentContext) -> str:
-        return review_json(finding)
-
-    await workers.start({"critic": reviewer})
-    run = await client.run(adversarial_review(agent("critic"), "w", ["safe"], fail_on_blockers=fail_on_blockers))
+    env = PatternEnvironment({"critic": review_json(finding)})
+    run = await env.run(adversarial_review(agent("critic"), "w", ["safe"], fail_on_blockers=fail_on_blockers))
     result = run.result.adversarial_review
     assert result.passed is passed
     assert result.blockers == (1 if finding["severity"] == "blocker" else 0)
 
 
-async def test_failed_reviewer_fails_the_run(client: Client, workers: Workers) -> None:
-    async def reviewer(ctx: AgentContext) -> str:
+async def test_failed_reviewer_fails_the_run() -> None:
+    def reviewer(agent: ScriptedAgent) -> str:
         raise RuntimeError("reviewer crashed")
 
-    await workers.start({"critic": reviewer})
-    run = await client.run(adversarial_review(agent("critic"), "w", ["c"]))
+    run = await PatternEnvironment(reviewer).run(adversarial_review(agent("critic"), "w", ["c"]))
     assert run.status == FAILED and run.termination_reason == "agent_failed"
     (finding,) = run.result.adversarial_review.findings
     assert finding.severity == P.SEVERITY_INCONCLUSIVE
@@ -185,38 +175,32 @@ async def test_bracket_with_byes_fresh_judges_and_ranking(client: Client, worker
     )
 
 
-async def test_failed_candidates_skip_the_bracket_and_unclear_verdicts_favour_the_left(
-    client: Client, workers: Workers
-) -> None:
-    async def competitor(ctx: AgentContext) -> str:
-        if ctx.name == "bad":
+async def test_failed_candidates_skip_the_bracket_and_unclear_verdicts_favour_the_left() -> None:
+    def script(agent: ScriptedAgent) -> str:
+        if agent.name == "bad":
             raise RuntimeError("no answer")
-        return ctx.name
+        return "they are both lovely" if agent.agent == "judge" else agent.name
 
-    async def judge(ctx: AgentContext) -> str:
-        return "they are both lovely"
-
-    await workers.start({"good*": competitor, "bad": competitor, "judge": judge}, max_in_flight=3)
-    run = await client.run(tournament([agent("bad"), agent("good1"), agent("good2")], agent("judge"), "t"))
+    env = PatternEnvironment(script)
+    run = await env.run(tournament([agent("bad"), agent("good1"), agent("good2")], agent("judge"), "t"))
     result = run.result.tournament
     (match,) = result.matches
     assert (match.left, match.right, match.winner) == ("good1", "good2", "good1")
     assert match.note == "unparseable verdict 'they are both lovely'; the left candidate wins"
     assert list(result.ranking) == ["good1", "good2", "bad"]
     # A single candidate wins without a match.
-    run = await client.run(tournament([agent("good9")], agent("judge"), "t"))
+    run = await env.run(tournament([agent("good9")], agent("judge"), "t"))
     assert run.status == SUCCEEDED
     assert run.result.tournament.winner_name == "good9" and not run.result.tournament.matches
 
 
-async def test_no_candidate_means_no_winner(client: Client, workers: Workers) -> None:
+async def test_no_candidate_means_no_winner() -> None:
     """Item 27: no competitor answer -> empty winner_name."""
 
-    async def competitor(ctx: AgentContext) -> str:
+    def down(agent: ScriptedAgent) -> str:
         raise RuntimeError("down")
 
-    await workers.start({"*": competitor}, max_in_flight=2)
-    run = await client.run(tournament([agent("a"), agent("b")], agent("judge"), "t"))
+    run = await PatternEnvironment(down).run(tournament([agent("a"), agent("b")], agent("judge"), "t"))
     assert run.status == FAILED and run.termination_reason == "agent_failed"
     assert run.result.tournament.winner_name == "" and not run.result.tournament.matches
     assert list(run.result.tournament.ranking) == ["a", "b"]

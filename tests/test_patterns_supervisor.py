@@ -1,4 +1,5 @@
-"""Supervisor runs over real workers. Conformance items 17-19."""
+"""Supervisor runs: over real workers (the wire), and in-process against
+scripted agents (the pattern's logic). Conformance items 17-19."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from carsvc._proto.car.v1 import types_pb2
 from carsvc.client import Client, agent, supervisor
 from carsvc.patterns.prompts import SUPERVISOR_REVIEW_TASK, SUPERVISOR_REVISE_TASK
 from carsvc.patterns.supervisor import is_approved
+from carsvc.testing import PatternEnvironment, ScriptedAgent
 from carsvc.worker import AgentContext
 from tests.conftest import Workers
 
@@ -62,51 +64,39 @@ async def test_stops_at_the_first_approval_and_feeds_back_between_rounds(client:
     )
 
 
-async def test_never_approved_runs_exactly_max_rounds(client: Client, workers: Workers) -> None:
+# -- in-process (carsvc.testing): the pattern's logic, no wire -------------------------------
+
+
+async def test_never_approved_runs_exactly_max_rounds() -> None:
     """Item 18: default 3 rounds, approved=false, and the run still succeeds."""
-    reviews = 0
-
-    async def writer(ctx: AgentContext) -> str:
-        return "draft"
-
-    async def boss(ctx: AgentContext) -> str:
-        nonlocal reviews
-        reviews += 1
-        return "NOT APPROVED: try again"
-
-    await workers.start({"w": writer, "boss": boss}, max_in_flight=2)
-    run = await client.run(supervisor([agent("w")], agent("boss"), "t"))
+    script = {"w": "draft", "boss": "NOT APPROVED: try again"}
+    env = PatternEnvironment(script)
+    run = await env.run(supervisor([agent("w")], agent("boss"), "t"))
     assert run.status == SUCCEEDED
     result = run.result.supervisor
     assert not result.approved
-    assert result.total_rounds == 3 and reviews == 3
+    assert result.total_rounds == 3 and len(env.dispatcher.tasks("boss")) == 3
     assert len(result.supervisor_feedback) == 3
     assert result.final_answer == "draft"  # one worker: its answer as is
-    reviews = 0
-    run = await client.run(supervisor([agent("w")], agent("boss"), "t", max_rounds=1))
-    assert run.result.supervisor.total_rounds == 1 and reviews == 1
+    env = PatternEnvironment(script)
+    run = await env.run(supervisor([agent("w")], agent("boss"), "t", max_rounds=1))
+    assert run.result.supervisor.total_rounds == 1 and len(env.dispatcher.tasks("boss")) == 1
 
 
-async def test_failed_worker_is_shown_to_the_supervisor_and_failed_review_ends_the_loop(
-    client: Client, workers: Workers
-) -> None:
-    review_tasks: list[str] = []
-
-    async def writer(ctx: AgentContext) -> str:
-        if ctx.name == "bad":
+async def test_failed_worker_is_shown_to_the_supervisor_and_failed_review_ends_the_loop() -> None:
+    def script(agent: ScriptedAgent) -> str:
+        if agent.name == "bad":
             raise RuntimeError("writer's block")
+        if agent.name == "boss":
+            raise RuntimeError("supervisor offline")
         return "text"
 
-    async def boss(ctx: AgentContext) -> str:
-        review_tasks.append(ctx.task)
-        raise RuntimeError("supervisor offline")
-
-    await workers.start({"good": writer, "bad": writer, "boss": boss}, max_in_flight=3)
-    run = await client.run(supervisor([agent("good"), agent("bad")], agent("boss"), "t"))
+    env = PatternEnvironment(script)
+    run = await env.run(supervisor([agent("good"), agent("bad")], agent("boss"), "t"))
     assert run.status == SUCCEEDED  # the workers' answers stand; approved=false
     result = run.result.supervisor
     assert not result.approved and result.total_rounds == 1
     assert result.rounds[0].review.error == "RuntimeError: supervisor offline"
     assert list(result.supervisor_feedback) == []
     assert result.final_answer == "- [good] text"
-    assert "- [bad] (no answer: RuntimeError: writer's block)" in review_tasks[0]
+    assert "- [bad] (no answer: RuntimeError: writer's block)" in env.dispatcher.tasks("boss")[0]

@@ -1,13 +1,16 @@
-"""Swarm (parallel, sequential, debate, isolated) and pipeline runs, served by
-real workers over real streams. Conformance items 11-14 and 16."""
+"""Swarm (parallel, sequential, debate, isolated) and pipeline runs: served by
+real workers over real streams (the wire), and in-process against scripted
+agents (the patterns' logic). Conformance items 11-14 and 16."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from carsvc._proto.car.v1 import state_pb2, types_pb2
 from carsvc.client import Client, agent, pipeline, swarm
 from carsvc.patterns.prompts import DEBATE_JUDGE_TASK, DEBATE_REVISE_TASK, SEQUENTIAL_TASK, SYNTHESIZE_TASK
+from carsvc.testing import PatternEnvironment, Script, ScriptedAgent
 from carsvc.worker import AgentContext
 from tests.conftest import Workers
 
@@ -48,95 +51,6 @@ async def test_parallel_swarm_runs_at_once_keeps_agent_order_and_synthesizes(
     )
     assert result.final_summary == "synthesis"
     assert result.synthesizer_output.answer == "synthesis"
-
-
-async def test_parallel_swarm_without_synthesizer_labels_the_answers(client: Client, workers: Workers) -> None:
-    async def expert(ctx: AgentContext) -> str:
-        if ctx.name == "b":
-            raise RuntimeError("no idea")
-        return f"{ctx.name} says hi"
-
-    await workers.start({"*": expert}, max_in_flight=3)
-    run = await client.run(swarm([agent("a"), agent("b"), agent("c")], "t"))
-    assert run.status == SUCCEEDED  # one failure is inside the result
-    assert run.result.swarm.final_summary == "- [a] a says hi\n- [c] c says hi"
-    assert run.result.swarm.outputs[1].error == "RuntimeError: no idea"
-    assert not run.result.swarm.HasField("synthesizer_output")
-
-
-async def test_sequential_swarm_carries_earlier_answers(client: Client, workers: Workers) -> None:
-    """Item 11: agent k's task holds the answers of agents 0..k-1 (failed ones have none)."""
-    tasks: dict[str, str] = {}
-
-    async def step(ctx: AgentContext) -> str:
-        tasks[ctx.name] = ctx.task
-        if ctx.name == "c":
-            raise RuntimeError("c broke")
-        return f"{ctx.name}-answer"
-
-    await workers.start({"*": step})
-    run = await client.run(swarm([agent("a"), agent("b"), agent("c"), agent("d")], "write", mode="sequential"))
-    assert run.status == SUCCEEDED
-    assert tasks["a"] == "write"
-    assert tasks["b"] == SEQUENTIAL_TASK.format(task="write", answers="- [a] a-answer")
-    assert tasks["b"] == "write\n\nAnswers so far, from the agents before you:\n- [a] a-answer\n\nBuild on them."
-    assert tasks["c"] == SEQUENTIAL_TASK.format(task="write", answers="- [a] a-answer\n- [b] b-answer")
-    assert tasks["d"] == tasks["c"]  # c failed: nothing of it is carried
-    # Without a synthesizer, the summary is the last succeeded answer.
-    assert run.result.swarm.final_summary == "d-answer"
-
-
-async def test_sequential_swarm_runs_one_agent_at_a_time(client: Client, workers: Workers) -> None:
-    running = 0
-    peak = 0
-
-    async def step(ctx: AgentContext) -> str:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.01)
-        running -= 1
-        return "ok"
-
-    await workers.start({"*": step}, max_in_flight=4)
-    run = await client.run(swarm([agent("a"), agent("b"), agent("c")], "t", mode="sequential"))
-    assert run.status == SUCCEEDED and peak == 1
-
-
-async def test_debate_second_round_sees_the_others_and_judge_decides(client: Client, workers: Workers) -> None:
-    """Item 13: round 2 tasks hold the other agents' round-1 answers; the judge's
-    answer is the final summary; both rounds are in the result."""
-    tasks: dict[str, list[str]] = {}
-
-    async def debater(ctx: AgentContext) -> str:
-        tasks.setdefault(ctx.name, []).append(ctx.task)
-        return f"{ctx.name} round {len(tasks[ctx.name])}"
-
-    async def judge(ctx: AgentContext) -> str:
-        tasks.setdefault(ctx.name, []).append(ctx.task)
-        return "pro wins"
-
-    await workers.start({"pro": debater, "con": debater, "judge": judge}, max_in_flight=3)
-    debate = swarm([agent("pro"), agent("con")], "is tea better?", mode="debate", synthesizer=agent("judge"))
-    run = await client.run(debate)
-    assert run.status == SUCCEEDED
-    result = run.result.swarm
-    assert [o.answer for o in result.first_round] == ["pro round 1", "con round 1"]
-    assert [o.answer for o in result.outputs] == ["pro round 2", "con round 2"]
-    assert tasks["pro"][0] == "is tea better?"  # round 1 is independent
-    assert tasks["pro"][1] == DEBATE_REVISE_TASK.format(
-        task="is tea better?", own="pro round 1", others="- [con] con round 1"
-    )
-    assert tasks["con"][1] == DEBATE_REVISE_TASK.format(
-        task="is tea better?", own="con round 1", others="- [pro] pro round 1"
-    )
-    assert tasks["judge"] == [
-        DEBATE_JUDGE_TASK.format(task="is tea better?", count=2, answers="- [pro] pro round 2\n- [con] con round 2")
-    ]
-    assert result.final_summary == "pro wins"
-    events = [e async for e in client.watch(run.run_id)]
-    roles = [e.agent_started.role for e in events if e.WhichOneof("kind") == "agent_started"]
-    assert roles == ["debate_round1", "debate_round1", "debate_round2", "debate_round2", "judge"]
 
 
 async def test_isolated_parallel_swarm_merges_only_succeeded_agents(client: Client, workers: Workers) -> None:
@@ -186,56 +100,6 @@ async def test_isolated_parallel_swarm_merges_only_succeeded_agents(client: Clie
     assert await client.get_state("iso", "c_only") is None  # discarded on failure
 
 
-async def test_isolated_sequential_swarm_later_agents_see_merged_writes(client: Client, workers: Workers) -> None:
-    async def first(ctx: AgentContext) -> str:
-        await ctx.state.set("draft", "v1")
-        return "wrote v1"
-
-    async def second(ctx: AgentContext) -> str:
-        return f"read {await ctx.state.get('draft')}"
-
-    await workers.start({"first": first, "second": second})
-    run = await client.run(
-        swarm([agent("first"), agent("second")], "t", mode="sequential", isolated=True), thread_id="seq-iso"
-    )
-    assert run.result.swarm.outputs[1].answer == "read v1"
-
-
-async def test_swarm_where_no_agent_answers_fails(client: Client, workers: Workers) -> None:
-    synth_ran = False
-
-    async def broken(ctx: AgentContext) -> str:
-        raise RuntimeError("down")
-
-    async def synth(ctx: AgentContext) -> str:
-        nonlocal synth_ran
-        synth_ran = True
-        return "?"
-
-    await workers.start({"x*": broken, "synth": synth}, max_in_flight=2)
-    run = await client.run(swarm([agent("x1"), agent("x2")], "t", synthesizer=agent("synth")))
-    assert run.status == FAILED
-    assert run.termination_reason == "agent_failed"
-    assert run.termination_detail == "no agents produced output"
-    assert len(run.result.swarm.outputs) == 2
-    assert not synth_ran
-
-
-async def test_failed_synthesizer_fails_the_swarm(client: Client, workers: Workers) -> None:
-    async def ok(ctx: AgentContext) -> str:
-        return "fine"
-
-    async def synth(ctx: AgentContext) -> str:
-        raise RuntimeError("synth crashed")
-
-    await workers.start({"a": ok, "synth": synth}, max_in_flight=2)
-    run = await client.run(swarm([agent("a")], "t", synthesizer=agent("synth")))
-    assert run.status == FAILED and run.termination_reason == "agent_failed"
-    assert run.termination_detail == "synthesizer 'synth' failed: RuntimeError: synth crashed"
-    assert run.result.swarm.final_summary == ""
-    assert run.result.swarm.outputs[0].answer == "fine"
-
-
 async def test_pipeline_chains_stages_and_reports_the_last_answer(client: Client, workers: Workers) -> None:
     """Item 16: final_answer is the last stage's answer when it succeeded;
     all_succeeded reflects every stage; a failed middle stage does not stop it."""
@@ -260,20 +124,6 @@ async def test_pipeline_chains_stages_and_reports_the_last_answer(client: Client
     # All stages fine: all_succeeded.
     run = await client.run(pipeline([agent("draft"), agent("polish")], "essay"))
     assert run.result.pipeline.all_succeeded and run.result.pipeline.final_answer == "<polish>"
-
-
-async def test_pipeline_whose_last_stage_fails_has_no_answer_and_fails(client: Client, workers: Workers) -> None:
-    async def stage(ctx: AgentContext) -> str:
-        if ctx.name == "last":
-            raise RuntimeError("nope")
-        return "fine"
-
-    await workers.start({"*": stage})
-    run = await client.run(pipeline([agent("first"), agent("last")], "t"))
-    assert run.status == FAILED and run.termination_reason == "agent_failed"
-    assert run.termination_detail == "last stage 'last' failed: RuntimeError: nope"
-    assert run.result.pipeline.final_answer == ""
-    assert run.result.pipeline.stages[0].answer == "fine"
 
 
 async def test_runtime_calls_act_in_the_calling_agents_scope(client: Client, workers: Workers) -> None:
@@ -309,3 +159,120 @@ async def test_runtime_calls_act_in_the_calling_agents_scope(client: Client, wor
     response = await client.state.Get(state_pb2.GetRequest(scope="scope", key="a_only"))
     assert response.writer == "a"
 
+
+# -- in-process (carsvc.testing): the patterns' logic, no wire -------------------------------
+
+
+def failing(*names: str, answer: Callable[[ScriptedAgent], str] = lambda a: f"{a.name} says hi") -> Script:
+    def script(agent: ScriptedAgent) -> str:
+        if agent.name in names:
+            raise RuntimeError(f"{agent.name} broke")
+        return answer(agent)
+
+    return script
+
+
+async def test_parallel_swarm_without_synthesizer_labels_the_answers() -> None:
+    run = await PatternEnvironment(failing("b")).run(swarm([agent("a"), agent("b"), agent("c")], "t"))
+    assert run.status == SUCCEEDED  # one failure is inside the result
+    assert run.result.swarm.final_summary == "- [a] a says hi\n- [c] c says hi"
+    assert run.result.swarm.outputs[1].error == "RuntimeError: b broke"
+    assert not run.result.swarm.HasField("synthesizer_output")
+
+
+async def test_sequential_swarm_carries_earlier_answers() -> None:
+    """Item 11: agent k's task holds the answers of agents 0..k-1 (failed ones have none)."""
+    env = PatternEnvironment(failing("c", answer=lambda a: f"{a.name}-answer"))
+    run = await env.run(swarm([agent("a"), agent("b"), agent("c"), agent("d")], "write", mode="sequential"))
+    assert run.status == SUCCEEDED
+    tasks = {n: env.dispatcher.tasks(n)[0] for n in "abcd"}
+    assert tasks["a"] == "write"
+    assert tasks["b"] == SEQUENTIAL_TASK.format(task="write", answers="- [a] a-answer")
+    assert tasks["b"] == "write\n\nAnswers so far, from the agents before you:\n- [a] a-answer\n\nBuild on them."
+    assert tasks["c"] == SEQUENTIAL_TASK.format(task="write", answers="- [a] a-answer\n- [b] b-answer")
+    assert tasks["d"] == tasks["c"]  # c failed: nothing of it is carried
+    # Without a synthesizer, the summary is the last succeeded answer.
+    assert run.result.swarm.final_summary == "d-answer"
+
+
+async def test_sequential_swarm_runs_one_agent_at_a_time() -> None:
+    running = 0
+    peak = 0
+
+    async def step(agent: ScriptedAgent) -> str:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0)
+        running -= 1
+        return "ok"
+
+    run = await PatternEnvironment(step).run(swarm([agent("a"), agent("b"), agent("c")], "t", mode="sequential"))
+    assert run.status == SUCCEEDED and peak == 1
+
+
+async def test_debate_second_round_sees_the_others_and_judge_decides() -> None:
+    """Item 13: round 2 tasks hold the other agents' round-1 answers; the judge's
+    answer is the final summary; both rounds are in the result."""
+    env = PatternEnvironment(
+        lambda a: "pro wins" if a.name == "judge" else f"{a.name} round {len(env.dispatcher.tasks(a.name))}"
+    )
+    debate = swarm([agent("pro"), agent("con")], "is tea better?", mode="debate", synthesizer=agent("judge"))
+    run = await env.run(debate)
+    assert run.status == SUCCEEDED
+    result = run.result.swarm
+    assert [o.answer for o in result.first_round] == ["pro round 1", "con round 1"]
+    assert [o.answer for o in result.outputs] == ["pro round 2", "con round 2"]
+    pro, con = env.dispatcher.tasks("pro"), env.dispatcher.tasks("con")
+    assert pro[0] == "is tea better?"  # round 1 is independent
+    assert pro[1] == DEBATE_REVISE_TASK.format(task="is tea better?", own="pro round 1", others="- [con] con round 1")
+    assert con[1] == DEBATE_REVISE_TASK.format(task="is tea better?", own="con round 1", others="- [pro] pro round 1")
+    assert env.dispatcher.tasks("judge") == [
+        DEBATE_JUDGE_TASK.format(task="is tea better?", count=2, answers="- [pro] pro round 2\n- [con] con round 2")
+    ]
+    assert result.final_summary == "pro wins"
+    roles = [e.role for e in run.events_of("agent_started")]
+    assert roles == ["debate_round1", "debate_round1", "debate_round2", "debate_round2", "judge"]
+
+
+async def test_isolated_sequential_swarm_later_agents_see_merged_writes() -> None:
+    async def script(agent: ScriptedAgent) -> str:
+        if agent.name == "first":
+            await agent.state.set("draft", "v1")
+            return "wrote v1"
+        return f"read {await agent.state.get('draft')}"
+
+    env = PatternEnvironment(script)
+    run = await env.run(swarm([agent("first"), agent("second")], "t", mode="sequential", isolated=True))
+    assert run.result.swarm.outputs[1].answer == "read v1"
+    assert env.state.get("draft") is not None  # merged into the run's scope
+
+
+async def test_swarm_where_no_agent_answers_fails() -> None:
+    env = PatternEnvironment(failing("x1", "x2"))
+    run = await env.run(swarm([agent("x1"), agent("x2")], "t", synthesizer=agent("synth")))
+    assert run.status == FAILED
+    assert run.termination_reason == "agent_failed"
+    assert run.termination_detail == "no agents produced output"
+    assert len(run.result.swarm.outputs) == 2
+    assert env.dispatcher.tasks("synth") == []
+
+
+async def test_failed_synthesizer_fails_the_swarm() -> None:
+    run = await PatternEnvironment(failing("synth", answer=lambda a: "fine")).run(
+        swarm([agent("a")], "t", synthesizer=agent("synth"))
+    )
+    assert run.status == FAILED and run.termination_reason == "agent_failed"
+    assert run.termination_detail == "synthesizer 'synth' failed: RuntimeError: synth broke"
+    assert run.result.swarm.final_summary == ""
+    assert run.result.swarm.outputs[0].answer == "fine"
+
+
+async def test_pipeline_whose_last_stage_fails_has_no_answer_and_fails() -> None:
+    run = await PatternEnvironment(failing("last", answer=lambda a: "fine")).run(
+        pipeline([agent("first"), agent("last")], "t")
+    )
+    assert run.status == FAILED and run.termination_reason == "agent_failed"
+    assert run.termination_detail == "last stage 'last' failed: RuntimeError: last broke"
+    assert run.result.pipeline.final_answer == ""
+    assert run.result.pipeline.stages[0].answer == "fine"

@@ -1,8 +1,10 @@
-"""Vote and fleet runs over real workers. Conformance items 24, 25 and 38."""
+"""Vote and fleet runs: in-process against scripted agents (the patterns'
+logic) and over real workers (the wire). Conformance items 24, 25 and 38."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -11,8 +13,9 @@ from carsvc._proto.car.v1 import runs_pb2, types_pb2
 from carsvc.client import Client, agent, fleet, registered, vote
 from carsvc.patterns.prompts import VOTE_SYNTHESIZE_TASK
 from carsvc.patterns.vote import normalise
+from carsvc.testing import PatternEnvironment, ScriptedAgent
 from carsvc.worker import AgentContext
-from tests.conftest import Handler, Workers
+from tests.conftest import Workers
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
 FAILED = types_pb2.RUN_STATUS_FAILED
@@ -33,21 +36,23 @@ def test_normalisation(answer: str, normal: str) -> None:
     assert normalise(answer) == normal
 
 
-def answers(table: dict[str, str]) -> dict[str, Handler]:
-    async def voter(ctx: AgentContext) -> str:
-        reply = table[ctx.name]
+# -- in-process (carsvc.testing): the pattern's logic, no wire -------------------------------
+
+
+def answers(table: dict[str, str]) -> Callable[[ScriptedAgent], str]:
+    def voter(agent: ScriptedAgent) -> str:
+        reply = table[agent.name]
         if reply == "!fail":
             raise RuntimeError("abstains")
         return reply
 
-    return {name: voter for name in table}
+    return voter
 
 
-async def test_normalised_majority_wins_and_failed_votes_do_not_count(client: Client, workers: Workers) -> None:
+async def test_normalised_majority_wins_and_failed_votes_do_not_count() -> None:
     """Item 24: agreement_ratio = winner votes / succeeded votes."""
     table = {"v1": "Paris", "v2": "paris.", "v3": "Lyon", "v4": "!fail", "v5": "  PARIS!  "}
-    await workers.start(answers(table), max_in_flight=5)
-    run = await client.run(vote([agent(n) for n in table], "capital of France?"))
+    run = await PatternEnvironment(answers(table)).run(vote([agent(n) for n in table], "capital of France?"))
     assert run.status == SUCCEEDED and run.pattern == "vote"
     result = run.result.vote
     assert [v.name for v in result.votes] == list(table)
@@ -56,35 +61,27 @@ async def test_normalised_majority_wins_and_failed_votes_do_not_count(client: Cl
     assert not result.HasField("synthesizer_output")
 
 
-async def test_ties_go_to_the_earliest_agent(client: Client, workers: Workers) -> None:
+async def test_ties_go_to_the_earliest_agent() -> None:
     """Item 25 (tie rule)."""
     table = {"a": "blue", "b": "red", "c": "Red", "d": "BLUE"}
-    await workers.start(answers(table), max_in_flight=4)
-    run = await client.run(vote([agent(n) for n in table], "colour?"))
+    env = PatternEnvironment(answers(table))
+    run = await env.run(vote([agent(n) for n in table], "colour?"))
     assert run.result.vote.winner == "blue"
     assert run.result.vote.agreement_ratio == pytest.approx(0.5)
-    run = await client.run(vote([agent(n) for n in ("b", "a", "c", "d")], "colour?"))
+    run = await env.run(vote([agent(n) for n in ("b", "a", "c", "d")], "colour?"))
     assert run.result.vote.winner == "red"
 
 
-async def test_synthesizer_picks_the_final_answer(client: Client, workers: Workers) -> None:
+async def test_synthesizer_picks_the_final_answer() -> None:
     """Item 25 (synthesizer path)."""
-    table = {"a": "a long essay", "b": "a short essay", "c": "A long essay."}
-    handlers = answers(table)
-    synth_tasks: list[str] = []
-
-    async def synth(ctx: AgentContext) -> str:
-        synth_tasks.append(ctx.task)
-        return "the short one"
-
-    handlers["judge"] = synth
-    await workers.start(handlers, max_in_flight=4)
-    run = await client.run(vote([agent(n) for n in table], "write", synthesizer=agent("judge")))
+    table = {"a": "a long essay", "b": "a short essay", "c": "A long essay.", "judge": "the short one"}
+    env = PatternEnvironment(table)
+    run = await env.run(vote([agent(n) for n in "abc"], "write", synthesizer=agent("judge")))
     result = run.result.vote
     assert result.winner == "the short one"
     assert result.synthesizer_output.answer == "the short one"
     assert result.agreement_ratio == pytest.approx(2 / 3)  # still the voters' agreement
-    assert synth_tasks == [
+    assert env.dispatcher.tasks("judge") == [
         VOTE_SYNTHESIZE_TASK.format(
             task="write",
             count=3,
@@ -95,12 +92,22 @@ async def test_synthesizer_picks_the_final_answer(client: Client, workers: Worke
     ]
 
 
-async def test_vote_with_no_succeeded_votes_fails(client: Client, workers: Workers) -> None:
-    table = {"a": "!fail", "b": "!fail"}
-    await workers.start(answers(table), max_in_flight=2)
-    run = await client.run(vote([agent(n) for n in table], "t"))
+async def test_vote_with_no_succeeded_votes_fails() -> None:
+    run = await PatternEnvironment(answers({"a": "!fail", "b": "!fail"})).run(vote([agent("a"), agent("b")], "t"))
     assert run.status == FAILED and run.termination_reason == "agent_failed"
     assert run.result.vote.winner == "" and run.result.vote.agreement_ratio == 0
+
+
+async def test_fleet_tasks_are_the_brief_or_the_mission() -> None:
+    env = PatternEnvironment(lambda agent: f"{agent.name} done")
+    run = await env.run(fleet([agent(n) for n in "abcd"], "shared brief"))
+    assert {env.dispatcher.tasks(n)[0] for n in "abcd"} == {"shared brief"}
+    assert (run.result.fleet.succeeded, run.result.fleet.failed) == (4, 0)
+    run = await env.run(fleet([agent("researcher", "Research competitor pricing")]))
+    assert env.dispatcher.tasks("researcher") == ["Research competitor pricing"]  # the mission is the system prompt
+
+
+# -- over real workers: the wire ----------------------------------------------------------------
 
 
 async def test_fleet_agents_work_independently_with_a_per_agent_timeout(client: Client, workers: Workers) -> None:
@@ -145,12 +152,6 @@ async def test_fleet_agents_work_independently_with_a_per_agent_timeout(client: 
     assert result.duration_ms >= 300
     assert tasks["researcher"] == "Research competitor pricing"  # no task: the mission is the system prompt
     await asyncio.wait_for(slow_cancelled.wait(), 5)
-
-    started.clear()
-    all_started.clear()
-    run = await client.run(fleet([agent("a"), agent("b"), agent("c"), agent("d")], "shared brief"))
-    assert {tasks[n] for n in "abcd"} == {"shared brief"}
-    assert (run.result.fleet.succeeded, run.result.fleet.failed) == (4, 0)
 
 
 async def test_fleet_timeout_must_be_positive(client: Client) -> None:
