@@ -1,6 +1,6 @@
 """Bad pattern requests get INVALID_ARGUMENT (or NOT_FOUND for an unknown
-registered agent) naming the field, and nothing starts; bad runtime calls get a
-clear call error and the run carries on."""
+registered agent) naming the field, and nothing starts (the checks in-process,
+one test over the wire). Bad runtime calls: tests/test_patterns_delegation.py."""
 
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ from carsvc.client import (
     fleet,
     pipeline,
     registered,
-    spawn_subtask,
     supervisor,
     swarm,
     tournament,
     vote,
 )
-from carsvc.worker import AgentContext, RuntimeCallError
-from tests.conftest import Workers
+from carsvc.domain.errors import CarError
+from carsvc.testing import PatternEnvironment
 
 A, B, C = agent("a"), agent("b"), agent("c")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -73,44 +72,20 @@ CASES: list[tuple[str, Message, grpc.StatusCode, str]] = [
 
 
 @pytest.mark.parametrize(("pattern", "code", "field"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-async def test_bad_pattern_requests_name_the_field(
-    client: Client, pattern: Message, code: grpc.StatusCode, field: str
-) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await client.start_run(pattern)
-    assert err.value.code() == code
-    assert (err.value.details() or "").startswith(f"{field}:"), err.value.details()
-    assert await client.list_runs() == []
+def test_bad_pattern_requests_name_the_field(pattern: Message, code: grpc.StatusCode, field: str) -> None:
+    """In-process: the builders' checks (carsvc.testing builds as the sidecar does)."""
+    with pytest.raises(CarError) as err:
+        PatternEnvironment({}).build(pattern)
+    assert err.value.code.name == code.name
+    assert str(err.value).startswith(f"{field}:"), str(err.value)
 
 
-async def test_duplicate_names_say_where_the_first_one_is(client: Client) -> None:
+async def test_bad_requests_are_refused_over_the_wire_and_nothing_starts(client: Client) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await client.start_run(swarm([A, B, A], "t"))
+    assert err.value.code() == INVALID
     assert err.value.details() == "swarm.agents[2]: duplicate agent name 'a' (also swarm.agents[0])"
-
-
-async def test_bad_spawn_calls_are_call_errors_and_the_run_carries_on(client: Client, workers: Workers) -> None:
-    errors: list[str] = []
-
-    async def sub(ctx: AgentContext) -> str:
-        return "sub done"
-
-    async def main(ctx: AgentContext) -> str:
-        for task, name in (("", ""), ("t", "two words"), ("t", "main"), ("t", "x"), ("t", "x")):
-            try:
-                await ctx.spawn_subtask(task, name=name)
-            except RuntimeCallError as err:
-                errors.append(f"{err.code.name} {err}")
-        return "done"
-
-    await workers.start({"main": main, "main.subtask": sub}, max_in_flight=2)
-    run = await client.run(spawn_subtask(agent("main"), "t"))
-    assert run.result.spawn_subtask.final_answer == "done"
-    assert errors == [
-        "INVALID_ARGUMENT spawn_subtask.task: must not be empty",
-        "INVALID_ARGUMENT spawn_subtask.name: 'two words' is not an agent name (at most 256 characters, no whitespace)",
-        "INVALID_ARGUMENT spawn_subtask.name: 'main' is already used by another agent of this run",
-        "INVALID_ARGUMENT spawn_subtask.name: 'x' is already used by another agent of this run",
-    ]
-    assert [r.name for r in run.result.spawn_subtask.subtasks] == ["x"]
-
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.start_run(swarm([registered("ghost")], "t"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await client.list_runs() == []

@@ -1,5 +1,6 @@
 """Patterns whose agents call back into the sidecar through the worker stream:
-delegator, spawn_subtask and advisor. Conformance items 31-35."""
+delegator, spawn_subtask and advisor; over real workers (the wire), and
+in-process against scripted agents (the patterns' logic). Conformance items 31-35."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from carsvc._proto.car.v1 import patterns_pb2, types_pb2
 from carsvc.client import Client, advisor, agent, delegator, single, spawn_subtask
 from carsvc.patterns.advisor import parse_advice
 from carsvc.patterns.prompts import ADVISOR_TASK, SUBTASK_SYSTEM_PROMPT
+from carsvc.testing import PatternEnvironment, ScriptedAgent
 from carsvc.values import from_value
 from carsvc.worker import AgentContext, RuntimeCallError
 from tests.conftest import Workers
@@ -64,78 +66,6 @@ async def test_delegator_runs_named_specialists_on_their_workers(client: Client,
     assert made == ["coder", "writer"]
     finished = [e.agent_finished.role for e in events if e.WhichOneof("kind") == "agent_finished"]
     assert finished == ["specialist", "specialist", "main"]
-
-
-async def test_unknown_specialist_is_a_tool_error_and_a_failed_record(client: Client, workers: Workers) -> None:
-    """Item 35."""
-    errors: list[tuple[grpc.StatusCode, str]] = []
-
-    async def lead(ctx: AgentContext) -> str:
-        try:
-            await ctx.delegate("ghost", "boo")
-        except RuntimeCallError as err:
-            errors.append((err.code, str(err)))
-        return "carried on"
-
-    await workers.start({"lead": lead, "coder": lead})
-    run = await client.run(delegator(agent("lead"), [agent("coder")], "t"))
-    assert run.status == SUCCEEDED and run.result.delegator.final_answer == "carried on"
-    assert errors == [(grpc.StatusCode.NOT_FOUND, "unknown specialist: 'ghost' (known: coder)")]
-    (record,) = run.result.delegator.delegations
-    assert record.specialist == "ghost" and not record.success and record.error == "unknown specialist: 'ghost'"
-
-
-async def test_only_the_main_agent_may_delegate(client: Client, workers: Workers) -> None:
-    errors: list[grpc.StatusCode] = []
-
-    async def lead(ctx: AgentContext) -> str:
-        out = await ctx.delegate("helper", "help")
-        return out.answer
-
-    async def helper(ctx: AgentContext) -> str:
-        try:
-            await ctx.delegate("helper", "recurse")  # a specialist delegating further
-        except RuntimeCallError as err:
-            errors.append(err.code)
-        return "helped"
-
-    await workers.start({"lead": lead, "helper": helper}, max_in_flight=2)
-    run = await client.run(delegator(agent("lead"), [agent("helper", tools=["delegate"])], "t"))
-    assert run.result.delegator.final_answer == "helped"
-    assert errors == [grpc.StatusCode.PERMISSION_DENIED]
-    # Outside a delegator run there is nobody to delegate to.
-    run = await client.run(single(agent("lead", tools=["delegate"]), "t"))
-    assert run.status == FAILED
-    assert "'delegate' is not available to agents of this run's pattern" in run.result.single.output.error
-
-
-async def test_concurrent_delegations_run_concurrently_and_budget_refusals_are_outputs(
-    client: Client, workers: Workers
-) -> None:
-    both = asyncio.Event()
-    running: set[str] = set()
-
-    async def lead(ctx: AgentContext) -> str:
-        outs = await asyncio.gather(ctx.delegate("a", "x"), ctx.delegate("b", "y"), ctx.delegate("a", "z"))
-        return "|".join(o.answer or o.error for o in outs)
-
-    async def specialist(ctx: AgentContext) -> str:
-        running.add(ctx.name)
-        if len(running) == 2:
-            both.set()
-        await asyncio.wait_for(both.wait(), 5)
-        return ctx.name
-
-    await workers.start({"lead": lead, "a": specialist, "b": specialist}, max_in_flight=4)
-    run = await client.run(
-        delegator(agent("lead"), [agent("a"), agent("b")], "t"), budget=types_pb2.BudgetLimits(max_agents=3)
-    )
-    answers = run.result.delegator.final_answer.split("|")
-    assert answers[:2] == ["a", "b"]
-    assert answers[2].startswith("coordination budget exhausted: max_agents reached")
-    records = run.result.delegator.delegations
-    assert [r.success for r in records] == [True, True, False]  # in call order
-    assert records[2].error.startswith("coordination budget exhausted:")
 
 
 async def test_cancelling_a_delegator_run_cancels_its_specialists(client: Client, workers: Workers) -> None:
@@ -224,32 +154,6 @@ async def test_spawned_subagents_get_a_subset_of_the_main_agents_tools(client: C
     assert spawned == ["planner.subtask_0", "adder"]
 
 
-async def test_concurrent_spawns_run_concurrently_and_the_budget_caps_them(client: Client, workers: Workers) -> None:
-    both = asyncio.Event()
-    running = 0
-
-    async def main(ctx: AgentContext) -> str:
-        outs = await asyncio.gather(*(ctx.spawn_subtask(f"part {i}") for i in range(3)))
-        return "|".join(o.answer or o.error for o in outs)
-
-    async def sub(ctx: AgentContext) -> str:
-        nonlocal running
-        running += 1
-        if running == 2:
-            both.set()
-        await asyncio.wait_for(both.wait(), 5)  # the two admitted spawns overlap
-        return ctx.task
-
-    await workers.start({"main": main, "main.subtask": sub}, max_in_flight=4)
-    run = await client.run(spawn_subtask(agent("main"), "t"), budget=types_pb2.BudgetLimits(max_agents=3))
-    assert run.status == SUCCEEDED
-    answers = run.result.spawn_subtask.final_answer.split("|")
-    assert answers[:2] == ["part 0", "part 1"]  # gated in call order
-    assert answers[2].startswith("coordination budget exhausted: max_agents reached")
-    assert [r.success for r in run.result.spawn_subtask.subtasks] == [True, True, False]
-    assert run.budget.agents_started == 3 and run.budget.agents_denied == 1
-
-
 # -- advisor -----------------------------------------------------------------------------------
 
 
@@ -328,14 +232,131 @@ async def test_advisor_consultations_are_counted_and_bounded(client: Client, wor
     assert [(c.agent, c.consultation.used) for c in consulted] == [("exec", 1), ("exec", 2)]
 
 
-async def test_failed_advisor_is_uncertain_advice(client: Client, workers: Workers) -> None:
-    async def executor(ctx: AgentContext) -> str:
-        c = await ctx.consult_advisor("help?")
+# -- in-process (carsvc.testing): the patterns' logic, no wire -------------------------------
+
+
+async def test_unknown_specialist_is_a_tool_error_and_a_failed_record() -> None:
+    """Item 35."""
+    errors: list[tuple[grpc.StatusCode, str]] = []
+
+    async def lead(agent: ScriptedAgent) -> str:
+        try:
+            await agent.delegate("ghost", "boo")
+        except RuntimeCallError as err:
+            errors.append((err.code, str(err)))
+        return "carried on"
+
+    run = await PatternEnvironment({"lead": lead}).run(delegator(agent("lead"), [agent("coder")], "t"))
+    assert run.status == SUCCEEDED and run.result.delegator.final_answer == "carried on"
+    assert errors == [(grpc.StatusCode.NOT_FOUND, "unknown specialist: 'ghost' (known: coder)")]
+    (record,) = run.result.delegator.delegations
+    assert record.specialist == "ghost" and not record.success and record.error == "unknown specialist: 'ghost'"
+
+
+async def test_only_the_main_agent_may_delegate() -> None:
+    errors: list[grpc.StatusCode] = []
+
+    async def lead(agent: ScriptedAgent) -> str:
+        return (await agent.delegate("helper", "help")).answer
+
+    async def helper(agent: ScriptedAgent) -> str:
+        try:
+            await agent.delegate("helper", "recurse")  # a specialist delegating further
+        except RuntimeCallError as err:
+            errors.append(err.code)
+        return "helped"
+
+    env = PatternEnvironment({"lead": lead, "helper": helper})
+    run = await env.run(delegator(agent("lead"), [agent("helper", tools=["delegate"])], "t"))
+    assert run.result.delegator.final_answer == "helped"
+    assert errors == [grpc.StatusCode.PERMISSION_DENIED]
+    # Outside a delegator run there is nobody to delegate to.
+    run = await env.run(single(agent("lead", tools=["delegate"]), "t"))
+    assert run.status == FAILED
+    assert "'delegate' is not available to agents of this run's pattern" in run.result.single.output.error
+
+
+async def test_concurrent_delegations_run_concurrently_and_budget_refusals_are_outputs() -> None:
+    both = asyncio.Event()
+    running: set[str] = set()
+
+    async def lead(agent: ScriptedAgent) -> str:
+        outs = await asyncio.gather(agent.delegate("a", "x"), agent.delegate("b", "y"), agent.delegate("a", "z"))
+        return "|".join(o.answer or o.error for o in outs)
+
+    async def specialist(agent: ScriptedAgent) -> str:
+        running.add(agent.name)
+        if len(running) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 5)
+        return agent.name
+
+    env = PatternEnvironment({"lead": lead, "*": specialist}, budget=types_pb2.BudgetLimits(max_agents=3))
+    run = await env.run(delegator(agent("lead"), [agent("a"), agent("b")], "t"))
+    answers = run.result.delegator.final_answer.split("|")
+    assert answers[:2] == ["a", "b"]
+    assert answers[2].startswith("coordination budget exhausted: max_agents reached")
+    records = run.result.delegator.delegations
+    assert [r.success for r in records] == [True, True, False]  # in call order
+    assert records[2].error.startswith("coordination budget exhausted:")
+
+
+async def test_concurrent_spawns_run_concurrently_and_the_budget_caps_them() -> None:
+    both = asyncio.Event()
+    running = 0
+
+    async def main(agent: ScriptedAgent) -> str:
+        outs = await asyncio.gather(*(agent.spawn_subtask(f"part {i}") for i in range(3)))
+        return "|".join(o.answer or o.error for o in outs)
+
+    async def sub(agent: ScriptedAgent) -> str:
+        nonlocal running
+        running += 1
+        if running == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 5)  # the two admitted spawns overlap
+        return agent.task
+
+    env = PatternEnvironment({"main": main, "main.subtask": sub}, budget=types_pb2.BudgetLimits(max_agents=3))
+    run = await env.run(spawn_subtask(agent("main"), "t"))
+    assert run.status == SUCCEEDED
+    answers = run.result.spawn_subtask.final_answer.split("|")
+    assert answers[:2] == ["part 0", "part 1"]  # gated in call order
+    assert answers[2].startswith("coordination budget exhausted: max_agents reached")
+    assert [r.success for r in run.result.spawn_subtask.subtasks] == [True, True, False]
+    assert run.budget.agents_started == 3 and run.budget.agents_denied == 1
+
+
+async def test_bad_spawn_calls_are_call_errors_and_the_run_carries_on() -> None:
+    errors: list[str] = []
+
+    async def main(agent: ScriptedAgent) -> str:
+        for task, name in (("", ""), ("t", "two words"), ("t", "main"), ("t", "x"), ("t", "x")):
+            try:
+                await agent.spawn_subtask(task, name=name)
+            except RuntimeCallError as err:
+                errors.append(f"{err.code.name} {err}")
+        return "done"
+
+    run = await PatternEnvironment({"main": main, "main.subtask": "sub done"}).run(spawn_subtask(agent("main"), "t"))
+    assert run.result.spawn_subtask.final_answer == "done"
+    assert errors == [
+        "INVALID_ARGUMENT spawn_subtask.task: must not be empty",
+        "INVALID_ARGUMENT spawn_subtask.name: 'two words' is not an agent name (at most 256 characters, no whitespace)",
+        "INVALID_ARGUMENT spawn_subtask.name: 'main' is already used by another agent of this run",
+        "INVALID_ARGUMENT spawn_subtask.name: 'x' is already used by another agent of this run",
+    ]
+    assert [r.name for r in run.result.spawn_subtask.subtasks] == ["x"]
+
+
+async def test_failed_advisor_is_uncertain_advice() -> None:
+    async def executor(agent: ScriptedAgent) -> str:
+        c = await agent.consult_advisor("help?")
         return patterns_pb2.AdvisorVerdictKind.Name(c.verdict.kind) + ": " + c.verdict.text
 
-    async def oracle(ctx: AgentContext) -> str:
+    def oracle(agent: ScriptedAgent) -> str:
         raise RuntimeError("overloaded")
 
-    await workers.start({"exec": executor, "oracle": oracle}, max_in_flight=2)
-    run = await client.run(advisor(agent("exec"), agent("oracle"), "t", max_uses=1))
+    env = PatternEnvironment({"exec": executor, "oracle": oracle})
+    run = await env.run(advisor(agent("exec"), agent("oracle"), "t", max_uses=1))
     assert run.result.advisor.output.answer == "ADVISOR_VERDICT_KIND_UNCERTAIN: no advice: RuntimeError: overloaded"
