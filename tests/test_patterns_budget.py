@@ -1,4 +1,5 @@
-"""DESIGN §4 budget semantics in every pattern, over real workers: skipped
+"""DESIGN §4 budget semantics in every pattern, in-process against scripted
+agents (carsvc.testing), and a shared budget over real workers: skipped
 outputs at their own positions, fallbacks for refused finalizers, a refused
 main agent, shared budgets across runs of different patterns, and a
 BudgetUpdated event after every change. Conformance items 7-10."""
@@ -28,6 +29,7 @@ from carsvc.client import (
     tournament,
     vote,
 )
+from carsvc.testing import PatternEnvironment, ScriptedAgent
 from carsvc.worker import AgentContext, Result
 from tests.conftest import Workers
 
@@ -40,8 +42,13 @@ def limits(**fields: Any) -> types_pb2.BudgetLimits:
     return types_pb2.BudgetLimits(**fields)
 
 
-async def named(ctx: AgentContext) -> str:
-    return ctx.name
+def env(script: Any, **fields: Any) -> PatternEnvironment:
+    """An in-process environment whose runs get a budget with these limits."""
+    return PatternEnvironment(script, budget=limits(**fields))
+
+
+async def named(agent: ScriptedAgent) -> str:
+    return agent.name
 
 
 A, B, C = agent("a"), agent("b"), agent("c")
@@ -63,22 +70,13 @@ EVERY_PATTERN: dict[str, Message] = {
 
 
 @pytest.mark.parametrize("pattern", list(EVERY_PATTERN))
-async def test_a_budget_that_admits_nobody_fails_every_pattern_with_budget_exhausted(
-    client: Client, workers: Workers, pattern: str
-) -> None:
+async def test_a_budget_that_admits_nobody_fails_every_pattern_with_budget_exhausted(pattern: str) -> None:
     """Nothing runs; every refusal is an AgentSkipped event followed by a
     BudgetUpdated; the run fails with reason budget_exhausted."""
-    ran: list[str] = []
-
-    async def record(ctx: AgentContext) -> str:
-        ran.append(ctx.name)
-        return "x"
-
-    await workers.start({"*": record}, max_in_flight=4)
-    handle = await client.start_run(EVERY_PATTERN[pattern], budget=limits(max_agents=0))
-    events = [e async for e in client.watch(handle.run_id)]
-    run = await client.get_run(handle.run_id)
-    assert ran == []
+    env = PatternEnvironment(named, budget=limits(max_agents=0))
+    run = await env.run(EVERY_PATTERN[pattern])
+    events = run.events
+    assert env.calls == []
     assert run.status == FAILED, run
     assert run.termination_reason == "budget_exhausted", run.termination_detail
     kinds = [e.WhichOneof("kind") for e in events]
@@ -89,31 +87,30 @@ async def test_a_budget_that_admits_nobody_fails_every_pattern_with_budget_exhau
         assert events[i].agent_skipped.output.error.startswith(SKIPPED + "max_agents reached")
 
 
-async def test_refused_load_bearing_agents_keep_their_positions(client: Client, workers: Workers) -> None:
+async def test_refused_load_bearing_agents_keep_their_positions() -> None:
     """Item 9 in swarm, vote, tournament, fleet and supervisor."""
-    await workers.start({"*": named}, max_in_flight=4)
 
-    run = await client.run(swarm([A, B, C], "t"), budget=limits(max_agents=2))
+    run = await env(named, max_agents=2).run(swarm([A, B, C], "t"))
     outputs = run.result.swarm.outputs
     assert [o.name for o in outputs] == ["a", "b", "c"]
     assert [o.answer for o in outputs] == ["a", "b", ""] and outputs[2].error.startswith(SKIPPED)
     assert run.result.swarm.final_summary == "- [a] a\n- [b] b"
 
-    run = await client.run(vote([A, B, C], "t"), budget=limits(max_agents=2))
+    run = await env(named, max_agents=2).run(vote([A, B, C], "t"))
     assert [v.name for v in run.result.vote.votes] == ["a", "b", "c"]
     assert run.result.vote.votes[2].error.startswith(SKIPPED)
     assert run.result.vote.agreement_ratio == pytest.approx(0.5)  # two succeeded votes, different answers
 
-    run = await client.run(fleet([A, B, C]), budget=limits(max_agents=1))
+    run = await env(named, max_agents=1).run(fleet([A, B, C]))
     assert [o.answer for o in run.result.fleet.outputs] == ["a", "", ""]
     assert (run.result.fleet.succeeded, run.result.fleet.failed) == (1, 2)
 
-    run = await client.run(tournament([A, B, agent("d")], C, "t"), budget=limits(max_agents=2))
+    run = await env(named, max_agents=2).run(tournament([A, B, agent("d")], C, "t"))
     candidates = run.result.tournament.candidates
     assert [c.name for c in candidates] == ["a", "b", "d"] and candidates[2].error.startswith(SKIPPED)
     assert list(run.result.tournament.ranking)[-1] == "d"  # never entered the bracket
 
-    run = await client.run(supervisor([A, B], C, "t"), budget=limits(max_agents=1))
+    run = await env(named, max_agents=1).run(supervisor([A, B], C, "t"))
     (first_round,) = run.result.supervisor.rounds
     assert [o.answer for o in first_round.outputs] == ["a", ""]
     assert first_round.review.error.startswith(SKIPPED)  # the refused supervisor ends the loop
@@ -121,53 +118,51 @@ async def test_refused_load_bearing_agents_keep_their_positions(client: Client, 
     assert run.result.supervisor.final_answer == "- [a] a"
 
 
-async def test_refused_finalizers_fall_back(client: Client, workers: Workers) -> None:
+async def test_refused_finalizers_fall_back() -> None:
     """Item 10: synthesizer -> labelled answers, debate judge -> labelled
     round-2 answers, vote synthesizer -> the majority, tournament judge -> the
     left candidate; the run succeeds."""
-    await workers.start({"*": named}, max_in_flight=4)
     synth = agent("synth")
 
-    run = await client.run(swarm([A, B], "t", synthesizer=synth), budget=limits(max_agents=2))
+    run = await env(named, max_agents=2).run(swarm([A, B], "t", synthesizer=synth))
     assert run.status == SUCCEEDED
     assert run.result.swarm.final_summary == "- [a] a\n- [b] b"
     assert run.result.swarm.synthesizer_output.error.startswith(SKIPPED)
 
-    run = await client.run(swarm([A, B], "t", mode="sequential", synthesizer=synth), budget=limits(max_agents=2))
+    run = await env(named, max_agents=2).run(swarm([A, B], "t", mode="sequential", synthesizer=synth))
     assert run.status == SUCCEEDED and run.result.swarm.final_summary == "- [a] a\n- [b] b"
 
-    run = await client.run(swarm([A, B], "t", mode="debate", synthesizer=synth), budget=limits(max_agents=4))
+    run = await env(named, max_agents=4).run(swarm([A, B], "t", mode="debate", synthesizer=synth))
     assert run.status == SUCCEEDED and run.result.swarm.final_summary == "- [a] a\n- [b] b"
     assert run.result.swarm.synthesizer_output.error.startswith(SKIPPED)
 
-    run = await client.run(vote([A, B], "t", synthesizer=synth), budget=limits(max_agents=2))
+    run = await env(named, max_agents=2).run(vote([A, B], "t", synthesizer=synth))
     assert run.status == SUCCEEDED and run.result.vote.winner == "a"
     assert run.result.vote.synthesizer_output.error.startswith(SKIPPED)
 
-    run = await client.run(tournament([A, B], C, "t"), budget=limits(max_agents=2))
+    run = await env(named, max_agents=2).run(tournament([A, B], C, "t"))
     (match,) = run.result.tournament.matches
     assert run.status == SUCCEEDED and match.winner == "a" and run.result.tournament.winner_name == "a"
     assert match.note.startswith("judge refused by the budget (" + SKIPPED)
     assert match.judge_output.error.startswith(SKIPPED)
 
 
-async def test_refused_sub_agents_are_answered_with_their_skipped_output(client: Client, workers: Workers) -> None:
+async def test_refused_sub_agents_are_answered_with_their_skipped_output() -> None:
     """Specialists and advisor consultations the budget refuses come back to
     the calling agent as outputs, not errors; the main agent carries on."""
 
-    async def main(ctx: AgentContext) -> str:
-        if "consult_advisor" in ctx.spec.tools:
-            consultation = await ctx.consult_advisor("?")
+    async def main(agent: ScriptedAgent) -> str:
+        if "consult_advisor" in agent.spec.tools:
+            consultation = await agent.consult_advisor("?")
             return f"{consultation.verdict.kind}:{consultation.advisor_output.error}"
-        return (await ctx.delegate("b", "sub")).error
+        return (await agent.delegate("b", "sub")).error
 
-    await workers.start({"a": main, "b": named}, max_in_flight=2)
-    run = await client.run(delegator(A, [B], "t"), budget=limits(max_agents=1))
+    run = await env({"a": main, "b": named}, max_agents=1).run(delegator(A, [B], "t"))
     assert run.status == SUCCEEDED
     assert run.result.delegator.final_answer.startswith(SKIPPED)
     assert not run.result.delegator.delegations[0].success
 
-    run = await client.run(advisor(A, B, "t", max_uses=1), budget=limits(max_agents=1))
+    run = await env({"a": main, "b": named}, max_agents=1).run(advisor(A, B, "t", max_uses=1))
     kind, error = run.result.advisor.output.answer.split(":", 1)
     assert int(kind) == patterns_pb2.ADVISOR_VERDICT_KIND_UNCERTAIN
     assert error.startswith(SKIPPED)
@@ -175,25 +170,24 @@ async def test_refused_sub_agents_are_answered_with_their_skipped_output(client:
     assert consultation.verdict.text.startswith("no advice: " + SKIPPED)
 
 
-async def test_spend_gates_the_next_agent_and_never_cancels_in_flight_ones(client: Client, workers: Workers) -> None:
+async def test_spend_gates_the_next_agent_and_never_cancels_in_flight_ones() -> None:
     """Item 7: in a parallel batch every admitted agent finishes even though the
     first one crosses the limit; in a sequence the next agent is refused
     (overshoot bounded by one agent)."""
     release = asyncio.Event()
 
-    async def spender(ctx: AgentContext) -> Result:
-        if ctx.name != "a":
+    async def spender(agent: ScriptedAgent) -> Result:
+        if agent.name != "a":
             await release.wait()
         else:
             release.set()
-        return Result(answer=ctx.name, input_tokens=80, output_tokens=20)
+        return Result(answer=agent.name, input_tokens=80, output_tokens=20)
 
-    await workers.start({"*": spender}, max_in_flight=3)
-    run = await client.run(swarm([A, B, C], "t"), budget=limits(max_total_tokens=100))
+    run = await env(spender, max_total_tokens=100).run(swarm([A, B, C], "t"))
     assert [o.answer for o in run.result.swarm.outputs] == ["a", "b", "c"]  # one batch: all admitted, all finish
     assert run.budget.total_tokens == 300 and run.budget.exhausted
 
-    run = await client.run(pipeline([A, B, C], "t"), budget=limits(max_total_tokens=100))
+    run = await env(spender, max_total_tokens=100).run(pipeline([A, B, C], "t"))
     stages = run.result.pipeline.stages
     assert [s.answer for s in stages] == ["a", "", ""]
     assert "max_total_tokens" in stages[1].error
