@@ -3,6 +3,7 @@
     python -m bench                      # the full suite (a few minutes)
     python -m bench --quick              # a seconds-long smoke run (CI runs this)
     python -m bench --only dispatch latency --skip autogen
+    python -m bench --only journal --skip autogen raw hotpaths   # dispatch with and without --data-dir
 
 Every scenario starts its own sidecar and worker processes on loopback, warms up
 and measures --runs times; the table shows the median with [min, max] and each
@@ -30,6 +31,7 @@ from bench.scenarios import Metric, Progress, Sizes
 
 SCENARIOS: dict[str, Callable[[Sizes, Progress], Awaitable[list[Metric]]]] = {
     "dispatch": lambda s, p: _both(scenarios.dispatch(s, 1, p), scenarios.dispatch(s, 4, p)),
+    "journal": scenarios.dispatch_journal,
     "latency": scenarios.latency,
     "calls": scenarios.runtime_calls,
     "fanout": scenarios.fan_out,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,38 @@ async def dispatch(sizes: Sizes, workers: int, progress: Progress) -> list[Metri
                 rate.values.append(agents / elapsed)
                 cpu.values.append((sidecar.cpu_seconds() - cpu0) / agents * 1e6)
     return [rate, cpu]
+
+
+# -- 1b. dispatch with a journal --------------------------------------------------------
+
+
+async def dispatch_journal(sizes: Sizes, progress: Progress) -> list[Metric]:
+    """Scenario 1's map-reduce on 1 worker process, against a sidecar with the
+    embedded default (no journal) and one with `--data-dir` (journal_sync
+    normal: the run, its events and every step output journaled). Both stay up
+    and the measured runs alternate between them (which goes first alternates
+    too), so both see the same machine; each pair gives a ratio."""
+    none = Metric("dispatch_memory_runs_per_s", "dispatch, 1w, no journal", "agent runs/s", "higher")
+    journaled = Metric("dispatch_journal_runs_per_s", "dispatch, 1w, --data-dir (normal)", "agent runs/s", "higher")
+    ratio = Metric("dispatch_journal_ratio", "dispatch with --data-dir / without", "%", "higher")
+    items = [str(i) for i in range(sizes.dispatch_items)]
+    agents = len(items) + 1  # the mappers and the reducer
+    with (
+        tempfile.TemporaryDirectory(prefix="carsvc-bench-") as data_dir,
+        cluster(1, max_in_flight=sizes.max_concurrent) as (plain, _),
+        cluster(1, max_in_flight=sizes.max_concurrent, sidecar_args=("--data-dir", data_dir)) as (durable, _),
+    ):
+        async with Client(plain.address) as plain_client, Client(durable.address) as durable_client:
+            sides = [(none, plain_client), (journaled, durable_client)]
+            progress("dispatch, journal: warm-up")
+            for _, client in sides:
+                await _map_reduce(client, "noop", items[: max(len(items) // 4, 10)], sizes.max_concurrent)
+            for i in range(sizes.runs):
+                progress(f"dispatch, journal: run {i + 1}/{sizes.runs}")
+                for metric, client in sides if i % 2 == 0 else sides[::-1]:
+                    metric.values.append(agents / await _map_reduce(client, "noop", items, sizes.max_concurrent))
+                ratio.values.append(journaled.values[-1] / none.values[-1] * 100)
+    return [none, journaled, ratio]
 
 
 # -- 2. single-agent latency -------------------------------------------------------------

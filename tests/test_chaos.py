@@ -110,9 +110,13 @@ async def test_chaos_long(sidecar: Sidecar, settings: Settings) -> None:
     await _chaos(sidecar, items, kill_every=0.3, seed=random.randrange(1 << 30))
 
 
-# The sidecar process of the runs with sidecar kills: as CHAOS_SETTINGS, and a journal
-# committed often so a kill finds most finished steps on disk.
-SIDECAR_ENV = {"CARSVC_MAX_ATTEMPTS": "100", "CARSVC_JOURNAL_FLUSH_MS": "20", "CARSVC_UNPLACED_TIMEOUT_S": "60"}
+# The sidecar process of the runs with sidecar kills: as CHAOS_SETTINGS, a journal
+# committed often so a kill finds most finished steps on disk, and every event of the
+# run retained (the check reads them all again from seq 0).
+SIDECAR_ENV = {
+    "CARSVC_MAX_ATTEMPTS": "100", "CARSVC_JOURNAL_FLUSH_MS": "20", "CARSVC_UNPLACED_TIMEOUT_S": "60",
+    "CARSVC_EVENT_RETENTION": "100000",
+}
 
 
 async def _chaos_with_sidecar_kills(
