@@ -27,7 +27,7 @@ from carsvc.server import Sidecar
 from carsvc.values import to_value
 from carsvc.worker import AgentContext, Worker
 from tests.conftest import TEST_SETTINGS, Workers
-from tests.test_durability import _free_port, sidecar_process
+from tests.procs import free_port, sidecar_process
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
 RESUME = "carsvc-resume-after-seq"
@@ -60,7 +60,7 @@ async def _echo(ctx: AgentContext) -> str:
 
 
 async def _stalled_watchers_scenario(tmp_path: Path, watchers: int, items: int, max_growth_mib: float) -> None:
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = {"CARSVC_WATCHER_MAX_BYTES": str(256 * 1024), "CARSVC_MAX_WATCHERS_PER_RUN": str(watchers + 10)}
     worker = Worker(address, worker_id="chatty", max_in_flight=64)
@@ -220,7 +220,7 @@ async def test_watchers_only_see_journaled_events_so_a_restart_never_reuses_thei
     """A journal that commits rarely (2 s) makes the window wide: without the
     barrier, the watcher would see events a SIGKILL loses, and the restarted run's
     run_finished would take a seq it already had."""
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     # The run must end at the restart (not resume) for its run_finished to be checked.
     env = {"CARSVC_JOURNAL_FLUSH_MS": "2000", "CARSVC_RESUME_RUNS": "false"}
