@@ -56,13 +56,13 @@ async def sidecar_process(
 
 class ScriptedWorker:
     """tests/programs/scripted_worker.py as a process; `started` collects the
-    agent names it was handed, in order, each with the sidecar generation
-    (bumped by the test at every restart) it arrived in."""
+    agent names it was handed, in order, each with its generation: 0 for the
+    worker's first session with a sidecar, 1 for the next (after a restart) …"""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.started: list[tuple[int, str]] = []
-        self.generation = 0
+        self._sessions: dict[str, int] = {}
         self.ready = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
@@ -79,11 +79,15 @@ class ScriptedWorker:
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         while line := await self.proc.stdout.readline():
-            words = line.decode().split()
-            if words[:1] == ["ready"]:
-                self.ready.set()
-            elif words[:1] == ["started"] and len(words) >= 3:
-                self.started.append((self.generation, words[2]))
+            self._line(line.decode())
+
+    def _line(self, text: str) -> None:
+        words = text.split()
+        if words[:1] == ["ready"]:
+            self.ready.set()
+        elif words[:1] == ["started"] and len(words) >= 4:
+            generation = self._sessions.setdefault(words[3], len(self._sessions))
+            self.started.append((generation, words[2]))
 
     async def stop(self) -> None:
         if self.proc.returncode is None:

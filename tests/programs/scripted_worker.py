@@ -41,7 +41,7 @@ def main() -> None:
     worker = Worker(args.address, worker_id=args.worker_id, max_in_flight=args.max_in_flight)
 
     async def handle(ctx: AgentContext) -> str:
-        print(f"started {ctx.assignment_id} {ctx.name}", flush=True)
+        print(f"started {ctx.assignment_id} {ctx.name} {worker.session_id}", flush=True)
         try:
             await asyncio.sleep(args.sleep)
             if args.suspend:
