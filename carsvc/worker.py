@@ -193,6 +193,9 @@ class AgentContext:
         self.agent = assignment.agent or assignment.spec.name
         self.task = assignment.task
         self.state = StateView(self)
+        # Why the sidecar cancelled this assignment (its AssignmentCancel.reason:
+        # the client's reason, a timeout, a restart …); empty unless it did.
+        self.cancel_reason = ""
 
     async def call(self, call: worker_pb2.RuntimeCall) -> worker_pb2.CallResult:
         """Makes a runtime call and waits for its result (raises RuntimeCallError)."""
@@ -397,7 +400,6 @@ class Worker:
         self.max_message_bytes = max_message_bytes
         self._handlers: dict[str, Handler] = {}
         self._running: dict[str, tuple[asyncio.Task[None], AgentContext]] = {}
-        self._cancel_reasons: dict[str, str] = {}
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
         self.session_id = ""
@@ -553,7 +555,7 @@ class Worker:
             for cancel in frame.cancels:
                 entry = self._running.get(cancel.assignment_id)
                 if entry is not None:
-                    self._cancel_reasons[cancel.assignment_id] = cancel.reason
+                    entry[1].cancel_reason = cancel.reason or "cancelled by the sidecar"
                     entry[0].cancel()
             for result in frame.call_results:
                 future = link.pending.get(result.call_id)
@@ -582,7 +584,7 @@ class Worker:
             value = await handler(ctx)
             output = _to_output(value, ctx.name, (time.perf_counter() - started) * 1000)
         except asyncio.CancelledError:
-            reason = self._cancel_reasons.pop(ctx.assignment_id, "cancelled by the worker")
+            reason = ctx.cancel_reason or "cancelled by the worker"
             output = AgentOutput(name=ctx.name, error=f"cancelled: {reason}")
         except Exception as err:
             output = AgentOutput(name=ctx.name, error=f"{type(err).__name__}: {err}")

@@ -12,8 +12,10 @@ import grpc
 import pytest
 
 from carsvc._proto.car.v1 import types_pb2, worker_pb2
+from carsvc.client import Client, agent, single
 from carsvc.values import to_value
 from carsvc.worker import AgentContext, Worker
+from tests.conftest import Workers
 
 CONNECT = "/car.v1.WorkerService/Connect"
 
@@ -118,3 +120,23 @@ async def test_an_undecodable_frame_ends_the_session_clearly_and_the_worker_reco
     assert answered["a2"] == "echo t2"
     assert "could not decode a frame from the sidecar" in caplog.text
     assert "AttributeError" not in caplog.text
+
+
+async def test_a_handler_sees_why_it_was_cancelled(sidecar: object, client: Client, workers: Workers) -> None:
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    started = asyncio.Event()
+
+    async def waits(ctx: AgentContext) -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.put_nowait(ctx.cancel_reason)
+            raise
+        return "never"
+
+    await workers.start({"waits": waits})
+    handle = await client.start_run(single(agent("waits"), "t"))
+    await asyncio.wait_for(started.wait(), 10)
+    await client.cancel(handle.run_id, reason="the user closed the tab")
+    assert await asyncio.wait_for(seen.get(), 10) == "the user closed the tab"

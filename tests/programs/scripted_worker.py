@@ -48,9 +48,7 @@ def main() -> None:
                 decision = await ctx.suspend_tool_call(f"{ctx.name}-call", args.suspend, {"task": ctx.task})
                 return f"approved: {decision.result}" if decision.approved else "denied"
         except asyncio.CancelledError:
-            # The SDK keeps the AssignmentCancel's reason until the handler has unwound.
-            reason = worker._cancel_reasons.get(ctx.assignment_id, "")
-            print(f"cancelled {ctx.assignment_id} {reason}", flush=True)
+            print(f"cancelled {ctx.assignment_id} {ctx.cancel_reason}", flush=True)
             raise
         for substring, reply in args.reply_when:
             if substring in ctx.task:
