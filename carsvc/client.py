@@ -531,6 +531,7 @@ class Client:
         labels: Mapping[str, str] | None = None,
         timeout: float | None = None,
         initial_decisions: Iterable[types_pb2.ToolCallDecision] = (),
+        resume: bool | None = None,
     ) -> runs_pb2.StartRunRequest:
         field = _PATTERN_FIELDS.get(pattern.DESCRIPTOR.full_name)
         if field is None:
@@ -547,6 +548,8 @@ class Client:
             initial_decisions=list(initial_decisions),
         )
         getattr(request, field).CopyFrom(pattern)
+        if resume is not None:
+            request.resume = resume
         if budget is not None:
             request.budget.CopyFrom(budget)
         return request
@@ -589,9 +592,11 @@ class Client:
         labels: Mapping[str, str] | None = None,
         timeout: float | None = None,
         initial_decisions: Iterable[types_pb2.ToolCallDecision] = (),
+        resume: bool | None = None,
     ) -> types_pb2.RunHandle:
         """Starts a run of `pattern` (a SingleRun, MapReduceRun, ... message).
-        `on_busy` is "reject", "interrupt" or "enqueue"."""
+        `on_busy` is "reject", "interrupt" or "enqueue". `resume`: whether the run
+        resumes after a sidecar restart (None: the sidecar's resume_runs setting)."""
         request = self._start_request(
             pattern,
             thread_id=thread_id,
@@ -604,6 +609,7 @@ class Client:
             labels=labels,
             timeout=timeout,
             initial_decisions=initial_decisions,
+            resume=resume,
         )
         response: runs_pb2.StartRunResponse = await self.runs.StartRun(request)
         return response.run

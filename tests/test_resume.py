@@ -165,9 +165,7 @@ async def test_a_run_that_opted_out_ends_sidecar_restarted(
         workers.append(await ScriptedWorker.spawn(address, "--agent", "slow", "--sleep", "30"))
         async with Client(address) as client:
             kept = await client.start_run(single(agent("slow"), "t"))
-            request = client._start_request(single(agent("slow"), "t"), thread_id="other")
-            request.resume = False
-            opted_out = (await client.runs.StartRun(request)).run
+            opted_out = await client.start_run(single(agent("slow"), "t"), thread_id="other", resume=False)
             await events_until(client, opted_out.run_id, 1, kind="agent_started")
         await _kill_and_restart(port, tmp_path, first, workers)
     async with sidecar_process(port, tmp_path, ENV), Client(address) as client:

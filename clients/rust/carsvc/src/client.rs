@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub labels: std::collections::HashMap<String, String>,
     pub timeout_ms: u32,
     pub initial_decisions: Vec<ToolCallDecision>,
+    /// With a journal, whether the run resumes after a sidecar restart
+    /// (None: the sidecar's `resume_runs` setting, on by default).
+    pub resume: Option<bool>,
 }
 
 /// Starts, watches, inspects, cancels and answers runs. The generated stubs
@@ -120,6 +123,7 @@ impl Client {
             pattern: Some(pattern.into()),
             initial_decisions: o.initial_decisions,
             timeout_ms: o.timeout_ms,
+            resume: o.resume,
         }
     }
 
