@@ -191,6 +191,9 @@ class ScriptedAgent:
         self.index = running.index if running is not None else 0
         self.environment = environment
         self.state = ScriptedState(self)
+        # Why the agent was cancelled (the run's cancel, or its deadline), as
+        # AgentContext.cancel_reason: set before its script is cancelled.
+        self.cancel_reason = ""
 
     def _infra(self) -> RunInfra:
         if self.running is None:
@@ -457,13 +460,14 @@ class ScriptedDispatcher:
             a.attempt += 1
             if observer is not None:
                 observer.on_redispatched(a, LOST_REASON, worker)
-        work = asyncio.ensure_future(self._answer(ScriptedAgent(a, running, self.environment)))
+        scripted = ScriptedAgent(a, running, self.environment)
+        work = asyncio.ensure_future(self._answer(scripted))
         try:
             if timeout is not None and timeout > 0:
                 timeout = min(timeout, MAX_DEADLINE_S)
                 done, _ = await asyncio.wait({work}, timeout=timeout)
                 if not done:
-                    record.cancelled = f"timed out after {timeout:g}s"
+                    record.cancelled = scripted.cancel_reason = f"timed out after {timeout:g}s"
                     work.cancel()
                     await asyncio.wait({work})
                     record.output = timed_out_output(spec.name, timeout)
@@ -471,7 +475,7 @@ class ScriptedDispatcher:
             output = await asyncio.shield(work)
         except asyncio.CancelledError:
             reason = observer.cancel_reason if observer is not None else ""
-            record.cancelled = reason or "run cancelled"
+            record.cancelled = scripted.cancel_reason = reason or "run cancelled"
             work.cancel()
             await asyncio.wait({work}, timeout=5.0)
             raise

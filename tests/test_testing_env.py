@@ -69,7 +69,7 @@ async def test_cancelling_mid_way_cancels_the_running_scripts() -> None:
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
-            cancelled.append(agent.name)
+            cancelled.append(f"{agent.name}: {agent.cancel_reason}")
             raise
         return "late"
 
@@ -81,7 +81,7 @@ async def test_cancelling_mid_way_cancels_the_running_scripts() -> None:
     assert (run.status, run.termination_reason, run.termination_detail) == (
         CANCELLED, "cancelled", "the user gave up"
     )
-    assert sorted(cancelled) == ["a", "b"]
+    assert sorted(cancelled) == ["a: the user gave up", "b: the user gave up"]
     assert {c.cancelled for c in env.calls} == {"the user gave up"}
     with pytest.raises(RuntimeError):
         env.cancel()
