@@ -59,7 +59,7 @@ from carsvc.domain.workers import (
 )
 from carsvc.patterns import BUILDERS
 from carsvc.values import from_value, to_value
-from carsvc.worker import Decision, Result, RuntimeCallError
+from carsvc.worker import Decision, Result, RuntimeCallError, handler_output
 
 __all__ = [
     "DispatchedCall",
@@ -331,19 +331,6 @@ class DispatchedCall:
     cancelled: str = ""  # the reason the worker would be told, when cancelled
 
 
-def _to_output(value: object, name: str, duration_ms: float) -> AgentOutput:
-    """A script's reply as the worker SDK turns a handler's value into an output."""
-    if isinstance(value, AgentOutput):
-        if not value.name:
-            value.name = name
-        return value
-    if isinstance(value, Result):
-        return value.to_output(name, duration_ms)
-    if isinstance(value, str):
-        return AgentOutput(name=name, answer=value, turns=1, duration_ms=duration_ms)
-    raise TypeError(f"a script must return str, Result or AgentOutput, not {type(value).__name__}")
-
-
 def _script_of(script: Script | Mapping[str, Reply | Script]) -> Script:
     if not isinstance(script, Mapping):
         return script
@@ -490,7 +477,7 @@ class ScriptedDispatcher:
             value = self.script(agent)
             if inspect.isawaitable(value):
                 value = await value
-            return _to_output(value, agent.name, (time.perf_counter() - started) * 1000)
+            return handler_output(value, agent.name, (time.perf_counter() - started) * 1000)
         except asyncio.CancelledError:
             raise
         except Exception as err:

@@ -582,7 +582,7 @@ class Worker:
             if handler is None:
                 raise LookupError(f"this worker has no handler for agent '{ctx.agent}'")
             value = await handler(ctx)
-            output = _to_output(value, ctx.name, (time.perf_counter() - started) * 1000)
+            output = handler_output(value, ctx.name, (time.perf_counter() - started) * 1000)
         except asyncio.CancelledError:
             reason = ctx.cancel_reason or "cancelled by the worker"
             output = AgentOutput(name=ctx.name, error=f"cancelled: {reason}")
@@ -600,7 +600,8 @@ class Worker:
                 link.outbox.close()
 
 
-def _to_output(value: Any, name: str, duration_ms: float) -> AgentOutput:
+def handler_output(value: Any, name: str, duration_ms: float) -> AgentOutput:
+    """What a handler returned (an answer, a Result or an AgentOutput) as the output sent."""
     if isinstance(value, AgentOutput):
         if not value.name:
             value.name = name
