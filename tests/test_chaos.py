@@ -200,7 +200,9 @@ async def _chaos_with_sidecar_kills(
     assert kept == expected, (kept - expected) + (expected - kept)
     assert [e.seq for e in events] == [e.seq for e in replayed]
     resumed = [e for e in replayed if e.WhichOneof("kind") == "status_changed" and "resumed" in e.status_changed.reason]
-    assert killed_sidecars == sidecar_kills and len(resumed) == sidecar_kills
+    # A kill is due at a share of the items seen done; the run may finish before the watch,
+    # reconnecting after a restart, sees the last share: at least one kill always lands.
+    assert 1 <= killed_sidecars <= sidecar_kills and len(resumed) == killed_sidecars
     assert worker_kills >= 1
     assert any(e.WhichOneof("kind") == "agent_redispatched" for e in replayed), "no worker kill hit an assignment"
     assert run.budget.agents_started == items + 1 and run.budget.agents_denied == 0
