@@ -80,9 +80,28 @@ def check_output_values(output: types_pb2.AgentOutput, field: str, limit: int) -
         check_struct(outcome.metrics, f"{field}.outcome.metrics", limit)
 
 
-# State keys travel in every ListKeys page and transition; scopes are ids.
+# What one response to a client may hold: gRPC's default receive limit is 4 MiB in
+# every language; this leaves room for the envelope (ListRuns pages, Submit batches).
+CLIENT_MESSAGE_BYTES = 3 * 1024 * 1024 + 512 * 1024
+
+# Ids (runs, threads, scopes, decisions, ...) and state keys travel in every
+# record and page that names them.
+MAX_ID_CHARS = 256
+MAX_SCOPE_CHARS = MAX_ID_CHARS
 MAX_KEY_BYTES = 1024
-MAX_SCOPE_CHARS = 256
+
+
+def check_id(value: str, field: str) -> None:
+    """An id: at most MAX_ID_CHARS characters."""
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_ID_CHARS}", field=field)
+
+
+def check_value_size(value: Value, field: str, max_bytes: int, max_depth: int) -> None:
+    """A value someone hands over to keep: within max_field_bytes and max_value_depth."""
+    if (size := value.ByteSize()) > max_bytes:
+        raise InvalidArgument(f"is {size} bytes; the limit is {max_bytes} (max_field_bytes)", field=field)
+    check_value(value, field, max_depth)
 
 
 def check_key(key: str, field: str) -> None:
@@ -97,8 +116,7 @@ def check_scope(scope: str, field: str) -> None:
     """A state scope name: not empty, at most MAX_SCOPE_CHARS characters."""
     if not scope:
         raise InvalidArgument("must name a state scope (usually a thread id)", field=field)
-    if len(scope) > MAX_SCOPE_CHARS:
-        raise InvalidArgument(f"is {len(scope)} characters; the limit is {MAX_SCOPE_CHARS}", field=field)
+    check_id(scope, field)
 
 
 def check_room(keys: int, has_key: bool, limit: int, field: str) -> None:

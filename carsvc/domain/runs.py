@@ -420,8 +420,7 @@ class RunManager:
             timeout=timeout,
             ordinal=self._ordinal,
         )
-        record.infra.decisions.on_waiting = lambda waiting: self._set_waiting(record, waiting)
-        record.infra.on_denied = self._count_denial
+        self._hook(record)
         if initial_decisions:
             check_decisions(initial_decisions, "initial_decisions")
             record.infra.decisions.submit(initial_decisions)
@@ -475,35 +474,31 @@ class RunManager:
 
     def _resume(self, record: RunRecord) -> None:
         """Runs a restored run's pattern again from the top (journaled steps replay)."""
+        resumed = events_pb2.RunStatusChanged(
+            status=types_pb2.RUN_STATUS_RUNNING, reason="resumed after the sidecar restarted"
+        )
+        self._run(record, RunEvent(status_changed=resumed))
+
+    def _launch(self, record: RunRecord) -> None:
+        record.started_ms = now_ms()
+        started = events_pb2.RunStarted(
+            thread_id=record.thread_id, agent_id=record.agent_id, pattern=record.pattern.name
+        )
+        self._run(record, RunEvent(run_started=started))
+
+    def _run(self, record: RunRecord, first: RunEvent) -> None:
+        """Makes `record` its thread's active run and drives its pattern in a task."""
         self._active_by_thread[record.thread_id] = record
         record.status = RUNNING
-        record.events.append(
-            RunEvent(
-                status_changed=events_pb2.RunStatusChanged(
-                    status=types_pb2.RUN_STATUS_RUNNING, reason="resumed after the sidecar restarted"
-                )
-            )
-        )
+        record.events.append(first)
         record.task = asyncio.get_running_loop().create_task(self._drive(record), name=f"run-{record.run_id}")
         record.task.add_done_callback(lambda _: self._ensure_finished(record))
         self._journal_run(record)
 
-    def _launch(self, record: RunRecord) -> None:
-        self._active_by_thread[record.thread_id] = record
-        record.status = RUNNING
-        record.started_ms = now_ms()
-        record.events.append(
-            RunEvent(
-                run_started=events_pb2.RunStarted(
-                    thread_id=record.thread_id, agent_id=record.agent_id, pattern=record.pattern.name
-                )
-            )
-        )
-        record.task = asyncio.get_running_loop().create_task(
-            self._drive(record), name=f"run-{record.run_id}"
-        )
-        record.task.add_done_callback(lambda _: self._ensure_finished(record))
-        self._journal_run(record)
+    def _hook(self, record: RunRecord) -> None:
+        """Connects the run's decisions and budget refusals to the manager."""
+        record.infra.decisions.on_waiting = lambda waiting: self._set_waiting(record, waiting)
+        record.infra.on_denied = self._count_denial
 
     def _journal_run(self, record: RunRecord) -> None:
         if self.journal is not None:
@@ -736,8 +731,7 @@ class RunManager:
             return f"the sidecar restarted while the run was active, and it cannot resume: {err}"
         record.pattern = pattern
         record.timeout = request.timeout_ms / 1000 if request.timeout_ms else None
-        record.infra.decisions.on_waiting = lambda waiting: self._set_waiting(record, waiting)
-        record.infra.on_denied = self._count_denial
+        self._hook(record)
         if request.initial_decisions:
             record.infra.decisions.submit(list(request.initial_decisions))
         self._make_resumable(record, None, dict(recovered.steps.get(record.run_id, {})))

@@ -7,12 +7,11 @@ from typing import Any
 import grpc
 
 from carsvc._proto.car.v1 import budget_pb2, budget_pb2_grpc
+from carsvc.domain.bounds import MAX_ID_CHARS
 from carsvc.domain.convert import limits_from_proto, snapshot_to_proto
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.runs import RunManager
 from carsvc.services.errors import unary
-
-MAX_ID_CHARS = 256
 
 
 class BudgetService(budget_pb2_grpc.BudgetServiceServicer):

@@ -18,7 +18,7 @@ from carsvc._proto.car.v1 import (
     runs_pb2_grpc,
     types_pb2,
 )
-from carsvc.domain.bounds import check_value
+from carsvc.domain.bounds import CLIENT_MESSAGE_BYTES, check_id, check_value
 from carsvc.domain.convert import limits_from_proto
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES
@@ -64,14 +64,10 @@ class _Replies:
             self.room.set()
         return reply
 
-MAX_ID_CHARS = 256
 MAX_LABELS = 64
 MAX_LABEL_KEY_BYTES = 256
 MAX_LABEL_VALUE_BYTES = 4096
 MAX_REASON_BYTES = 4096
-# What one response to a client may hold: gRPC's default receive limit in every
-# language is 4 MiB; this leaves room for the envelope.
-RESPONSE_BUDGET = 3 * 1024 * 1024 + 512 * 1024
 # ReadRunResult's piece size.
 RESULT_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
@@ -79,11 +75,6 @@ MAX_PAGE_SIZE = 1000
 _ON_BUSY = frozenset(runs_pb2.OnBusy.values())
 # A page token is a run ordinal: at most 19 ASCII digits (an int64).
 _MAX_TOKEN_DIGITS = 19
-
-
-def _check_id(value: str, field: str) -> None:
-    if len(value) > MAX_ID_CHARS:
-        raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_ID_CHARS}", field=field)
 
 
 def _check_labels(labels: Mapping[str, str]) -> None:
@@ -99,8 +90,8 @@ def _check_labels(labels: Mapping[str, str]) -> None:
 
 
 def _check_decision(decision: types_pb2.ToolCallDecision, field: str, max_depth: int) -> None:
-    _check_id(decision.target_id, f"{field}.target_id")
-    _check_id(decision.decision_id, f"{field}.decision_id")
+    check_id(decision.target_id, f"{field}.target_id")
+    check_id(decision.decision_id, f"{field}.decision_id")
     if len(decision.reason.encode()) > MAX_REASON_BYTES:
         raise InvalidArgument(f"is over {MAX_REASON_BYTES} bytes", field=f"{field}.reason")
     if decision.HasField("result"):
@@ -148,7 +139,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     def start(self, request: runs_pb2.StartRunRequest) -> RunRecord:
         """Checks a StartRunRequest and starts (or queues) its run."""
         for name in ("thread_id", "agent_id", "run_id", "budget_id", "state_scope"):
-            _check_id(getattr(request, name), name)
+            check_id(getattr(request, name), name)
         if request.on_busy not in _ON_BUSY:
             raise InvalidArgument(
                 f"unknown value {request.on_busy} (REJECT, INTERRUPT or ENQUEUE)", field="on_busy"
@@ -223,7 +214,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             cost = run.ByteSize() + 8
             # A page ends at page_size runs, or before it would outgrow what a
             # client with default settings can receive (at least one run per page).
-            if len(response.runs) == size or (response.runs and used + cost > RESPONSE_BUDGET):
+            if len(response.runs) == size or (response.runs and used + cost > CLIENT_MESSAGE_BYTES):
                 response.next_page_token = str(last.ordinal) if last else ""
                 break
             response.runs.append(run)

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from carsvc._proto.car.v1 import state_pb2, state_pb2_grpc
-from carsvc.domain.bounds import MAX_KEY_BYTES, check_key, check_room, check_scope, check_value
+from carsvc.domain.bounds import MAX_KEY_BYTES, check_key, check_room, check_scope, check_value_size
 from carsvc.domain.convert import transition_to_proto
 from carsvc.domain.errors import InvalidArgument
 from carsvc.domain.eventlog import frame
@@ -77,12 +77,7 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         self._scope_key(request.scope, request.key)
         if not request.HasField("value"):
             raise InvalidArgument("is required", field="value")
-        size = request.value.ByteSize()
-        if size > self.max_field_bytes:
-            raise InvalidArgument(
-                f"is {size} bytes; the limit is {self.max_field_bytes} (max_field_bytes)", field="value"
-            )
-        check_value(request.value, "value", self.max_value_depth)
+        check_value_size(request.value, "value", self.max_field_bytes, self.max_value_depth)
         _check_writer(request.writer)
         store = self.runs.scope(request.scope)
         check_room(len(store), request.key in store, self.max_state_keys, "key")

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import runs_pb2
+from carsvc.domain.bounds import CLIENT_MESSAGE_BYTES
 from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.runs import RunRecord
 from carsvc.services.errors import frame_error
@@ -20,8 +21,6 @@ def _refused(run_id: str, err: CarError) -> runs_pb2.SubmitAnswer:
     return runs_pb2.SubmitAnswer(run_id=run_id, error=frame_error(err, ""))
 
 
-# Answers per message stay within what a client with default settings receives.
-_MESSAGE_BUDGET = 3 * 1024 * 1024
 
 
 def _batches(answers: list[runs_pb2.SubmitAnswer]) -> list[list[runs_pb2.SubmitAnswer]]:
@@ -29,7 +28,7 @@ def _batches(answers: list[runs_pb2.SubmitAnswer]) -> list[list[runs_pb2.SubmitA
     used = 0
     for answer in answers:
         cost = answer.ByteSize() + 8
-        if batches[-1] and used + cost > _MESSAGE_BUDGET:
+        if batches[-1] and used + cost > CLIENT_MESSAGE_BYTES:
             batches.append([])
             used = 0
         batches[-1].append(answer)
