@@ -127,7 +127,7 @@ class Sidecar:
                 *keepalive_options(s),
             ]
         )
-        calls = CallHandler(self.dispatcher, s.max_field_bytes, s.max_value_depth)
+        calls = CallHandler(self.dispatcher, s.max_field_bytes, s.max_value_depth, s.max_state_keys)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerService(
                 self.dispatcher,

@@ -24,7 +24,7 @@ from carsvc.client import Client, agent, map_reduce, single
 from carsvc.domain.bounds import MAX_KEY_BYTES, MAX_SCOPE_CHARS
 from carsvc.domain.registry import MAX_TOTAL_BYTES
 from carsvc.server import Sidecar
-from carsvc.worker import AgentContext
+from carsvc.worker import AgentContext, RuntimeCallError
 from tests.conftest import TEST_SETTINGS, Workers
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
@@ -322,3 +322,30 @@ async def test_the_documented_maximum_of_100000_items(sidecar: Sidecar, client: 
     """Was: the reducer's 5.58 MB task went over the worker channel's 4 MiB limit,
     and the run FAILED with "worker ... was lost"."""
     await _map_reduce_items(client, workers, 100_000)
+
+
+async def test_a_worker_is_held_to_the_same_key_bounds(sidecar_small: Sidecar) -> None:
+    """Keys an agent writes are bounded like a client's: length, and max_state_keys per scope."""
+    seen: list[tuple[grpc.StatusCode, str]] = []
+
+    async def writer(ctx: AgentContext) -> str:
+        for key in ["k" * (MAX_KEY_BYTES + 1), *(f"k{i}" for i in range(51))]:
+            try:
+                await ctx.state.set(key, 1)
+            except RuntimeCallError as err:
+                seen.append((err.code, str(err)))
+        return "done"
+
+    pool = Workers(sidecar_small.address)
+    try:
+        await pool.start({"writer": writer})
+        async with Client(sidecar_small.address) as client:
+            run = await client.run(single(agent("writer"), "t"), thread_id="keys")
+            assert run.status == SUCCEEDED
+            listed = await client.state.ListKeys(state_pb2.ListKeysRequest(scope="keys"))
+            assert len(listed.keys) == 50
+    finally:
+        await pool.stop_all()
+    assert [code for code, _ in seen] == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert seen[0][1].startswith("calls[0].state_set.key: is 1025 bytes")
+    assert "max_state_keys" in seen[1][1]

@@ -18,7 +18,7 @@ from typing import Any
 from google.protobuf import empty_pb2, struct_pb2
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
-from carsvc.domain.bounds import check_value
+from carsvc.domain.bounds import check_key, check_room, check_value_size
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import CallAnswer, RunningAgent
 from carsvc.domain.workers import Dispatcher, WorkerSession
@@ -65,10 +65,13 @@ def _copy_value(value: struct_pb2.Value) -> struct_pb2.Value:
 
 
 class CallHandler:
-    def __init__(self, dispatcher: Dispatcher, max_field_bytes: int, max_value_depth: int) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, max_field_bytes: int, max_value_depth: int, max_state_keys: int
+    ) -> None:
         self.dispatcher = dispatcher
         self.max_field_bytes = max_field_bytes
         self.max_value_depth = max_value_depth
+        self.max_state_keys = max_state_keys
         self._tasks: dict[WorkerSession, set[asyncio.Task[None]]] = {}
 
     def handle(self, session: WorkerSession, call: RuntimeCall, index: int) -> None:
@@ -129,6 +132,8 @@ class CallHandler:
             if not arg.HasField("value"):
                 raise InvalidArgument("is required", field=f"{field}.value")
             self._value(arg.value, f"{field}.value")
+            scope = ctx.infra.state  # the run's scope: an isolated agent's writes merge into it
+            check_room(len(scope), arg.key in ctx.state, self.max_state_keys, f"{field}.key")
             t = ctx.state.set(arg.key, _copy_value(arg.value), ctx.name)
             return CallResult(state_write=worker_pb2.StateWriteResult(index=t.index, existed=t.old is not None))
         if op == "state_delete":
@@ -241,16 +246,7 @@ class CallHandler:
 
     @staticmethod
     def _key(key: str, field: str) -> None:
-        if not key:
-            raise InvalidArgument("must not be empty", field=f"{field}.key")
+        check_key(key, f"{field}.key")
 
     def _value(self, value: struct_pb2.Value, field: str) -> None:
-        """A value an agent hands over: within max_field_bytes and max_value_depth."""
-        self._size(value.ByteSize(), field)
-        check_value(value, field, self.max_value_depth)
-
-    def _size(self, size: int, field: str) -> None:
-        if size > self.max_field_bytes:
-            raise InvalidArgument(
-                f"is {size} bytes; the limit is {self.max_field_bytes} (max_field_bytes)", field=field
-            )
+        check_value_size(value, field, self.max_field_bytes, self.max_value_depth)
