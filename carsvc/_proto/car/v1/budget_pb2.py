@@ -26,13 +26,14 @@ _sym_db = _symbol_database.Default()
 from carsvc._proto.car.v1 import types_pb2 as car_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/budget.proto\x12\x06\x63\x61r.v1\x1a\x12\x63\x61r/v1/types.proto\"N\n\x13\x43reateBudgetRequest\x12$\n\x06limits\x18\x01 \x01(\x0b\x32\x14.car.v1.BudgetLimits\x12\x11\n\tbudget_id\x18\x02 \x01(\t\">\n\x14\x43reateBudgetResponse\x12&\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\"%\n\x10GetBudgetRequest\x12\x11\n\tbudget_id\x18\x01 \x01(\t\";\n\x11GetBudgetResponse\x12&\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot2\xa1\x01\n\rBudgetService\x12I\n\x0c\x43reateBudget\x12\x1b.car.v1.CreateBudgetRequest\x1a\x1c.car.v1.CreateBudgetResponse\x12\x45\n\tGetBudget\x12\x18.car.v1.GetBudgetRequest\x1a\x19.car.v1.GetBudgetResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x61r/v1/budget.proto\x12\x06\x63\x61r.v1\x1a\x12\x63\x61r/v1/types.proto\"N\n\x13\x43reateBudgetRequest\x12$\n\x06limits\x18\x01 \x01(\x0b\x32\x14.car.v1.BudgetLimits\x12\x11\n\tbudget_id\x18\x02 \x01(\t\">\n\x14\x43reateBudgetResponse\x12&\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot\"%\n\x10GetBudgetRequest\x12\x11\n\tbudget_id\x18\x01 \x01(\t\";\n\x11GetBudgetResponse\x12&\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x16.car.v1.BudgetSnapshot2\xa1\x01\n\rBudgetService\x12I\n\x0c\x43reateBudget\x12\x1b.car.v1.CreateBudgetRequest\x1a\x1c.car.v1.CreateBudgetResponse\x12\x45\n\tGetBudget\x12\x18.car.v1.GetBudgetRequest\x1a\x19.car.v1.GetBudgetResponse\"\x03\x90\x02\x01\x42=\n\ncom.car.v1B\x0b\x42udgetProtoP\x01\xa2\x02\x03\x43XX\xaa\x02\x06\x43\x61r.V1\xca\x02\x06\x43\x61r\\V1\xea\x02\x07\x43\x61r::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'carsvc._proto.car.v1.budget_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\ncom.car.v1B\013BudgetProtoP\001\242\002\003CXX\252\002\006Car.V1\312\002\006Car\\V1\352\002\007Car::V1'
   _globals['_BUDGETSERVICE'].methods_by_name['GetBudget']._loaded_options = None
   _globals['_BUDGETSERVICE'].methods_by_name['GetBudget']._serialized_options = b'\220\002\001'
   _globals['_CREATEBUDGETREQUEST']._serialized_start=51

@@ -226,7 +226,9 @@ const file_car_v1_budget_proto_rawDesc = "" +
 	"\x06budget\x18\x01 \x01(\v2\x16.car.v1.BudgetSnapshotR\x06budget2\xa1\x01\n" +
 	"\rBudgetService\x12I\n" +
 	"\fCreateBudget\x12\x1b.car.v1.CreateBudgetRequest\x1a\x1c.car.v1.CreateBudgetResponse\x12E\n" +
-	"\tGetBudget\x12\x18.car.v1.GetBudgetRequest\x1a\x19.car.v1.GetBudgetResponse\"\x03\x90\x02\x01b\x06proto3"
+	"\tGetBudget\x12\x18.car.v1.GetBudgetRequest\x1a\x19.car.v1.GetBudgetResponse\"\x03\x90\x02\x01B=\n" +
+	"\n" +
+	"com.car.v1B\vBudgetProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_budget_proto_rawDescOnce sync.Once

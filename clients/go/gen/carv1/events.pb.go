@@ -1570,7 +1570,9 @@ const file_car_v1_events_proto_rawDesc = "" +
 	"\x06events\x18\x01 \x03(\v2\x10.car.v1.RunEventR\x06events2U\n" +
 	"\fEventService\x12E\n" +
 	"\n" +
-	"ReadEvents\x12\x19.car.v1.ReadEventsRequest\x1a\x1a.car.v1.ReadEventsResponse0\x01b\x06proto3"
+	"ReadEvents\x12\x19.car.v1.ReadEventsRequest\x1a\x1a.car.v1.ReadEventsResponse0\x01B=\n" +
+	"\n" +
+	"com.car.v1B\vEventsProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_events_proto_rawDescOnce sync.Once

@@ -2909,7 +2909,9 @@ const file_car_v1_patterns_proto_rawDesc = "" +
 	"\x19ADVISOR_VERDICT_KIND_PLAN\x10\x02\x12#\n" +
 	"\x1fADVISOR_VERDICT_KIND_CORRECTION\x10\x03\x12\x1d\n" +
 	"\x19ADVISOR_VERDICT_KIND_STOP\x10\x04\x12\"\n" +
-	"\x1eADVISOR_VERDICT_KIND_UNCERTAIN\x10\x05b\x06proto3"
+	"\x1eADVISOR_VERDICT_KIND_UNCERTAIN\x10\x05B?\n" +
+	"\n" +
+	"com.car.v1B\rPatternsProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_patterns_proto_rawDescOnce sync.Once

@@ -640,7 +640,9 @@ const file_car_v1_registry_proto_rawDesc = "" +
 	"\n" +
 	"ListAgents\x12\x19.car.v1.ListAgentsRequest\x1a\x1a.car.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12W\n" +
 	"\x0fUnregisterAgent\x12\x1e.car.v1.UnregisterAgentRequest\x1a\x1f.car.v1.UnregisterAgentResponse\"\x03\x90\x02\x02\x12K\n" +
-	"\vListWorkers\x12\x1a.car.v1.ListWorkersRequest\x1a\x1b.car.v1.ListWorkersResponse\"\x03\x90\x02\x01b\x06proto3"
+	"\vListWorkers\x12\x1a.car.v1.ListWorkersRequest\x1a\x1b.car.v1.ListWorkersResponse\"\x03\x90\x02\x01B?\n" +
+	"\n" +
+	"com.car.v1B\rRegistryProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_registry_proto_rawDescOnce sync.Once

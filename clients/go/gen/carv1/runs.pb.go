@@ -1969,7 +1969,9 @@ const file_car_v1_runs_proto_rawDesc = "" +
 	"\x0fSubmitDecisions\x12\x1e.car.v1.SubmitDecisionsRequest\x1a\x1f.car.v1.SubmitDecisionsResponse\x12>\n" +
 	"\aSession\x12\x16.car.v1.SessionRequest\x1a\x17.car.v1.SessionResponse(\x010\x01\x12;\n" +
 	"\x06Submit\x12\x15.car.v1.SubmitRequest\x1a\x16.car.v1.SubmitResponse(\x010\x01\x12S\n" +
-	"\rReadRunResult\x12\x1c.car.v1.ReadRunResultRequest\x1a\x1d.car.v1.ReadRunResultResponse\"\x03\x90\x02\x010\x01b\x06proto3"
+	"\rReadRunResult\x12\x1c.car.v1.ReadRunResultRequest\x1a\x1d.car.v1.ReadRunResultResponse\"\x03\x90\x02\x010\x01B;\n" +
+	"\n" +
+	"com.car.v1B\tRunsProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_runs_proto_rawDescOnce sync.Once

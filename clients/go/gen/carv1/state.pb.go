@@ -747,7 +747,10 @@ const file_car_v1_state_proto_rawDesc = "" +
 	"\x03Set\x12\x12.car.v1.SetRequest\x1a\x13.car.v1.SetResponse\x127\n" +
 	"\x06Delete\x12\x15.car.v1.DeleteRequest\x1a\x16.car.v1.DeleteResponse\x12B\n" +
 	"\bListKeys\x12\x17.car.v1.ListKeysRequest\x1a\x18.car.v1.ListKeysResponse\"\x03\x90\x02\x01\x126\n" +
-	"\x05Watch\x12\x14.car.v1.WatchRequest\x1a\x15.car.v1.WatchResponse0\x01b\x06proto3"
+	"\x05Watch\x12\x14.car.v1.WatchRequest\x1a\x15.car.v1.WatchResponse0\x01B<\n" +
+	"\n" +
+	"com.car.v1B\n" +
+	"StateProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_state_proto_rawDescOnce sync.Once

@@ -1292,7 +1292,10 @@ const file_car_v1_types_proto_rawDesc = "" +
 	"\x0eDecisionAction\x12\x1f\n" +
 	"\x1bDECISION_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16DECISION_ACTION_RESUME\x10\x01\x12\x1a\n" +
-	"\x16DECISION_ACTION_CANCEL\x10\x02b\x06proto3"
+	"\x16DECISION_ACTION_CANCEL\x10\x02B<\n" +
+	"\n" +
+	"com.car.v1B\n" +
+	"TypesProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_types_proto_rawDescOnce sync.Once

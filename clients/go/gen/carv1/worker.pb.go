@@ -2180,7 +2180,9 @@ const file_car_v1_worker_proto_rawDesc = "" +
 	"\x0fStateKeysResult\x12\x12\n" +
 	"\x04keys\x18\x01 \x03(\tR\x04keys2O\n" +
 	"\rWorkerService\x12>\n" +
-	"\aConnect\x12\x16.car.v1.ConnectRequest\x1a\x17.car.v1.ConnectResponse(\x010\x01b\x06proto3"
+	"\aConnect\x12\x16.car.v1.ConnectRequest\x1a\x17.car.v1.ConnectResponse(\x010\x01B=\n" +
+	"\n" +
+	"com.car.v1B\vWorkerProtoP\x01\xa2\x02\x03CXX\xaa\x02\x06Car.V1\xca\x02\x06Car\\V1\xea\x02\aCar::V1b\x06proto3"
 
 var (
 	file_car_v1_worker_proto_rawDescOnce sync.Once
