@@ -133,6 +133,7 @@ class Sidecar:
                 self.dispatcher,
                 calls,
                 heartbeat_interval_ms=s.heartbeat_interval_ms,
+                heartbeat_misses=s.heartbeat_misses,
                 max_message_bytes=s.max_message_bytes,
                 max_output_bytes=s.max_output_bytes,
                 max_value_depth=s.max_value_depth,

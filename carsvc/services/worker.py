@@ -44,6 +44,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         calls: CallHandler,
         *,
         heartbeat_interval_ms: int,
+        heartbeat_misses: int,
         max_message_bytes: int,
         max_output_bytes: int,
         max_value_depth: int,
@@ -51,6 +52,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self.dispatcher = dispatcher
         self.calls = calls
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.heartbeat_misses = heartbeat_misses
         self.max_message_bytes = max_message_bytes
         self.max_output_bytes = max_output_bytes
         self.max_value_depth = max_value_depth
@@ -82,6 +84,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             welcome=worker_pb2.WorkerWelcome(
                 session_id=session.session_id,
                 heartbeat_interval_ms=self.heartbeat_interval_ms,
+                heartbeat_misses=self.heartbeat_misses,
                 max_in_flight=session.max_in_flight,
                 max_message_bytes=self.max_message_bytes,
             )

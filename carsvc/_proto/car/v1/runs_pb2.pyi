@@ -316,7 +316,13 @@ class Run(google.protobuf.message.Message):
     """
     @property
     def result(self) -> carsvc._proto.car.v1.patterns_pb2.RunResult:
-        """Set once the run has finished (only with `include_results` in ListRuns)."""
+        """The pattern's result, once the run has finished with one: GetRun always
+        includes it, ListRuns only with `include_results`. Absent while the run is
+        active, when `result_omitted` (read it with ReadRunResult), and when the
+        run ended before its pattern produced one (reason cancelled, timeout,
+        error or sidecar_restarted). Runs that ended agent_failed or
+        budget_exhausted keep the result the pattern produced.
+        """
 
     @property
     def budget(self) -> carsvc._proto.car.v1.types_pb2.BudgetSnapshot: ...

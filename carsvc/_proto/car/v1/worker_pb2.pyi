@@ -83,8 +83,11 @@ class ConnectResponse(google.protobuf.message.Message):
 
     @property
     def cancels(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___AssignmentCancel]:
-        """Assignments to stop. The worker should answer each with a result (the
-        sidecar no longer waits for it after the cancel).
+        """Assignments to stop. From the cancel on, the assignment's runtime calls
+        are refused (FAILED_PRECONDITION: it is not running on this session). The
+        worker should answer each with a result, which only acknowledges the
+        cancel and frees the slot: the run no longer waits for it, and the slot is
+        freed anyway after the sidecar's `cancel_ack_timeout_s` (10 s).
         """
 
     @property
@@ -178,6 +181,7 @@ class WorkerWelcome(google.protobuf.message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: builtins.int
+    HEARTBEAT_MISSES_FIELD_NUMBER: builtins.int
     session_id: builtins.str
     heartbeat_interval_ms: builtins.int
     """Send a frame at least this often (any frame counts)."""
@@ -185,6 +189,11 @@ class WorkerWelcome(google.protobuf.message.Message):
     """The `max_in_flight` the sidecar will honour."""
     max_message_bytes: builtins.int
     """Largest frame the sidecar accepts, in bytes."""
+    heartbeat_misses: builtins.int
+    """Heartbeat intervals a session may stay silent: after
+    `heartbeat_interval_ms * heartbeat_misses` without a frame the sidecar
+    closes it (UNAVAILABLE) and hands its assignments to other workers.
+    """
     def __init__(
         self,
         *,
@@ -192,8 +201,9 @@ class WorkerWelcome(google.protobuf.message.Message):
         heartbeat_interval_ms: builtins.int = ...,
         max_in_flight: builtins.int = ...,
         max_message_bytes: builtins.int = ...,
+        heartbeat_misses: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "max_in_flight", b"max_in_flight", "max_message_bytes", b"max_message_bytes", "session_id", b"session_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "heartbeat_misses", b"heartbeat_misses", "max_in_flight", b"max_in_flight", "max_message_bytes", b"max_message_bytes", "session_id", b"session_id"]) -> None: ...
 
 global___WorkerWelcome = WorkerWelcome
 
@@ -231,11 +241,20 @@ class Assignment(google.protobuf.message.Message):
     thread_id: builtins.str
     task: builtins.str
     deadline_unix_ms: builtins.int
-    """When the sidecar stops waiting, in Unix milliseconds (0: no deadline)."""
+    """When the sidecar stops waiting and cancels the assignment, in Unix
+    milliseconds. Set when the assignment is first queued, from the spec's
+    `metadata.timeout_secs` (a fleet's `agent_timeout_secs`), else the
+    sidecar's `agent_timeout_s` (one hour by default), and the same for every
+    attempt. 0 only when the sidecar runs with `agent_timeout_s = 0` and
+    nothing else sets a timeout.
+    """
     agent: builtins.str
-    """The agent name the worker was matched on. A pattern may rename the
-    instance (mapper `i` runs as `{mapper}_{i}` in `spec.name`); workers pick
-    their handler by this field.
+    """The agent name the worker was matched on: always a name, never one of the
+    worker's globs. A worker whose hello says `mapper*` gets `agent = "mapper"`
+    for a map-reduce whose mapper is named `mapper`, and picks its handler by
+    matching this name against its own names and globs (an exact name first).
+    A pattern may rename the instance (mapper `i` runs as `{mapper}_{i}` in
+    `spec.name`), so pick the handler by this field, not by `spec.name`.
     """
     @property
     def spec(self) -> carsvc._proto.car.v1.types_pb2.AgentSpec: ...
@@ -352,7 +371,11 @@ global___FrameError = FrameError
 
 @typing.final
 class RuntimeCall(google.protobuf.message.Message):
-    """A runtime call made by a running agent, through its assignment."""
+    """A runtime call made by a running agent, through its assignment. Only a
+    running assignment held by this session may call: once it is cancelled,
+    finished or lost, calls are refused with FAILED_PRECONDITION (as a
+    CallError, or a FrameError for a call without `call_id`).
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 

@@ -50,8 +50,9 @@ class WorkerServiceServicer(object):
     def Connect(self, request_iterator, context):
         """Opens a worker session. The first frame must carry `hello`; the sidecar
         answers with `welcome`, then sends assignments, cancels, call results and
-        a final drain. Every frame counts as a heartbeat; a session silent for three
-        heartbeat intervals loses its assignments to other workers.
+        a final drain. Every frame counts as a heartbeat; a session silent for
+        `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+        its assignments go to other workers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

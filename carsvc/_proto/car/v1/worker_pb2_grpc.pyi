@@ -28,8 +28,9 @@ class WorkerServiceStub:
     ]
     """Opens a worker session. The first frame must carry `hello`; the sidecar
     answers with `welcome`, then sends assignments, cancels, call results and
-    a final drain. Every frame counts as a heartbeat; a session silent for three
-    heartbeat intervals loses its assignments to other workers.
+    a final drain. Every frame counts as a heartbeat; a session silent for
+    `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+    its assignments go to other workers.
     """
 
 class WorkerServiceAsyncStub:
@@ -41,8 +42,9 @@ class WorkerServiceAsyncStub:
     ]
     """Opens a worker session. The first frame must carry `hello`; the sidecar
     answers with `welcome`, then sends assignments, cancels, call results and
-    a final drain. Every frame counts as a heartbeat; a session silent for three
-    heartbeat intervals loses its assignments to other workers.
+    a final drain. Every frame counts as a heartbeat; a session silent for
+    `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+    its assignments go to other workers.
     """
 
 class WorkerServiceServicer(metaclass=abc.ABCMeta):
@@ -56,8 +58,9 @@ class WorkerServiceServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[collections.abc.Iterator[carsvc._proto.car.v1.worker_pb2.ConnectResponse], collections.abc.AsyncIterator[carsvc._proto.car.v1.worker_pb2.ConnectResponse]]:
         """Opens a worker session. The first frame must carry `hello`; the sidecar
         answers with `welcome`, then sends assignments, cancels, call results and
-        a final drain. Every frame counts as a heartbeat; a session silent for three
-        heartbeat intervals loses its assignments to other workers.
+        a final drain. Every frame counts as a heartbeat; a session silent for
+        `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+        its assignments go to other workers.
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

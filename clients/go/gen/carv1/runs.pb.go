@@ -585,7 +585,12 @@ type Run struct {
 	CreatedUnixMs     int64  `protobuf:"varint,8,opt,name=created_unix_ms,json=createdUnixMs,proto3" json:"created_unix_ms,omitempty"`
 	StartedUnixMs     int64  `protobuf:"varint,9,opt,name=started_unix_ms,json=startedUnixMs,proto3" json:"started_unix_ms,omitempty"`
 	FinishedUnixMs    int64  `protobuf:"varint,10,opt,name=finished_unix_ms,json=finishedUnixMs,proto3" json:"finished_unix_ms,omitempty"`
-	// Set once the run has finished (only with `include_results` in ListRuns).
+	// The pattern's result, once the run has finished with one: GetRun always
+	// includes it, ListRuns only with `include_results`. Absent while the run is
+	// active, when `result_omitted` (read it with ReadRunResult), and when the
+	// run ended before its pattern produced one (reason cancelled, timeout,
+	// error or sidecar_restarted). Runs that ended agent_failed or
+	// budget_exhausted keep the result the pattern produced.
 	Result *RunResult      `protobuf:"bytes,11,opt,name=result,proto3" json:"result,omitempty"`
 	Budget *BudgetSnapshot `protobuf:"bytes,12,opt,name=budget,proto3" json:"budget,omitempty"`
 	// Seq of the run's latest event.

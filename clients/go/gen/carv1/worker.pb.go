@@ -106,8 +106,11 @@ type ConnectResponse struct {
 	// Agents to run. Never more than the worker's `max_in_flight` are
 	// unfinished at once.
 	Assignments []*Assignment `protobuf:"bytes,2,rep,name=assignments,proto3" json:"assignments,omitempty"`
-	// Assignments to stop. The worker should answer each with a result (the
-	// sidecar no longer waits for it after the cancel).
+	// Assignments to stop. From the cancel on, the assignment's runtime calls
+	// are refused (FAILED_PRECONDITION: it is not running on this session). The
+	// worker should answer each with a result, which only acknowledges the
+	// cancel and frees the slot: the run no longer waits for it, and the slot is
+	// freed anyway after the sidecar's `cancel_ack_timeout_s` (10 s).
 	Cancels []*AssignmentCancel `protobuf:"bytes,3,rep,name=cancels,proto3" json:"cancels,omitempty"`
 	// Answers to runtime calls that carried a `call_id`.
 	CallResults []*CallResult `protobuf:"bytes,4,rep,name=call_results,json=callResults,proto3" json:"call_results,omitempty"`
@@ -283,6 +286,10 @@ type WorkerWelcome struct {
 	MaxInFlight uint32 `protobuf:"varint,3,opt,name=max_in_flight,json=maxInFlight,proto3" json:"max_in_flight,omitempty"`
 	// Largest frame the sidecar accepts, in bytes.
 	MaxMessageBytes uint64 `protobuf:"varint,4,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
+	// Heartbeat intervals a session may stay silent: after
+	// `heartbeat_interval_ms * heartbeat_misses` without a frame the sidecar
+	// closes it (UNAVAILABLE) and hands its assignments to other workers.
+	HeartbeatMisses uint32 `protobuf:"varint,5,opt,name=heartbeat_misses,json=heartbeatMisses,proto3" json:"heartbeat_misses,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -345,6 +352,13 @@ func (x *WorkerWelcome) GetMaxMessageBytes() uint64 {
 	return 0
 }
 
+func (x *WorkerWelcome) GetHeartbeatMisses() uint32 {
+	if x != nil {
+		return x.HeartbeatMisses
+	}
+	return 0
+}
+
 // A keep-alive.
 type Heartbeat struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -393,11 +407,19 @@ type Assignment struct {
 	ThreadId string     `protobuf:"bytes,4,opt,name=thread_id,json=threadId,proto3" json:"thread_id,omitempty"`
 	Spec     *AgentSpec `protobuf:"bytes,5,opt,name=spec,proto3" json:"spec,omitempty"`
 	Task     string     `protobuf:"bytes,6,opt,name=task,proto3" json:"task,omitempty"`
-	// When the sidecar stops waiting, in Unix milliseconds (0: no deadline).
+	// When the sidecar stops waiting and cancels the assignment, in Unix
+	// milliseconds. Set when the assignment is first queued, from the spec's
+	// `metadata.timeout_secs` (a fleet's `agent_timeout_secs`), else the
+	// sidecar's `agent_timeout_s` (one hour by default), and the same for every
+	// attempt. 0 only when the sidecar runs with `agent_timeout_s = 0` and
+	// nothing else sets a timeout.
 	DeadlineUnixMs int64 `protobuf:"varint,7,opt,name=deadline_unix_ms,json=deadlineUnixMs,proto3" json:"deadline_unix_ms,omitempty"`
-	// The agent name the worker was matched on. A pattern may rename the
-	// instance (mapper `i` runs as `{mapper}_{i}` in `spec.name`); workers pick
-	// their handler by this field.
+	// The agent name the worker was matched on: always a name, never one of the
+	// worker's globs. A worker whose hello says `mapper*` gets `agent = "mapper"`
+	// for a map-reduce whose mapper is named `mapper`, and picks its handler by
+	// matching this name against its own names and globs (an exact name first).
+	// A pattern may rename the instance (mapper `i` runs as `{mapper}_{i}` in
+	// `spec.name`), so pick the handler by this field, not by `spec.name`.
 	Agent         string `protobuf:"bytes,8,opt,name=agent,proto3" json:"agent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -722,7 +744,10 @@ func (x *FrameError) GetField() string {
 	return ""
 }
 
-// A runtime call made by a running agent, through its assignment.
+// A runtime call made by a running agent, through its assignment. Only a
+// running assignment held by this session may call: once it is cancelled,
+// finished or lost, calls are refused with FAILED_PRECONDITION (as a
+// CallError, or a FrameError for a call without `call_id`).
 type RuntimeCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Echoed in the CallResult. Leave empty for fire-and-forget calls (emit,
@@ -2060,13 +2085,14 @@ const file_car_v1_worker_proto_rawDesc = "" +
 	"\x03sdk\x18\x05 \x01(\tR\x03sdk\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb2\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xdd\x01\n" +
 	"\rWorkerWelcome\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x122\n" +
 	"\x15heartbeat_interval_ms\x18\x02 \x01(\rR\x13heartbeatIntervalMs\x12\"\n" +
 	"\rmax_in_flight\x18\x03 \x01(\rR\vmaxInFlight\x12*\n" +
-	"\x11max_message_bytes\x18\x04 \x01(\x04R\x0fmaxMessageBytes\"\v\n" +
+	"\x11max_message_bytes\x18\x04 \x01(\x04R\x0fmaxMessageBytes\x12)\n" +
+	"\x10heartbeat_misses\x18\x05 \x01(\rR\x0fheartbeatMisses\"\v\n" +
 	"\tHeartbeat\"\xfa\x01\n" +
 	"\n" +
 	"Assignment\x12#\n" +

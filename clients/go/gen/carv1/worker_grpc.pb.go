@@ -30,8 +30,9 @@ const (
 type WorkerServiceClient interface {
 	// Opens a worker session. The first frame must carry `hello`; the sidecar
 	// answers with `welcome`, then sends assignments, cancels, call results and
-	// a final drain. Every frame counts as a heartbeat; a session silent for three
-	// heartbeat intervals loses its assignments to other workers.
+	// a final drain. Every frame counts as a heartbeat; a session silent for
+	// `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+	// its assignments go to other workers.
 	Connect(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConnectRequest, ConnectResponse], error)
 }
 
@@ -64,8 +65,9 @@ type WorkerService_ConnectClient = grpc.BidiStreamingClient[ConnectRequest, Conn
 type WorkerServiceServer interface {
 	// Opens a worker session. The first frame must carry `hello`; the sidecar
 	// answers with `welcome`, then sends assignments, cancels, call results and
-	// a final drain. Every frame counts as a heartbeat; a session silent for three
-	// heartbeat intervals loses its assignments to other workers.
+	// a final drain. Every frame counts as a heartbeat; a session silent for
+	// `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+	// its assignments go to other workers.
 	Connect(grpc.BidiStreamingServer[ConnectRequest, ConnectResponse]) error
 	mustEmbedUnimplementedWorkerServiceServer()
 }

@@ -1902,8 +1902,11 @@ pub struct ConnectResponse {
     /// unfinished at once.
     #[prost(message, repeated, tag = "2")]
     pub assignments: ::prost::alloc::vec::Vec<Assignment>,
-    /// Assignments to stop. The worker should answer each with a result (the
-    /// sidecar no longer waits for it after the cancel).
+    /// Assignments to stop. From the cancel on, the assignment's runtime calls
+    /// are refused (FAILED_PRECONDITION: it is not running on this session). The
+    /// worker should answer each with a result, which only acknowledges the
+    /// cancel and frees the slot: the run no longer waits for it, and the slot is
+    /// freed anyway after the sidecar's `cancel_ack_timeout_s` (10 s).
     #[prost(message, repeated, tag = "3")]
     pub cancels: ::prost::alloc::vec::Vec<AssignmentCancel>,
     /// Answers to runtime calls that carried a `call_id`.
@@ -1954,6 +1957,11 @@ pub struct WorkerWelcome {
     /// Largest frame the sidecar accepts, in bytes.
     #[prost(uint64, tag = "4")]
     pub max_message_bytes: u64,
+    /// Heartbeat intervals a session may stay silent: after
+    /// `heartbeat_interval_ms * heartbeat_misses` without a frame the sidecar
+    /// closes it (UNAVAILABLE) and hands its assignments to other workers.
+    #[prost(uint32, tag = "5")]
+    pub heartbeat_misses: u32,
 }
 /// A keep-alive.
 #[allow(clippy::all)]
@@ -1977,12 +1985,20 @@ pub struct Assignment {
     pub spec: ::core::option::Option<AgentSpec>,
     #[prost(string, tag = "6")]
     pub task: ::prost::alloc::string::String,
-    /// When the sidecar stops waiting, in Unix milliseconds (0: no deadline).
+    /// When the sidecar stops waiting and cancels the assignment, in Unix
+    /// milliseconds. Set when the assignment is first queued, from the spec's
+    /// `metadata.timeout_secs` (a fleet's `agent_timeout_secs`), else the
+    /// sidecar's `agent_timeout_s` (one hour by default), and the same for every
+    /// attempt. 0 only when the sidecar runs with `agent_timeout_s = 0` and
+    /// nothing else sets a timeout.
     #[prost(int64, tag = "7")]
     pub deadline_unix_ms: i64,
-    /// The agent name the worker was matched on. A pattern may rename the
-    /// instance (mapper `i` runs as `{mapper}_{i}` in `spec.name`); workers pick
-    /// their handler by this field.
+    /// The agent name the worker was matched on: always a name, never one of the
+    /// worker's globs. A worker whose hello says `mapper*` gets `agent = "mapper"`
+    /// for a map-reduce whose mapper is named `mapper`, and picks its handler by
+    /// matching this name against its own names and globs (an exact name first).
+    /// A pattern may rename the instance (mapper `i` runs as `{mapper}_{i}` in
+    /// `spec.name`), so pick the handler by this field, not by `spec.name`.
     #[prost(string, tag = "8")]
     pub agent: ::prost::alloc::string::String,
 }
@@ -2031,7 +2047,10 @@ pub struct FrameError {
     #[prost(string, tag = "3")]
     pub field: ::prost::alloc::string::String,
 }
-/// A runtime call made by a running agent, through its assignment.
+/// A runtime call made by a running agent, through its assignment. Only a
+/// running assignment held by this session may call: once it is cancelled,
+/// finished or lost, calls are refused with FAILED_PRECONDITION (as a
+/// CallError, or a FrameError for a call without `call_id`).
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RuntimeCall {
@@ -2352,8 +2371,9 @@ pub mod worker_service_client {
         }
         /// Opens a worker session. The first frame must carry `hello`; the sidecar
         /// answers with `welcome`, then sends assignments, cancels, call results and
-        /// a final drain. Every frame counts as a heartbeat; a session silent for three
-        /// heartbeat intervals loses its assignments to other workers.
+        /// a final drain. Every frame counts as a heartbeat; a session silent for
+        /// `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+        /// its assignments go to other workers.
         pub async fn connect(
             &mut self,
             request: impl tonic::IntoStreamingRequest<Message = super::ConnectRequest>,
@@ -2513,7 +2533,12 @@ pub struct Run {
     pub started_unix_ms: i64,
     #[prost(int64, tag = "10")]
     pub finished_unix_ms: i64,
-    /// Set once the run has finished (only with `include_results` in ListRuns).
+    /// The pattern's result, once the run has finished with one: GetRun always
+    /// includes it, ListRuns only with `include_results`. Absent while the run is
+    /// active, when `result_omitted` (read it with ReadRunResult), and when the
+    /// run ended before its pattern produced one (reason cancelled, timeout,
+    /// error or sidecar_restarted). Runs that ended agent_failed or
+    /// budget_exhausted keep the result the pattern produced.
     #[prost(message, optional, tag = "11")]
     pub result: ::core::option::Option<RunResult>,
     #[prost(message, optional, tag = "12")]

@@ -189,7 +189,14 @@ export interface Run {
   createdUnixMs: number;
   startedUnixMs: number;
   finishedUnixMs: number;
-  /** Set once the run has finished (only with `include_results` in ListRuns). */
+  /**
+   * The pattern's result, once the run has finished with one: GetRun always
+   * includes it, ListRuns only with `include_results`. Absent while the run is
+   * active, when `result_omitted` (read it with ReadRunResult), and when the
+   * run ended before its pattern produced one (reason cancelled, timeout,
+   * error or sidecar_restarted). Runs that ended agent_failed or
+   * budget_exhausted keep the result the pattern produced.
+   */
   result: RunResult | undefined;
   budget:
     | BudgetSnapshot

@@ -56,8 +56,11 @@ export interface ConnectResponse {
    */
   assignments: Assignment[];
   /**
-   * Assignments to stop. The worker should answer each with a result (the
-   * sidecar no longer waits for it after the cancel).
+   * Assignments to stop. From the cancel on, the assignment's runtime calls
+   * are refused (FAILED_PRECONDITION: it is not running on this session). The
+   * worker should answer each with a result, which only acknowledges the
+   * cancel and frees the slot: the run no longer waits for it, and the slot is
+   * freed anyway after the sidecar's `cancel_ack_timeout_s` (10 s).
    */
   cancels: AssignmentCancel[];
   /** Answers to runtime calls that carried a `call_id`. */
@@ -100,6 +103,12 @@ export interface WorkerWelcome {
   maxInFlight: number;
   /** Largest frame the sidecar accepts, in bytes. */
   maxMessageBytes: number;
+  /**
+   * Heartbeat intervals a session may stay silent: after
+   * `heartbeat_interval_ms * heartbeat_misses` without a frame the sidecar
+   * closes it (UNAVAILABLE) and hands its assignments to other workers.
+   */
+  heartbeatMisses: number;
 }
 
 /** A keep-alive. */
@@ -116,12 +125,22 @@ export interface Assignment {
   threadId: string;
   spec: AgentSpec | undefined;
   task: string;
-  /** When the sidecar stops waiting, in Unix milliseconds (0: no deadline). */
+  /**
+   * When the sidecar stops waiting and cancels the assignment, in Unix
+   * milliseconds. Set when the assignment is first queued, from the spec's
+   * `metadata.timeout_secs` (a fleet's `agent_timeout_secs`), else the
+   * sidecar's `agent_timeout_s` (one hour by default), and the same for every
+   * attempt. 0 only when the sidecar runs with `agent_timeout_s = 0` and
+   * nothing else sets a timeout.
+   */
   deadlineUnixMs: number;
   /**
-   * The agent name the worker was matched on. A pattern may rename the
-   * instance (mapper `i` runs as `{mapper}_{i}` in `spec.name`); workers pick
-   * their handler by this field.
+   * The agent name the worker was matched on: always a name, never one of the
+   * worker's globs. A worker whose hello says `mapper*` gets `agent = "mapper"`
+   * for a map-reduce whose mapper is named `mapper`, and picks its handler by
+   * matching this name against its own names and globs (an exact name first).
+   * A pattern may rename the instance (mapper `i` runs as `{mapper}_{i}` in
+   * `spec.name`), so pick the handler by this field, not by `spec.name`.
    */
   agent: string;
 }
@@ -159,7 +178,12 @@ export interface FrameError {
   field: string;
 }
 
-/** A runtime call made by a running agent, through its assignment. */
+/**
+ * A runtime call made by a running agent, through its assignment. Only a
+ * running assignment held by this session may call: once it is cancelled,
+ * finished or lost, calls are refused with FAILED_PRECONDITION (as a
+ * CallError, or a FrameError for a call without `call_id`).
+ */
 export interface RuntimeCall {
   /**
    * Echoed in the CallResult. Leave empty for fire-and-forget calls (emit,
@@ -863,7 +887,7 @@ export const WorkerHello_LabelsEntry: MessageFns<WorkerHello_LabelsEntry> = {
 };
 
 function createBaseWorkerWelcome(): WorkerWelcome {
-  return { sessionId: "", heartbeatIntervalMs: 0, maxInFlight: 0, maxMessageBytes: 0 };
+  return { sessionId: "", heartbeatIntervalMs: 0, maxInFlight: 0, maxMessageBytes: 0, heartbeatMisses: 0 };
 }
 
 export const WorkerWelcome: MessageFns<WorkerWelcome> = {
@@ -879,6 +903,9 @@ export const WorkerWelcome: MessageFns<WorkerWelcome> = {
     }
     if (message.maxMessageBytes !== 0) {
       writer.uint32(32).uint64(message.maxMessageBytes);
+    }
+    if (message.heartbeatMisses !== 0) {
+      writer.uint32(40).uint32(message.heartbeatMisses);
     }
     return writer;
   },
@@ -928,6 +955,14 @@ export const WorkerWelcome: MessageFns<WorkerWelcome> = {
             message.maxMessageBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.heartbeatMisses = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -962,6 +997,11 @@ export const WorkerWelcome: MessageFns<WorkerWelcome> = {
         : isSet(object.max_message_bytes)
         ? globalThis.Number(object.max_message_bytes)
         : 0,
+      heartbeatMisses: isSet(object.heartbeatMisses)
+        ? globalThis.Number(object.heartbeatMisses)
+        : isSet(object.heartbeat_misses)
+        ? globalThis.Number(object.heartbeat_misses)
+        : 0,
     };
   },
 
@@ -979,6 +1019,9 @@ export const WorkerWelcome: MessageFns<WorkerWelcome> = {
     if (message.maxMessageBytes !== 0) {
       obj.maxMessageBytes = Math.round(message.maxMessageBytes);
     }
+    if (message.heartbeatMisses !== 0) {
+      obj.heartbeatMisses = Math.round(message.heartbeatMisses);
+    }
     return obj;
   },
 
@@ -991,6 +1034,7 @@ export const WorkerWelcome: MessageFns<WorkerWelcome> = {
     message.heartbeatIntervalMs = object.heartbeatIntervalMs ?? 0;
     message.maxInFlight = object.maxInFlight ?? 0;
     message.maxMessageBytes = object.maxMessageBytes ?? 0;
+    message.heartbeatMisses = object.heartbeatMisses ?? 0;
     return message;
   },
 };
@@ -3601,8 +3645,9 @@ export const WorkerServiceService = {
   /**
    * Opens a worker session. The first frame must carry `hello`; the sidecar
    * answers with `welcome`, then sends assignments, cancels, call results and
-   * a final drain. Every frame counts as a heartbeat; a session silent for three
-   * heartbeat intervals loses its assignments to other workers.
+   * a final drain. Every frame counts as a heartbeat; a session silent for
+   * `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+   * its assignments go to other workers.
    */
   connect: {
     path: "/car.v1.WorkerService/Connect" as const,
@@ -3619,8 +3664,9 @@ export interface WorkerServiceServer extends UntypedServiceImplementation {
   /**
    * Opens a worker session. The first frame must carry `hello`; the sidecar
    * answers with `welcome`, then sends assignments, cancels, call results and
-   * a final drain. Every frame counts as a heartbeat; a session silent for three
-   * heartbeat intervals loses its assignments to other workers.
+   * a final drain. Every frame counts as a heartbeat; a session silent for
+   * `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+   * its assignments go to other workers.
    */
   connect: handleBidiStreamingCall<ConnectRequest, ConnectResponse>;
 }
@@ -3629,8 +3675,9 @@ export interface WorkerServiceClient extends Client {
   /**
    * Opens a worker session. The first frame must carry `hello`; the sidecar
    * answers with `welcome`, then sends assignments, cancels, call results and
-   * a final drain. Every frame counts as a heartbeat; a session silent for three
-   * heartbeat intervals loses its assignments to other workers.
+   * a final drain. Every frame counts as a heartbeat; a session silent for
+   * `heartbeat_misses` heartbeat intervals (both in the welcome) is closed and
+   * its assignments go to other workers.
    */
   connect(): ClientDuplexStream<ConnectRequest, ConnectResponse>;
   connect(options: Partial<CallOptions>): ClientDuplexStream<ConnectRequest, ConnectResponse>;
