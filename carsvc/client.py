@@ -78,6 +78,14 @@ _ON_BUSY = {
 }
 
 
+def _strings(what: str, values: Iterable[str]) -> list[str]:
+    """`values` as a list; a lone string is refused (it would be its characters)."""
+    if isinstance(values, str | bytes):
+        raise TypeError(f"{what} must be a list of strings, not a {type(values).__name__} ({values!r} would be "
+                        f"its characters, one item each); pass [{values!r}] for one")
+    return list(values)
+
+
 def agent(
     name: str,
     system_prompt: str = "",
@@ -87,7 +95,9 @@ def agent(
     metadata: Mapping[str, Any] | None = None,
 ) -> patterns_pb2.AgentRef:
     """An inline agent spec."""
-    spec = types_pb2.AgentSpec(name=name, system_prompt=system_prompt, tools=list(tools), max_turns=max_turns)
+    spec = types_pb2.AgentSpec(
+        name=name, system_prompt=system_prompt, tools=_strings("tools", tools), max_turns=max_turns
+    )
     if metadata:
         spec.metadata.CopyFrom(to_value(dict(metadata)).struct_value)
     return patterns_pb2.AgentRef(spec=spec)
@@ -110,7 +120,7 @@ def map_reduce(
     *,
     max_concurrent: int | None = None,
 ) -> patterns_pb2.MapReduceRun:
-    msg = patterns_pb2.MapReduceRun(mapper=mapper, reducer=reducer, task=task, items=list(items))
+    msg = patterns_pb2.MapReduceRun(mapper=mapper, reducer=reducer, task=task, items=_strings("items", items))
     if max_concurrent is not None:
         msg.max_concurrent = max_concurrent
     return msg
@@ -441,7 +451,7 @@ def adversarial_review(
     fail_on_blockers: bool | None = None,
 ) -> patterns_pb2.AdversarialReviewRun:
     msg = patterns_pb2.AdversarialReviewRun(
-        reviewer=reviewer, author=author, work_output=work_output, criteria=list(criteria)
+        reviewer=reviewer, author=author, work_output=work_output, criteria=_strings("criteria", criteria)
     )
     if fail_on_blockers is not None:
         msg.fail_on_blockers = fail_on_blockers
