@@ -27,6 +27,7 @@ from carsvc._proto.car.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from carsvc.backends.memory import MemoryBackend
 from carsvc.config import Settings
 from carsvc.domain.journal import Journal
 from carsvc.domain.registry import AgentRegistry
@@ -77,13 +78,15 @@ class Sidecar:
         # Tokens and TLS, loaded now so a bad file fails before anything starts.
         self.security = security or ServerSecurity.from_settings(s)
         self.dispatcher = Dispatcher.from_settings(s)
+        self.journal = (
+            Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync) if s.data_dir else None
+        )
+        self.backend = MemoryBackend(self.journal)
         self.registry = AgentRegistry()
         self.runs = RunManager(
             self.dispatcher,
             RunSettings.from_settings(s),
-            journal=Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync)
-            if s.data_dir
-            else None,
+            self.backend,
         )
         self.limits = limits = Limits(
             max_field_bytes=s.max_field_bytes,
@@ -176,10 +179,10 @@ class Sidecar:
             port = self.security.bind(server, s.address)
         except RuntimeError as err:
             raise OSError(f"carsvc could not listen on {s.address}: {err}") from None
-        journal = self.runs.journal
+        journal = self.journal
         if journal is not None:
             recovered = journal.load()
-            self.runs.restore(recovered, self.run_service.pattern_of)
+            await self.runs.restore(recovered, self.run_service.pattern_of)
             journal.start()
             log.info(
                 "journal %s (sync %s): recovered %d runs and %d state scopes", journal.path, journal.sync,
@@ -238,9 +241,9 @@ class Sidecar:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-        if self.runs.journal is not None:
+        if self.journal is not None:
             # Off the loop: the last commit reports back to it.
-            await asyncio.get_running_loop().run_in_executor(None, self.runs.journal.close)
+            await asyncio.get_running_loop().run_in_executor(None, self.journal.close)
         log.info("carsvc stopped")
 
     async def wait_for_termination(self) -> None:

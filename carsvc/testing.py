@@ -38,7 +38,7 @@ from google.protobuf.message import Message
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2, worker_pb2
 from carsvc.config import Settings
-from carsvc.domain.budget import BudgetLimits, CoordinationBudget
+from carsvc.domain.budget import BudgetLimits, CoordinationBudget, LocalBudget
 from carsvc.domain.convert import limits_from_proto, snapshot_to_proto
 from carsvc.domain.decisions import Outcome, check_decisions
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
@@ -599,17 +599,17 @@ class PatternEnvironment:
                 raise TypeError(f"{request.DESCRIPTOR.full_name} is not a pattern request")
         return BUILDERS[which](request, self.resolve, self.limits)
 
-    def _budget(self, request: Message | Pattern) -> CoordinationBudget:
+    def _budget(self, request: Message | Pattern) -> LocalBudget:
         if isinstance(request, runs_pb2.StartRunRequest) and request.HasField("budget"):
-            return CoordinationBudget(limits_from_proto(request.budget))
+            return LocalBudget.of(limits_from_proto(request.budget))
         budget = self.budget
         if isinstance(budget, CoordinationBudget):
-            return budget
+            return LocalBudget(budget)
         if isinstance(budget, types_pb2.BudgetLimits):
-            return CoordinationBudget(limits_from_proto(budget))
-        return CoordinationBudget(budget)
+            return LocalBudget.of(limits_from_proto(budget))
+        return LocalBudget.of(budget)
 
-    def _infra(self, budget: CoordinationBudget) -> RunInfra:
+    def _infra(self, budget: LocalBudget) -> RunInfra:
         s = self.settings
         infra = RunInfra(
             run_id=self.run_id,

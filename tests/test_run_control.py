@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from carsvc._proto.car.v1 import patterns_pb2, runs_pb2, types_pb2
+from carsvc.backends.memory import MemoryBackend
 from carsvc.client import Client, agent, deny, resume, single
 from carsvc.config import Settings
 from carsvc.domain.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -24,7 +25,7 @@ from tests.conftest import Workers
 
 def _manager() -> RunManager:
     settings = Settings()
-    return RunManager(Dispatcher.from_settings(settings), RunSettings.from_settings(settings))
+    return RunManager(Dispatcher.from_settings(settings), RunSettings.from_settings(settings), MemoryBackend())
 
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
 CANCELLED = types_pb2.RUN_STATUS_CANCELLED
@@ -50,7 +51,7 @@ class Hold:
 async def test_register_and_look_up_by_thread_and_run_id() -> None:
     runs = _manager()
     pattern = Hold()
-    record = runs.start(pattern, thread_id="t", agent_id="owner", run_id="r")
+    record = await runs.start(pattern, thread_id="t", agent_id="owner", run_id="r")
     assert runs.get("r") is record
     assert runs.by_thread("t") is record
     assert runs.active_run("t") is record
@@ -64,15 +65,15 @@ async def test_register_and_look_up_by_thread_and_run_id() -> None:
 async def test_one_active_run_per_thread_and_ending_frees_the_thread() -> None:
     runs = _manager()
     first = Hold()
-    a = runs.start(first, thread_id="t", run_id="a")
+    a = await runs.start(first, thread_id="t", run_id="a")
     with pytest.raises(FailedPrecondition, match="already has an active run 'a'"):
-        runs.start(Hold(), thread_id="t", run_id="b")
+        await runs.start(Hold(), thread_id="t", run_id="b")
     assert "b" not in runs.runs
     first.release.set()
     await a.done.wait()
     assert runs.active_run("t") is None  # removing the run cleaned the thread index
     second = Hold()
-    b = runs.start(second, thread_id="t", run_id="b")
+    b = await runs.start(second, thread_id="t", run_id="b")
     assert runs.active_run("t") is b and runs.get("a").finished
     second.release.set()
     await b.done.wait()
@@ -81,16 +82,16 @@ async def test_one_active_run_per_thread_and_ending_frees_the_thread() -> None:
 async def test_enqueue_starts_after_the_active_run_and_is_bounded() -> None:
     runs = _manager()
     first, second = Hold(), Hold()
-    a = runs.start(first, thread_id="t", run_id="a")
-    b = runs.start(second, thread_id="t", run_id="b", on_busy=ON_BUSY_ENQUEUE)
+    a = await runs.start(first, thread_id="t", run_id="a")
+    b = await runs.start(second, thread_id="t", run_id="b", on_busy=ON_BUSY_ENQUEUE)
     assert b.status == types_pb2.RUN_STATUS_PENDING
     first.release.set()
     await a.done.wait()
     assert b.status == types_pb2.RUN_STATUS_RUNNING and runs.active_run("t") is b
     runs.settings = dataclasses.replace(runs.settings, max_queued_per_thread=1)
-    runs.start(Hold(), thread_id="t", run_id="c", on_busy=ON_BUSY_ENQUEUE)
+    await runs.start(Hold(), thread_id="t", run_id="c", on_busy=ON_BUSY_ENQUEUE)
     with pytest.raises(Exception, match="already has 1 queued runs"):
-        runs.start(Hold(), thread_id="t", run_id="d", on_busy=ON_BUSY_ENQUEUE)
+        await runs.start(Hold(), thread_id="t", run_id="d", on_busy=ON_BUSY_ENQUEUE)
     await runs.cancel(runs.get("c"), "not needed")
     assert runs.get("c").status == CANCELLED
     second.release.set()
@@ -100,9 +101,9 @@ async def test_enqueue_starts_after_the_active_run_and_is_bounded() -> None:
 
 async def test_interrupt_cancels_the_active_run_then_starts() -> None:
     runs = _manager()
-    old = runs.start(Hold(), thread_id="t", run_id="old")
+    old = await runs.start(Hold(), thread_id="t", run_id="old")
     new_pattern = Hold()
-    new = runs.start(new_pattern, thread_id="t", run_id="new", on_busy=ON_BUSY_INTERRUPT)
+    new = await runs.start(new_pattern, thread_id="t", run_id="new", on_busy=ON_BUSY_INTERRUPT)
     await old.done.wait()
     assert old.status == CANCELLED and old.termination_detail == "interrupted by run 'new'"
     await asyncio.sleep(0)
@@ -114,7 +115,7 @@ async def test_interrupt_cancels_the_active_run_then_starts() -> None:
 async def test_fan_out_subscribers_see_the_same_events() -> None:
     runs = _manager()
     pattern = Hold()
-    record = runs.start(pattern, thread_id="t")
+    record = await runs.start(pattern, thread_id="t")
     subscriptions = [record.events.subscribe(0, 100) for _ in range(3)]
     pattern.release.set()
     seen = [[e.seq for batch in [b async for b in s.batches()] for e in batch] for s in subscriptions]

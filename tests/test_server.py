@@ -231,7 +231,7 @@ async def test_a_running_sidecar_uses_the_compiled_hot_paths(client: Client, sid
     handle = await client.start_run(single(agent("nobody"), "t"), thread_id="compiled")
     record = sidecar.runs.get(handle.run_id)
     assert type(record.infra.state).__module__ == "carsvc.domain._overlay"
-    assert type(record.infra.budget).__module__ == "carsvc.domain._budget"
+    assert type(record.infra.budget.counters).__module__ == "carsvc.domain._budget"
     await client.cancel(handle.run_id, wait=True)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "BudgetLimits",
     "BudgetSnapshot",
     "CoordinationBudget",
+    "LocalBudget",
     "PyCoordinationBudget",
     "usd_to_micros",
 ]
@@ -62,3 +63,43 @@ else:
 if TYPE_CHECKING:
     # Only for the type checker: both twins have the same API.
     CCoordinationBudget = PyCoordinationBudget
+
+
+class LocalBudget:
+    """A budget this process alone spends: the backend interface's `Budget`
+    (carsvc.domain.backend) over a CoordinationBudget, the hot path. A run's own
+    budget is always one; the in-memory backend's shared budgets are too."""
+
+    __slots__ = ("counters",)
+
+    def __init__(self, counters: CoordinationBudget) -> None:
+        self.counters = counters
+
+    @classmethod
+    def of(cls, limits: BudgetLimits | None = None, budget_id: str = "") -> LocalBudget:
+        return cls(CoordinationBudget(limits, budget_id))
+
+    @property
+    def budget_id(self) -> str:
+        return self.counters.budget_id
+
+    @property
+    def limits(self) -> BudgetLimits:
+        return self.counters.limits
+
+    def snapshot(self) -> BudgetSnapshot:
+        return self.counters.snapshot()
+
+    async def begin_agents(self, count: int) -> list[BudgetError | None]:
+        verdicts: list[BudgetError | None] = []
+        for _ in range(count):
+            try:
+                self.counters.begin_agent()
+            except BudgetError as denied:
+                verdicts.append(denied)
+            else:
+                verdicts.append(None)
+        return verdicts
+
+    async def record(self, input_tokens: int, output_tokens: int, cost_usd: float) -> None:
+        self.counters.record(input_tokens, output_tokens, cost_usd)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
-from carsvc.domain.budget import CoordinationBudget
+from carsvc.domain.backend import Budget
 from carsvc.domain.budget_types import BudgetError
 from carsvc.domain.convert import snapshot_to_proto
 from carsvc.domain.decisions import DecisionBox
@@ -58,7 +58,7 @@ class RunInfra:
         run_id: str,
         thread_id: str,
         state: StateStore,
-        budget: CoordinationBudget,
+        budget: Budget,
         events: RunEventLog,
         mailbox: Mailbox,
         dispatcher: Dispatcher,
@@ -131,26 +131,34 @@ class RunInfra:
 
     # -- the pattern skeleton: gate, run, record -------------------------------------
 
-    def admit(self, name: str, *, role: str, index: int = 0) -> AgentOutput | None:
+    async def admit(self, name: str, *, role: str, index: int = 0) -> AgentOutput | None:
         """Reserves a budget slot for one agent. None means it may run; otherwise
         the skipped output to put at its position (an AgentSkipped event is emitted)."""
-        try:
-            self.budget.begin_agent()
-        except BudgetError as denied:
-            self.on_denied()
-            out = skipped_output(name, denied)
-            self.emit(RunEvent(agent_skipped=events_pb2.AgentSkipped(output=out, role=role, index=index)))
-            self.budget_updated()
-            return out
-        self.budget_updated()
-        return None
+        (verdict,) = await self.budget.begin_agents(1)
+        return self._admitted(verdict, name, role, index)
 
-    def record(self, output: AgentOutput) -> None:
+    async def admit_all(self, agents: list[tuple[str, str, int]]) -> list[AgentOutput | None]:
+        """`admit` for several agents (name, role, index) in order, with one
+        request to the budget."""
+        verdicts = await self.budget.begin_agents(len(agents))
+        return [self._admitted(v, *agent) for v, agent in zip(verdicts, agents, strict=True)]
+
+    def _admitted(self, denied: BudgetError | None, name: str, role: str, index: int) -> AgentOutput | None:
+        if denied is None:
+            self.budget_updated()
+            return None
+        self.on_denied()
+        out = skipped_output(name, denied)
+        self.emit(RunEvent(agent_skipped=events_pb2.AgentSkipped(output=out, role=role, index=index)))
+        self.budget_updated()
+        return out
+
+    async def record(self, output: AgentOutput) -> None:
         """Adds an output's self-reported spend to the budget."""
         if output.HasField("tokens"):
             t = output.tokens
             try:
-                self.budget.record(t.input_tokens, t.output_tokens, t.cost_usd)
+                await self.budget.record(t.input_tokens, t.output_tokens, t.cost_usd)
             except ValueError as bad:
                 log.warning("run %s: ignored spend of %s: %s", self.run_id, output.name, bad)
                 return
@@ -176,7 +184,7 @@ class RunInfra:
         when it succeeds."""
         journaled = self.replay.pop(step, None) if self.replay else None
         if journaled is not None:
-            return self._replayed(step, journaled, role=role, index=index)
+            return await self._replayed(step, journaled, role=role, index=index)
         base: StateStore | Overlay = parent_state if parent_state is not None else self.state
         view: StateStore | Overlay = Overlay(base, spec.name) if isolated else base
         ctx = RunningAgent(self, spec, view, role=role, step=step, index=index)
@@ -204,7 +212,7 @@ class RunInfra:
                 view.merge_to_parent()
             else:
                 view.discard()
-        self.record(output)
+        await self.record(output)
         if self.on_step is not None:
             self.on_step(step, output)  # journaled before its event: see _replayed
         self.emit(
@@ -222,12 +230,12 @@ class RunInfra:
         )
         return output
 
-    def _replayed(self, step: str, output: AgentOutput, *, role: str, index: int) -> AgentOutput:
+    async def _replayed(self, step: str, output: AgentOutput, *, role: str, index: int) -> AgentOutput:
         """A step whose output was journaled before a restart: no worker runs it
         again. Its spend counts again (the budget is rebuilt by the replay), its
         state writes are already in the scope, and its agent_finished event is
         emitted only if the crash lost it (the step was journaled first)."""
-        self.record(output)
+        await self.record(output)
         if step not in self.reported:
             self.emit(
                 RunEvent(

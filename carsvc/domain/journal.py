@@ -47,13 +47,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import message, struct_pb2
 
 from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
+from carsvc.domain.backend import Recovered
 from carsvc.domain.errors import Unavailable
 
 log = logging.getLogger("carsvc.journal")
@@ -103,25 +103,6 @@ class _Barrier(asyncio.Future[None]):
 
     def cancel(self, msg: Any = None) -> bool:
         return False
-
-
-@dataclass
-class Recovered:
-    """What a journal held when the sidecar started."""
-
-    # scope -> key -> (value, writer); deleted keys are absent.
-    state: dict[str, dict[str, tuple[struct_pb2.Value, str]]] = field(default_factory=dict)
-    # Run records in start order, with their events.
-    runs: list[runs_pb2.Run] = field(default_factory=list)
-    events: dict[str, list[events_pb2.RunEvent]] = field(default_factory=dict)
-    # run_id -> seqs of events that could not be read back (the run's history is incomplete).
-    skipped_events: dict[str, list[int]] = field(default_factory=dict)
-    # Runs that may resume: run_id -> the StartRunRequest they were started with,
-    # and the outputs their finished steps journaled (run_id -> step key -> output).
-    requests: dict[str, bytes] = field(default_factory=dict)
-    steps: dict[str, dict[str, types_pb2.AgentOutput]] = field(default_factory=dict)
-    # Rows that could not be read back at all, by table.
-    skipped_rows: dict[str, int] = field(default_factory=dict)
 
 
 class Journal:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
-from carsvc.domain.budget import CoordinationBudget
+from carsvc.domain.backend import Backend, Budget, Recovered
+from carsvc.domain.budget import LocalBudget
 from carsvc.domain.budget_types import BudgetLimits
 from carsvc.domain.clock import now_ms
 from carsvc.domain.convert import limits_from_proto, snapshot_to_proto
@@ -35,7 +36,6 @@ from carsvc.domain.errors import (
 )
 from carsvc.domain.eventlog import RunEventLog, Subscription
 from carsvc.domain.infra import RunInfra
-from carsvc.domain.journal import Journal, Recovered
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import StateStore
 from carsvc.domain.runtime import Pattern, PatternOutcome, run_result
@@ -245,11 +245,12 @@ class RunRecord:
 class RunManager:
     """Starts runs, keeps them reachable by run and thread id, and ends them."""
 
-    def __init__(
-        self, dispatcher: Dispatcher, settings: RunSettings, journal: Journal | None = None
-    ) -> None:
+    def __init__(self, dispatcher: Dispatcher, settings: RunSettings, backend: Backend) -> None:
         self.dispatcher = dispatcher
-        self.journal = journal
+        self.backend = backend
+        # Where runs, steps, events and state are kept durably (None: nowhere).
+        self.journal = backend.store
+        self.threads = backend.threads
         self.settings = settings
         self.runs: OrderedDict[str, RunRecord] = OrderedDict()
         self._active_by_thread: dict[str, RunRecord] = {}
@@ -260,7 +261,6 @@ class RunManager:
         # state watchers using a scope, and retained run records naming it.
         self._scope_users: Counter[str] = Counter()
         self._scope_runs: Counter[str] = Counter()
-        self.budgets: dict[str, CoordinationBudget] = {}
         self._ordinal = 0
         # For metrics: finished runs by status, and spawns the budgets refused.
         self.finished_by_status: Counter[int] = Counter()
@@ -314,7 +314,7 @@ class RunManager:
             for key in store.keys(""):  # every key (StateStore.keys takes a prefix)
                 self.journal.state(name, key, None, "retention", now_ms())
 
-    def _infra(self, run_id: str, thread_id: str, state_scope: str, budget: CoordinationBudget) -> RunInfra:
+    def _infra(self, run_id: str, thread_id: str, state_scope: str, budget: Budget) -> RunInfra:
         return RunInfra(
             run_id=run_id,
             thread_id=thread_id,
@@ -346,22 +346,15 @@ class RunManager:
         if journal is not None:
             store.subscribe(lambda t: journal.state(name, t.key, t.new, t.writer, t.time_unix_ms))
 
-    def create_budget(self, limits: BudgetLimits, budget_id: str = "") -> CoordinationBudget:
-        budget_id = budget_id or f"budget-{uuid.uuid4().hex}"
-        if budget_id in self.budgets:
-            raise AlreadyExists(f"budget '{budget_id}' already exists", field="budget_id")
-        budget = self.budgets[budget_id] = CoordinationBudget(limits, budget_id)
-        return budget
+    async def create_budget(self, limits: BudgetLimits, budget_id: str = "") -> Budget:
+        return await self.backend.budgets.create(limits, budget_id or f"budget-{uuid.uuid4().hex}")
 
-    def budget(self, budget_id: str) -> CoordinationBudget:
-        budget = self.budgets.get(budget_id)
-        if budget is None:
-            raise NotFound(f"no budget '{budget_id}'", field="budget_id")
-        return budget
+    async def budget(self, budget_id: str) -> Budget:
+        return await self.backend.budgets.get(budget_id)
 
     # -- starting -------------------------------------------------------------------------
 
-    def start(
+    async def start(
         self,
         pattern: Pattern,
         *,
@@ -390,7 +383,47 @@ class RunManager:
         if run_id in self.runs:
             raise AlreadyExists(f"run '{run_id}' already exists", field="run_id")
         thread_id = thread_id or f"thread-{uuid.uuid4().hex}"
-        active = self._active_by_thread.get(thread_id)
+        # Checked before the thread is taken: a refused start must not hold it.
+        budget = await self.budget(budget_id) if budget_id else LocalBudget.of(limits)
+        if initial_decisions:
+            check_decisions(initial_decisions, "initial_decisions")
+        holder = await self.threads.acquire(thread_id, run_id)
+        if run_id in self.runs:  # started while this one awaited
+            if holder == run_id:
+                self.threads.release(thread_id, run_id)
+            raise AlreadyExists(f"run '{run_id}' already exists", field="run_id")
+        active = None if holder == run_id else self.runs.get(holder)
+        if holder != run_id and active is None:
+            raise FailedPrecondition(
+                f"thread '{thread_id}' has an active run '{holder}' on another replica", field="thread_id"
+            )
+        try:
+            return self._start(
+                pattern, active, run_id=run_id, thread_id=thread_id, agent_id=agent_id, on_busy=on_busy,
+                budget=budget, state_scope=state_scope, labels=labels, timeout=timeout,
+                initial_decisions=initial_decisions, request=request,
+            )
+        except BaseException:
+            if active is None:
+                self.threads.release(thread_id, run_id)
+            raise
+
+    def _start(
+        self,
+        pattern: Pattern,
+        active: RunRecord | None,
+        *,
+        run_id: str,
+        thread_id: str,
+        agent_id: str,
+        on_busy: int,
+        budget: Budget,
+        state_scope: str,
+        labels: dict[str, str] | None,
+        timeout: float | None,
+        initial_decisions: list[types_pb2.ToolCallDecision] | None,
+        request: runs_pb2.StartRunRequest | None,
+    ) -> RunRecord:
         if active is not None and on_busy == ON_BUSY_REJECT:
             raise FailedPrecondition(
                 f"thread '{thread_id}' already has an active run '{active.run_id}' "
@@ -406,7 +439,6 @@ class RunManager:
                 "runs (max_queued_per_thread)",
                 field="thread_id",
             )
-        budget = self.budget(budget_id) if budget_id else CoordinationBudget(limits)
         state_scope = state_scope or thread_id
         self._ordinal += 1
         record = RunRecord(
@@ -422,7 +454,6 @@ class RunManager:
         )
         self._hook(record)
         if initial_decisions:
-            check_decisions(initial_decisions, "initial_decisions")
             record.infra.decisions.submit(initial_decisions)
         self.runs[run_id] = record
         self._scope_runs[state_scope] += 1
@@ -606,13 +637,15 @@ class RunManager:
         )
         if self._active_by_thread.get(record.thread_id) is record:
             del self._active_by_thread[record.thread_id]
-            self._start_next(record)
+            if not self._start_next(record):
+                self.threads.release(record.thread_id, record.run_id)
         self._retain(record)
 
-    def _start_next(self, previous: RunRecord) -> None:
-        """Starts the next queued run of `previous`'s thread. If workers still
-        owe answers to `previous`'s cancels, the next run holds the thread and
-        starts once they have answered (or the ack timeout passed)."""
+    def _start_next(self, previous: RunRecord) -> bool:
+        """Hands `previous`'s thread to its next queued run and starts it;
+        False when none is queued. If workers still owe answers to `previous`'s
+        cancels, the next run holds the thread and starts once they have
+        answered (or the ack timeout passed)."""
         thread_id = previous.thread_id
         queue = self._queued_by_thread.get(thread_id)
         while queue:
@@ -621,13 +654,15 @@ class RunManager:
                 continue  # parked: the sidecar is stopping, it starts after the restart
             if not queue:
                 del self._queued_by_thread[thread_id]
+            self.threads.hand_over(thread_id, previous.run_id, nxt.run_id)
             if not self.dispatcher.awaiting_acknowledgement(previous.run_id):
                 self._launch(nxt)
-                return
+                return True
             self._active_by_thread[thread_id] = nxt
             asyncio.get_running_loop().create_task(self._launch_after_acks(previous.run_id, nxt))
-            return
+            return True
         self._queued_by_thread.pop(thread_id, None)
+        return False
 
     async def _launch_after_acks(self, previous_run_id: str, nxt: RunRecord) -> None:
         await self.dispatcher.wait_acknowledged(previous_run_id, self.settings.cancel_ack_timeout)
@@ -647,7 +682,7 @@ class RunManager:
 
     # -- recovery -------------------------------------------------------------------------
 
-    def restore(self, recovered: Recovered, rebuild: Rebuild | None = None) -> None:
+    async def restore(self, recovered: Recovered, rebuild: Rebuild | None = None) -> None:
         """Puts back what a journal held: state scopes, and runs with their
         events. Runs that were active when the sidecar stopped resume (their
         pattern rebuilt from the journaled request by `rebuild`; docs/runs.md),
@@ -670,7 +705,7 @@ class RunManager:
                     run.run_id,
                     run.thread_id,
                     run.state_scope or run.thread_id,
-                    CoordinationBudget(limits_from_proto(limits)),
+                    LocalBudget.of(limits_from_proto(limits)),
                 ),
                 state_scope=run.state_scope or run.thread_id,
                 labels=dict(run.labels),
@@ -707,7 +742,7 @@ class RunManager:
                 # Not served yet: a crash before this end is committed ends the run the same way again.
                 self._finish(record, FAILED, "sidecar_restarted", why, at_once=True)
         for record in resumed:
-            if record.thread_id in self._active_by_thread:
+            if await self.threads.acquire(record.thread_id, record.run_id) != record.run_id:
                 record.status = PENDING
                 self._queued_by_thread.setdefault(record.thread_id, deque()).append(record)
             elif record.status == PENDING:

@@ -128,7 +128,7 @@ class Swarm:
                 result.final_summary = labelled(outputs)
             return PatternOutcome(result)
         role = "judge" if self.mode == DEBATE else "synthesizer"
-        skipped = infra.admit(self.synthesizer.name, role=role)
+        skipped = await infra.admit(self.synthesizer.name, role=role)
         if skipped is not None:
             result.synthesizer_output.CopyFrom(skipped)
             result.final_summary = labelled(outputs)

@@ -104,7 +104,7 @@ class Tournament:
     ) -> MatchResult:
         match = MatchResult(round=number, left=left, right=right, winner=left)
         judge = copy_spec(self.judge, name=f"{self.judge.name}_{index}")
-        output = infra.admit(judge.name, role="judge", index=index)
+        output = await infra.admit(judge.name, role="judge", index=index)
         if output is not None:
             match.note = f"judge refused by the budget ({output.error}); the left candidate wins"
         else:

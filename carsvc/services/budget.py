@@ -24,7 +24,7 @@ class BudgetService(budget_pb2_grpc.BudgetServiceServicer):
     ) -> budget_pb2.CreateBudgetResponse:
         if len(request.budget_id) > MAX_ID_CHARS:
             raise InvalidArgument(f"is longer than {MAX_ID_CHARS} characters", field="budget_id")
-        budget = self.runs.create_budget(limits_from_proto(request.limits, "limits"), request.budget_id)
+        budget = await self.runs.create_budget(limits_from_proto(request.limits, "limits"), request.budget_id)
         return budget_pb2.CreateBudgetResponse(budget=snapshot_to_proto(budget.snapshot()))
 
     @unary
@@ -33,5 +33,5 @@ class BudgetService(budget_pb2_grpc.BudgetServiceServicer):
     ) -> budget_pb2.GetBudgetResponse:
         if not request.budget_id:
             raise InvalidArgument("must not be empty", field="budget_id")
-        budget = self.runs.budget(request.budget_id)
+        budget = await self.runs.budget(request.budget_id)
         return budget_pb2.GetBudgetResponse(budget=snapshot_to_proto(budget.snapshot()))

@@ -136,7 +136,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             raise CarError(f"the '{which}' pattern is not available yet", field="pattern", code=Code.UNIMPLEMENTED)
         return build(getattr(request, which), self.resolve_agent, self.limits)
 
-    def start(self, request: runs_pb2.StartRunRequest) -> RunRecord:
+    async def start(self, request: runs_pb2.StartRunRequest) -> RunRecord:
         """Checks a StartRunRequest and starts (or queues) its run."""
         for name in ("thread_id", "agent_id", "run_id", "budget_id", "state_scope"):
             check_id(getattr(request, name), name)
@@ -149,7 +149,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             _check_decision(decision, f"initial_decisions[{i}]", self.limits.max_value_depth)
         pattern = self.pattern_of(request)
         limits = limits_from_proto(request.budget) if request.HasField("budget") else None
-        return self.runs.start(
+        return await self.runs.start(
             pattern,
             thread_id=request.thread_id,
             agent_id=request.agent_id,
@@ -168,7 +168,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def StartRun(
         self, request: runs_pb2.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.StartRunResponse:
-        record = self.start(request)
+        record = await self.start(request)
         await self.runs.acknowledged()  # strict journal: the run's record is on disk
         return runs_pb2.StartRunResponse(run=record.handle())
 
@@ -284,7 +284,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         if first.WhichOneof("action") != "start":
             await abort(context, InvalidArgument("the first message must be start", field="action"))
         try:
-            record = self.start(first.start)
+            record = await self.start(first.start)
         except CarError as err:
             await abort(context, err)
         await self.runs.acknowledged()  # strict journal: the run's record is on disk

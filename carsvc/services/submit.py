@@ -4,7 +4,7 @@ when it has ended (or at once if it could not start)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from google.protobuf.message import DecodeError
 
@@ -14,7 +14,7 @@ from carsvc.domain.errors import CarError, Code, InvalidArgument
 from carsvc.domain.runs import RunRecord
 from carsvc.services.errors import frame_error
 
-Starter = Callable[[runs_pb2.StartRunRequest], RunRecord]
+Starter = Callable[[runs_pb2.StartRunRequest], Awaitable[RunRecord]]
 
 
 def _refused(run_id: str, err: CarError) -> runs_pb2.SubmitAnswer:
@@ -57,13 +57,13 @@ class SubmitStream:
         await record.done.wait()
         self._add(runs_pb2.SubmitAnswer(run_id=record.run_id, finished=record.finished_event()))
 
-    def _submit(self, request: runs_pb2.StartRunRequest) -> None:
+    async def _submit(self, request: runs_pb2.StartRunRequest) -> None:
         if not request.run_id:
             required = InvalidArgument("is required on a Submit stream (answers are matched by it)", field="run_id")
             self._add(_refused("", required))
             return
         try:
-            record = self._start(request)
+            record = await self._start(request)
         except CarError as err:
             self._add(_refused(request.run_id, err))
             return
@@ -75,7 +75,7 @@ class SubmitStream:
         try:
             async for message in requests:
                 for request in message.starts:
-                    self._submit(request)
+                    await self._submit(request)
         except DecodeError as err:
             self.error = CarError(
                 f"is not a valid {runs_pb2.SubmitRequest.DESCRIPTOR.full_name} ({err})",

@@ -1,0 +1,184 @@
+"""The backend interface: what a run depends on that a store outside the
+process could hold (docs/architecture.md, "Backends").
+
+The domain declares these protocols and calls only them; `carsvc.backends`
+implements them (the in-memory backend with its SQLite journal is the default)
+and the server hands one `Backend` to the RunManager. Nothing here imports a
+backend.
+
+Shaped for a networked store:
+
+* writes a run makes as it goes (records, steps, events, state transitions,
+  thread hand-overs) are fire-and-forget and ordered: the store batches them
+  and commits them in the background; `barrier()` and `settle()` say when they
+  are durable, so acknowledging waits for one commit, not one per write;
+* what must be decided by the store itself (taking a thread, a shared budget's
+  admission) is async, and batched where a pattern asks many times at once
+  (`Budget.begin_agents`).
+
+What lives with the run, not in the store: its event log's buffer and
+watchers, its decisions, its mailboxes and its agents' state overlays are
+objects of the replica that runs it (the run's owner). The store keeps what is
+needed to rebuild them (events, steps, requests, state) and the replica that
+resumes a run rebuilds them from `RunStore.load()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf import struct_pb2
+
+from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
+from carsvc.domain.budget_types import BudgetError, BudgetLimits, BudgetSnapshot
+
+
+@dataclass
+class Recovered:
+    """What a run store held when the sidecar started."""
+
+    # scope -> key -> (value, writer); deleted keys are absent.
+    state: dict[str, dict[str, tuple[struct_pb2.Value, str]]] = field(default_factory=dict)
+    # Run records in start order, with their events.
+    runs: list[runs_pb2.Run] = field(default_factory=list)
+    events: dict[str, list[events_pb2.RunEvent]] = field(default_factory=dict)
+    # run_id -> seqs of events that could not be read back (the run's history is incomplete).
+    skipped_events: dict[str, list[int]] = field(default_factory=dict)
+    # Runs that may resume: run_id -> the StartRunRequest they were started with,
+    # and the outputs their finished steps journaled (run_id -> step key -> output).
+    requests: dict[str, bytes] = field(default_factory=dict)
+    steps: dict[str, dict[str, types_pb2.AgentOutput]] = field(default_factory=dict)
+    # Rows that could not be read back at all, by table.
+    skipped_rows: dict[str, int] = field(default_factory=dict)
+
+
+class RunStore(Protocol):
+    """Durable run records, their step journal, event logs and state.
+
+    Every write is queued and returns at once; writes are committed in the
+    order they were queued. A record, step or event acknowledged after
+    `settle()` (or `barrier()`) resolved survives a crash of the process."""
+
+    def load(self) -> Recovered:
+        """Everything held, read back before `start()`. A record that does not
+        decode is skipped (and counted in `skipped_rows`), never fatal."""
+        ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None:
+        """Commits what is queued and stops (blocking: call it off the loop)."""
+        ...
+
+    def run(self, ordinal: int, record: runs_pb2.Run) -> None:
+        """A run's record as it is now (replaces the previous one)."""
+        ...
+
+    def request(self, run_id: str, request: bytes) -> None:
+        """The StartRunRequest a resumable run was started with."""
+        ...
+
+    def step(self, run_id: str, step: str, output: types_pb2.AgentOutput) -> None:
+        """An accepted agent output under its step key (replayed on resume)."""
+        ...
+
+    def event(self, run_id: str, seq: int, data: bytes) -> None:
+        """A run event, serialized once for watchers and store alike."""
+        ...
+
+    def state(self, scope: str, key: str, value: object, writer: str, time_ms: int) -> None:
+        """A state transition (value None: the key was deleted)."""
+        ...
+
+    def run_ended(self, run_id: str) -> None:
+        """The run will not resume: its request and steps may go."""
+        ...
+
+    def forget(self, run_id: str) -> None:
+        """The run left retention: its record and events may go."""
+        ...
+
+    def barrier(self) -> asyncio.Future[None]:
+        """Resolved once every write queued before the call is committed."""
+        ...
+
+    def settle(self) -> asyncio.Future[None] | None:
+        """What a producer awaits before acknowledging: a barrier when the
+        store promises commit-before-acknowledge (or lags), else None."""
+        ...
+
+
+class Budget(Protocol):
+    """What a run's agents spend through: the run's own budget, or a shared
+    one several runs draw on."""
+
+    @property
+    def budget_id(self) -> str: ...
+
+    @property
+    def limits(self) -> BudgetLimits: ...
+
+    def snapshot(self) -> BudgetSnapshot:
+        """The counters as this replica last saw them (exact for a budget only
+        this replica spends)."""
+        ...
+
+    async def begin_agents(self, count: int) -> list[BudgetError | None]:
+        """Reserves a slot for each of `count` agents, in order, as one step:
+        None for an admitted agent, else why it was refused."""
+        ...
+
+    async def record(self, input_tokens: int, output_tokens: int, cost_usd: float) -> None:
+        """Adds one agent's self-reported spend (ValueError for a bad value)."""
+        ...
+
+
+class BudgetStore(Protocol):
+    """Shared budgets by id (BudgetService, StartRunRequest.budget_id)."""
+
+    async def create(self, limits: BudgetLimits, budget_id: str) -> Budget:
+        """AlreadyExists when the id is taken."""
+        ...
+
+    async def get(self, budget_id: str) -> Budget:
+        """NotFound when there is no such budget."""
+        ...
+
+
+class ThreadLocks(Protocol):
+    """One active run per thread. A thread is held by one run id at a time."""
+
+    async def acquire(self, thread_id: str, run_id: str) -> str:
+        """Takes the thread for `run_id` if it is free; returns the run that
+        holds it now (`run_id` itself when taken)."""
+        ...
+
+    def hand_over(self, thread_id: str, holder: str, successor: str) -> None:
+        """Passes the thread from `holder` to `successor` (its next queued run)."""
+        ...
+
+    def release(self, thread_id: str, holder: str) -> None:
+        """Frees the thread if `holder` still holds it."""
+        ...
+
+
+class Backend(Protocol):
+    """Everything a sidecar keeps outside its runs' own objects."""
+
+    @property
+    def name(self) -> str:
+        """'memory' or 'redis' (logs, metrics)."""
+        ...
+
+    @property
+    def store(self) -> RunStore | None:
+        """None: nothing is durable (no --data-dir); runs end with the process."""
+        ...
+
+    @property
+    def budgets(self) -> BudgetStore: ...
+
+    @property
+    def threads(self) -> ThreadLocks: ...
