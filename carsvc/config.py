@@ -4,6 +4,8 @@ overridden by command-line flags. No grpc imports."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -12,6 +14,23 @@ from typing import Any
 from carsvc.domain.bounds import DEFAULT_MAX_VALUE_DEPTH, MAX_VALUE_DEPTH_LIMIT
 
 ENV_PREFIX = "CARSVC_"
+# CARSVC_* variables that are not sidecar settings, and what reads them;
+# `carsvc serve` warns about any other CARSVC_* variable that names no setting.
+OTHER_VARIABLES = {
+    "CARSVC_NO_EXTENSIONS": "use the pure-Python hot paths (carsvc/_compat.py)",
+    "CARSVC_TARGET": "the example programs' sidecar address (clients/)",
+    "CARSVC_WORKER_TOKEN": "the example workers' token (clients/)",
+    "CARSVC_CLIENT_TOKEN": "the operator commands' client token (carsvc runs ..., carsvc/commands/)",
+    "CARSVC_CLIENT_TOKEN_FILE": "the operator commands' client token file",
+    "CARSVC_ADDRESS": "the operator commands' sidecar address",
+    "CARSVC_AGENT_ID": "the operator commands' owner agent id",
+    "CARSVC_TOKEN": "a token in the SDK's examples",
+    "CARSVC_DEBUG_BUILD": "a debug build of the extensions (setup.py)",
+    "CARSVC_PYTHON": "the Python clients/ci.sh runs",
+    "CARSVC_BUF_AGAINST": "the baseline of clients/buf-breaking.sh",
+    "CARSVC_TEST_LOOP": "the tests' event loop",
+    "CARSVC_CHAOS_ITEMS": "the chaos tests' size",
+}
 # gRPC's default receive limit in every language is 4 MiB; one field or agent
 # output must fit in it with room for the envelope around it.
 MAX_INLINE_BYTES = 3 * 1024 * 1024
@@ -26,6 +45,50 @@ def _parse_bool(raw: str) -> bool:
     if word in _TRUE or word in _FALSE:
         return word in _TRUE
     raise ValueError(raw)
+
+
+class SettingError(ValueError):
+    """A setting's value is refused; `name` is the setting."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def env_name(name: str) -> str:
+    """The environment variable of setting `name`: CARSVC_<NAME>."""
+    return ENV_PREFIX + name.upper()
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each CARSVC_* variable that names no setting (a misspelled
+    one would otherwise be ignored without a word), with the nearest setting."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(f.name) for f in fields(Settings)}
+    warnings = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in known or var in OTHER_VARIABLES:
+            continue
+        names = sorted(name.removeprefix(ENV_PREFIX) for name in known)
+        close = difflib.get_close_matches(var.removeprefix(ENV_PREFIX), names, n=1, cutoff=0.75)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else "; `carsvc config` lists the settings"
+        warnings.append(f"{var} is not a carsvc setting and is ignored{hint}")
+    return warnings
+
+
+def sources(environ: Mapping[str, str] | None = None, **overrides: Any) -> dict[str, str]:
+    """Where each setting's value comes from: "default", "env CARSVC_<NAME>" or
+    "command line" (an override that is not None), as Settings.from_env reads them."""
+    environ = os.environ if environ is None else environ
+    found = {}
+    for f in fields(Settings):
+        if overrides.get(f.name) is not None:
+            found[f.name] = "command line"
+        elif env_name(f.name) in environ:
+            found[f.name] = f"env {env_name(f.name)}"
+        else:
+            found[f.name] = "default"
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +147,8 @@ class Settings:
     heartbeat_misses: int = 3
     # Assignment attempts before an agent's output carries the error.
     max_attempts: int = 3
-    # How long an assignment waits for a worker that serves its agent to connect.
+    # How long an assignment waits for a worker that serves its agent to connect
+    # (the run's events say at once that none does); 0: as long as it takes.
     unplaced_timeout_s: float = 30.0
     # How long a cancelled assignment holds its worker slot without an answer.
     cancel_ack_timeout_s: float = 10.0
@@ -159,26 +223,38 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then CARSVC_* variables, then `overrides` (None values ignored)."""
+        """Defaults, then CARSVC_* variables, then `overrides` (None values ignored).
+        A refused value raises SettingError naming the setting and where its
+        value came from."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        defaults = cls()
         for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
+            raw = environ.get(env_name(f.name))
             if raw is None:
                 continue
-            kind = type(getattr(cls(), f.name))
+            kind = type(getattr(defaults, f.name))
             try:
                 values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
-                raise ValueError(
-                    f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
-                ) from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                wanted = "true or false (1/0, yes/no, on/off)" if kind is bool else f"a valid {kind.__name__}"
+                raise SettingError(f.name, f"{env_name(f.name)}={raw!r} is not {wanted}") from None
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
         settings = cls(**values)
-        settings.validate()
+        try:
+            settings.validate()
+        except SettingError as err:
+            if err.name in given:
+                raise SettingError(err.name, f"{err} (from the command line)") from None
+            if err.name in values:
+                where = f"{env_name(err.name)}={environ[env_name(err.name)]!r}"
+                raise SettingError(err.name, f"{err} ({where})") from None
+            raise
         return settings
 
     def validate(self) -> None:
+        """Raises SettingError for the first value that is refused."""
         positive = (
             "max_message_bytes", "max_field_bytes", "max_items", "max_agents_per_pattern",
             "heartbeat_interval_ms", "heartbeat_misses", "max_attempts", "event_retention",
@@ -186,51 +262,68 @@ class Settings:
             "watcher_max_bytes",
             "max_watchers_per_run", "max_value_depth", "max_output_bytes",
             "max_inline_result_bytes", "max_state_keys", "max_state_scopes",
+            "journal_flush_ms", "max_streams_per_connection",
         )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        # Every number is finite and not negative; for a timeout, 0 means none
+        # (docs/configuration.md says which). Those that must be above 0:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value):
+                raise SettingError(f.name, f"{f.name} must be a finite number, not {value}")
+            if f.name in positive and value <= 0:
+                raise SettingError(f.name, f"{f.name} must be positive, not {value}")
+            if value < 0:
+                raise SettingError(f.name, f"{f.name} must not be negative, not {value}")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
-                raise ValueError(f"{name} must be within 0..65535, not {getattr(self, name)}")
-        if self.log_format not in ("text", "json"):
-            raise ValueError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
+                raise SettingError(name, f"{name} must be within 0..65535, not {getattr(self, name)}")
+        self._check_choices_and_pairs()
+
+    def _check_choices_and_pairs(self) -> None:
+        for name, choices in (
+            ("log_format", ("text", "json")),
+            ("journal_sync", ("normal", "full", "strict")),
+            ("metrics_tls", ("off", "grpc")),
+        ):
+            if getattr(self, name) not in choices:
+                listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+                raise SettingError(name, f"{name} must be {listed}, not {getattr(self, name)!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
-        if self.journal_sync not in ("normal", "full", "strict"):
-            raise ValueError(f"journal_sync must be 'normal', 'full' or 'strict', not {self.journal_sync!r}")
-        if self.journal_flush_ms <= 0:
-            raise ValueError(f"journal_flush_ms must be positive, not {self.journal_flush_ms}")
+            raise SettingError(
+                "log_level", f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}"
+            )
         if self.max_value_depth > MAX_VALUE_DEPTH_LIMIT:
-            raise ValueError(
+            raise SettingError(
+                "max_value_depth",
                 f"max_value_depth must be at most {MAX_VALUE_DEPTH_LIMIT} (protobuf's parse limit), "
-                f"not {self.max_value_depth}"
+                f"not {self.max_value_depth}",
             )
         for name in ("max_field_bytes", "max_output_bytes", "max_inline_result_bytes"):
             if getattr(self, name) > MAX_INLINE_BYTES:
-                raise ValueError(
+                raise SettingError(
+                    name,
                     f"{name} must be at most {MAX_INLINE_BYTES} (what fits a client's default 4 MiB "
-                    f"message with its envelope), not {getattr(self, name)}"
+                    f"message with its envelope), not {getattr(self, name)}",
                 )
         if self.max_field_bytes > self.max_message_bytes:
-            raise ValueError("max_field_bytes must not exceed max_message_bytes")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file must be set together")
-        if self.tls_client_ca_file and not self.tls_cert_file:
-            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        # Strangers, broken peers, metrics over HTTPS.
-        for name in ("receive_timeout_s", "keepalive_time_s", "keepalive_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
-        if self.max_streams_per_connection <= 0:
-            raise ValueError(f"max_streams_per_connection must be positive, not {self.max_streams_per_connection}")
-        if self.metrics_tls not in ("off", "grpc"):
-            raise ValueError(f"metrics_tls must be 'off' or 'grpc', not {self.metrics_tls!r}")
-        if self.metrics_tls == "grpc" and not self.tls_cert_file:
-            raise ValueError("metrics_tls 'grpc' reuses the gRPC port's TLS files: set tls_cert_file and tls_key_file")
-        if self.metrics_tls == "grpc" and self.metrics_tls_cert_file:
-            raise ValueError("metrics_tls 'grpc' and metrics_tls_cert_file exclude each other: pick one")
-        if bool(self.metrics_tls_cert_file) != bool(self.metrics_tls_key_file):
-            raise ValueError("metrics_tls_cert_file and metrics_tls_key_file must be set together")
-        if self.metrics_tls_client_ca_file and not self.metrics_tls_cert_file:
-            raise ValueError("metrics_tls_client_ca_file needs metrics_tls_cert_file and metrics_tls_key_file")
+            raise SettingError("max_field_bytes", "max_field_bytes must not exceed max_message_bytes")
+        # TLS, and metrics over HTTPS.
+        pairs = (
+            ("tls_cert_file", bool(self.tls_cert_file) != bool(self.tls_key_file),
+             "tls_cert_file and tls_key_file must be set together"),
+            ("tls_client_ca_file", self.tls_client_ca_file and not self.tls_cert_file,
+             "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file"),
+            ("metrics_tls", self.metrics_tls == "grpc" and not self.tls_cert_file,
+             "metrics_tls 'grpc' reuses the gRPC port's TLS files: set tls_cert_file and tls_key_file"),
+            ("metrics_tls", self.metrics_tls == "grpc" and self.metrics_tls_cert_file,
+             "metrics_tls 'grpc' and metrics_tls_cert_file exclude each other: pick one"),
+            ("metrics_tls_cert_file", bool(self.metrics_tls_cert_file) != bool(self.metrics_tls_key_file),
+             "metrics_tls_cert_file and metrics_tls_key_file must be set together"),
+            ("metrics_tls_client_ca_file", self.metrics_tls_client_ca_file and not self.metrics_tls_cert_file,
+             "metrics_tls_client_ca_file needs metrics_tls_cert_file and metrics_tls_key_file"),
+        )
+        for name, refused, message in pairs:
+            if refused:
+                raise SettingError(name, message)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -70,6 +72,29 @@ def keepalive_options(s: Settings) -> list[tuple[str, int]]:
     ]
 
 
+class AddressInUse(OSError):
+    """Another process listens on the sidecar's address."""
+
+
+def check_address_free(host: str, port: int) -> None:
+    """Raises AddressInUse when another process listens on host:port. gRPC
+    would fail too, but only after logging C-core errors that never say why."""
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # gRPC resolves it and says what is wrong
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise AddressInUse(f"{host}:{port} is already in use") from None
+
+
 class Sidecar:
     """One sidecar: the embedded in-memory backend plus its gRPC server."""
 
@@ -111,6 +136,7 @@ class Sidecar:
     async def start(self) -> int:
         """Binds, starts serving and reports SERVING; returns the bound port."""
         s = self.settings
+        check_address_free(s.host, s.port)
         # Metrics first: they see the status of every call, refused ones included.
         # Last, the decoder guard: it wraps the servicers' own handlers.
         interceptors: list[grpc.aio.ServerInterceptor] = [
