@@ -10,6 +10,8 @@ import sys
 from typing import Any
 
 from carsvc._version import __version__
+from carsvc.commands import register as register_operator_commands
+from carsvc.commands import run as run_operator_command
 from carsvc.config import Settings, env_name, sources, unknown_variables
 
 SETTINGS_HELP = (
@@ -66,11 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+    register_operator_commands(commands)  # runs, approve, deny, workers, state, budget (docs/cli.md)
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"carsvc {__version__}")
         return 0
+    if (code := run_operator_command(args)) is not None:
+        return code
     if args.command == "demo":
         import asyncio
 
