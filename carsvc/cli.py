@@ -65,17 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a self-contained map-reduce demo and exit")
     demo.add_argument("--items", type=int, default=12, help="items to map (default 12)")
     commands.add_parser("version", help="print the version")
+    register_operator_commands(commands)  # runs, approve, deny, workers, state, budget (docs/cli.md)
     return parser
 
 
-    register_operator_commands(commands)  # runs, approve, deny, workers, state, budget (docs/cli.md)
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if (code := run_operator_command(args)) is not None:
+        return code
     if args.command == "version":
         print(f"carsvc {__version__}")
         return 0
-    if (code := run_operator_command(args)) is not None:
-        return code
     if args.command == "demo":
         import asyncio
 
