@@ -235,7 +235,6 @@ class RunView:
                 Text.assemble(
                     ("waiting ", "yellow bold"), f"{call.agent}: {call.tool_name} {arguments}  ",
                     (f"carsvc approve {self.run_id} {call.tool_call_id}", "bold"),
-                    (f" / carsvc deny {self.run_id} {call.tool_call_id}", "dim"),
                 )
             )
         if self.budget is not None:
@@ -271,9 +270,12 @@ class RunView:
 
 def bar(row: AgentRow, now_ms: int, width: int = BAR_WIDTH) -> str:
     """A progress bar that reads without colour: the reported share of `row`
-    filled; a block sliding along while it runs without one; full once it ended."""
+    filled; a block sliding along while it runs without one (still while it
+    waits for a decision); full once it ended."""
     if row.state not in RUNNING_STATES:
         return ("█" if row.state == "done" else "▒") * width
+    if row.fraction is None and row.state == "waiting":
+        return "░" * width
     if row.fraction is None:
         at = now_ms // 125 % width
         return "".join("▒" if abs(i - at) < 2 else "░" for i in range(width))
