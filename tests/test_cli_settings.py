@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from carsvc.config import OTHER_VARIABLES, Settings, SettingError, env_name, sources, unknown_variables
+from carsvc.config import OTHER_VARIABLES, SettingError, Settings, env_name, sources, unknown_variables
 from tests.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,8 @@ def test_a_negative_unplaced_timeout_is_refused_with_its_name_and_source() -> No
     )) as caught:
         Settings.from_env({"CARSVC_UNPLACED_TIMEOUT_S": "-1"})
     assert caught.value.name == "unplaced_timeout_s"
-    with pytest.raises(SettingError, match=re.escape("port must be within 0..65535, not 70000 (from the command line)")):
+    refused = "port must be within 0..65535, not 70000 (from the command line)"
+    with pytest.raises(SettingError, match=re.escape(refused)):
         Settings.from_env({}, port=70000)
     # 0 is "as long as it takes", as for the other timeouts.
     assert Settings.from_env({"CARSVC_UNPLACED_TIMEOUT_S": "0"}).unplaced_timeout_s == 0
