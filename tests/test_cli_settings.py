@@ -49,12 +49,12 @@ def test_a_negative_unplaced_timeout_is_refused_with_its_name_and_source() -> No
 @pytest.mark.parametrize("name", NUMBERS)
 def test_every_number_is_finite_and_not_negative(name: str) -> None:
     with pytest.raises(SettingError, match=f"^{name} must (not be negative|be positive|be within)") as caught:
-        Settings(**{name: -1}).validate()
+        Settings().replace(**{name: -1}).validate()
     assert caught.value.name == name
     if isinstance(getattr(Settings(), name), float):
         for bad in (math.nan, math.inf):
             with pytest.raises(SettingError, match=f"^{name} must be a finite number"):
-                Settings(**{name: bad}).validate()
+                Settings().replace(**{name: bad}).validate()
 
 
 def test_a_bad_bool_says_what_is_accepted() -> None:
@@ -160,7 +160,7 @@ def test_serve_warns_about_a_misspelled_variable() -> None:
     )
     try:
         assert proc.stderr is not None
-        lines = []
+        lines: list[str] = []
         while "listening on" not in (line := proc.stderr.readline()):
             assert line, "".join(lines)
             lines.append(line)
