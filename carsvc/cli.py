@@ -31,6 +31,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), help="text (default) or json, one object per line")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
     parser.add_argument("--data-dir", help="journal state, runs and events here so a restart recovers them")
+    parser.add_argument(
+        "--backend", metavar="URL", help="redis://HOST:PORT/DB keeps runs, state and budgets in Redis (default: memory)"
+    )
     parser.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", help="seconds (default 10)")
     parser.add_argument("--heartbeat-interval-ms", type=int, help="worker heartbeat interval (default 5000)")
     parser.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 16 MiB)")

@@ -114,6 +114,10 @@ class Settings:
     # waits for the commit holding it: nothing acknowledged is ever lost).
     journal_flush_ms: int = 50
     journal_sync: str = "normal"
+    # Where runs, events, state, thread locks and shared budgets live: empty for
+    # this process (with the journal under data_dir), or redis://HOST:PORT/DB
+    # (rediss:// for TLS) to keep them in Redis (docs/operations.md, "Redis").
+    backend: str = ""
     # With a journal, runs still active when the sidecar stops (or crashes) resume
     # after the restart (StartRunRequest.resume overrides it per run).
     resume_runs: bool = True
@@ -282,6 +286,15 @@ class Settings:
         self._check_choices_and_pairs()
 
     def _check_choices_and_pairs(self) -> None:
+        if self.backend and not self.backend.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingError(
+                "backend",
+                f"backend must be empty (in memory) or a redis://, rediss:// or unix:// URL, not {self.backend!r}",
+            )
+        if self.backend and self.data_dir:
+            raise SettingError(
+                "backend", "backend and data_dir exclude each other: with Redis, runs and state are kept in Redis"
+            )
         for name, choices in (
             ("log_format", ("text", "json")),
             ("journal_sync", ("normal", "full", "strict")),

@@ -29,9 +29,8 @@ from carsvc._proto.car.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from carsvc.backends.memory import MemoryBackend
+from carsvc.backends import open_backend
 from carsvc.config import Settings
-from carsvc.domain.journal import Journal
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import RunManager, RunSettings
 from carsvc.domain.specs import Limits
@@ -103,10 +102,7 @@ class Sidecar:
         # Tokens and TLS, loaded now so a bad file fails before anything starts.
         self.security = security or ServerSecurity.from_settings(s)
         self.dispatcher = Dispatcher.from_settings(s)
-        self.journal = (
-            Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync) if s.data_dir else None
-        )
-        self.backend = MemoryBackend(self.journal)
+        self.backend = open_backend(s)
         self.registry = AgentRegistry()
         self.runs = RunManager(
             self.dispatcher,
@@ -205,19 +201,21 @@ class Sidecar:
             port = self.security.bind(server, s.address)
         except RuntimeError as err:
             raise OSError(f"carsvc could not listen on {s.address}: {err}") from None
-        journal = self.journal
-        if journal is not None:
-            recovered = journal.load()
+        store = self.backend.store
+        if store is not None:
+            where = self.backend.describe()
+            try:
+                recovered = await asyncio.get_running_loop().run_in_executor(None, store.load)
+            except OSError as err:  # redis-py's ConnectionError is one
+                await self.backend.close()
+                raise OSError(f"carsvc could not read its runs from {where}: {err}") from None
+            store.start()  # before restore: what it writes (and waits for) is committed
             await self.runs.restore(recovered, self.run_service.pattern_of)
-            journal.start()
-            log.info(
-                "journal %s (sync %s): recovered %d runs and %d state scopes", journal.path, journal.sync,
-                len(recovered.runs), len(recovered.state),
-            )
+            log.info("%s: recovered %d runs and %d state scopes", where, len(recovered.runs), len(recovered.state))
             if recovered.skipped_rows:
                 log.warning(
-                    "journal %s: skipped rows that could not be read back (%s); runs missing events are "
-                    "marked history_incomplete", journal.path,
+                    "%s: skipped records that could not be read back (%s); runs missing events are "
+                    "marked history_incomplete", where,
                     ", ".join(f"{n} in {table}" for table, n in sorted(recovered.skipped_rows.items())),
                 )
         await server.start()
@@ -267,9 +265,10 @@ class Sidecar:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-        if self.journal is not None:
+        if self.backend.store is not None:
             # Off the loop: the last commit reports back to it.
-            await asyncio.get_running_loop().run_in_executor(None, self.journal.close)
+            await asyncio.get_running_loop().run_in_executor(None, self.backend.store.close)
+        await self.backend.close()
         log.info("carsvc stopped")
 
     async def wait_for_termination(self) -> None:

@@ -17,7 +17,7 @@ from carsvc.config import Settings
 from carsvc.server import Sidecar
 from carsvc.worker import AgentContext, Worker
 
-pytest_plugins = ["tests.conftest_impl"]
+pytest_plugins = ["tests.conftest_impl", "tests.redis_server"]
 
 # Fast heartbeats so lease tests finish quickly; everything else as shipped.
 TEST_SETTINGS = Settings(port=0, heartbeat_interval_ms=200, shutdown_grace_s=2.0, unplaced_timeout_s=5.0)

@@ -23,12 +23,14 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def sidecar_process(
-    port: int, data_dir: Path, env: dict[str, str] | None = None, log: list[str] | None = None
+    port: int, store: Path | str, env: dict[str, str] | None = None, log: list[str] | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A real sidecar process on `data_dir`; its log lines go to `log`."""
+    """A real sidecar process keeping its runs in `store`: a data directory, or
+    a redis:// URL; its log lines go to `log`."""
     lines = [] if log is None else log
+    where = ["--backend", store] if isinstance(store, str) else ["--data-dir", str(store)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "carsvc", "serve", "--port", str(port), "--data-dir", str(data_dir),
+        sys.executable, "-m", "carsvc", "serve", "--port", str(port), *where,
         "--heartbeat-interval-ms", "300", cwd=ROOT, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )

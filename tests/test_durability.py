@@ -20,9 +20,9 @@ import grpc
 import pytest
 
 from carsvc._proto.car.v1 import events_pb2, types_pb2
+from carsvc.backends.journal import Journal
 from carsvc.client import Client, RunStream, agent, single
 from carsvc.config import Settings
-from carsvc.domain.journal import Journal
 from carsvc.server import Sidecar
 from carsvc.values import to_value
 from carsvc.worker import AgentContext, Worker

@@ -11,9 +11,9 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
+from carsvc.backends.journal import Journal
 from carsvc.client import Client, agent, single
 from carsvc.config import Settings
-from carsvc.domain.journal import Journal
 from carsvc.server import Sidecar
 from carsvc.values import to_value
 

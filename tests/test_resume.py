@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from carsvc._proto.car.v1 import events_pb2, types_pb2
+from carsvc.backends.redis import keys
 from carsvc.client import Client, agent, map_reduce, pipeline, resume, single, supervisor
 from carsvc.patterns.answers import answer_lines
 from tests.procs import ScriptedWorker, free_port, sidecar_process
@@ -25,10 +27,22 @@ WAITING = types_pb2.RUN_STATUS_WAITING
 ENV = {"CARSVC_JOURNAL_FLUSH_MS": "20", "CARSVC_UNPLACED_TIMEOUT_S": "30"}
 
 
-def journaled_steps(data_dir: Path, run_id: str) -> set[str]:
-    """What the killed sidecar's journal holds for the run, read straight from disk."""
-    with sqlite3.connect(data_dir / "carsvc.sqlite3") as db:
+def journaled_steps(store: Path | str, run_id: str) -> set[str]:
+    """What the killed sidecar's store holds for the run, read straight from disk or Redis."""
+    if isinstance(store, str):
+        with redis.Redis.from_url(store) as r:
+            return {step.decode() for step in r.hkeys(keys.steps(run_id))}
+    with sqlite3.connect(store / "carsvc.sqlite3") as db:
         return {step for (step,) in db.execute("SELECT step FROM steps WHERE run_id = ?", (run_id,))}
+
+
+@pytest.fixture(params=["journal", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where the sidecar keeps its runs: a data directory (the SQLite journal) or Redis."""
+    if request.param == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        return url
+    return tmp_path
 
 
 async def events_until(
@@ -67,7 +81,7 @@ async def workers(port: int) -> AsyncIterator[list[ScriptedWorker]]:
 
 
 async def _kill_and_restart(
-    port: int, data_dir: Path, first: asyncio.subprocess.Process, workers: list[ScriptedWorker]
+    port: int, store: Path | str, first: asyncio.subprocess.Process, workers: list[ScriptedWorker]
 ) -> None:
     """SIGKILLs the sidecar; the workers' next sessions (with the restarted one) are generation 1."""
     first.kill()
@@ -75,11 +89,11 @@ async def _kill_and_restart(
 
 
 async def test_a_map_reduce_killed_midway_resumes_without_redoing_journaled_steps(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
     items = [f"item-{i}" for i in range(300)]
-    async with sidecar_process(port, tmp_path, ENV) as first:
+    async with sidecar_process(port, store, ENV) as first:
         workers.append(
             await ScriptedWorker.spawn(
                 address, "--agent", "mapper", "--agent", "reducer", "--sleep", "0.01", "--max-in-flight", "16",
@@ -91,10 +105,10 @@ async def test_a_map_reduce_killed_midway_resumes_without_redoing_journaled_step
                 map_reduce(agent("mapper"), agent("reducer"), "t", items, max_concurrent=16)
             )
             await events_until(client, handle.run_id, 100)
-        await _kill_and_restart(port, tmp_path, first, workers)
-    before = journaled_steps(tmp_path, handle.run_id)
+        await _kill_and_restart(port, store, first, workers)
+    before = journaled_steps(store, handle.run_id)
     assert len(before) >= 100
-    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+    async with sidecar_process(port, store, ENV), Client(address) as client:
         run = await asyncio.wait_for(client.wait(handle.run_id), 60)
         events = await all_events(client, handle.run_id)
     assert run.status == SUCCEEDED, run.termination_detail
@@ -113,19 +127,19 @@ async def test_a_map_reduce_killed_midway_resumes_without_redoing_journaled_step
 
 
 async def test_a_pipeline_killed_in_stage_2_finishes_without_rerunning_stage_1(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
-    async with sidecar_process(port, tmp_path, ENV) as first:
+    async with sidecar_process(port, store, ENV) as first:
         workers.append(
             await ScriptedWorker.spawn(address, "--agent", "stage*", "--sleep", "1.0", "--answer", "ok")
         )
         async with Client(address) as client:
             handle = await client.start_run(pipeline([agent("stage1"), agent("stage2"), agent("stage3")], "draft"))
             await events_until(client, handle.run_id, 2, kind="agent_started")
-        await _kill_and_restart(port, tmp_path, first, workers)
-    assert journaled_steps(tmp_path, handle.run_id) == {"pipeline/0"}
-    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        await _kill_and_restart(port, store, first, workers)
+    assert journaled_steps(store, handle.run_id) == {"pipeline/0"}
+    async with sidecar_process(port, store, ENV), Client(address) as client:
         run = await asyncio.wait_for(client.wait(handle.run_id), 60)
     assert run.status == SUCCEEDED, run.termination_detail
     assert [name for generation, name in workers[0].started if generation == 1] == ["stage2", "stage3"]
@@ -133,19 +147,19 @@ async def test_a_pipeline_killed_in_stage_2_finishes_without_rerunning_stage_1(
 
 
 async def test_a_waiting_run_resumes_waiting_and_a_later_decision_completes_it(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
     spec = agent("deployer", tools=["deploy"])
-    async with sidecar_process(port, tmp_path, ENV) as first:
+    async with sidecar_process(port, store, ENV) as first:
         workers.append(await ScriptedWorker.spawn(address, "--agent", "deployer", "--suspend", "deploy"))
         async with Client(address) as client:
             handle = await client.start_run(single(spec, "prod"), agent_id="ops")
             while (await client.get_run(handle.run_id)).status != WAITING:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.1)  # the WAITING record is committed (flush 20 ms)
-        await _kill_and_restart(port, tmp_path, first, workers)
-    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        await _kill_and_restart(port, store, first, workers)
+    async with sidecar_process(port, store, ENV), Client(address) as client:
         for _ in range(200):
             if (await client.get_run(handle.run_id)).status == WAITING:
                 break
@@ -158,17 +172,17 @@ async def test_a_waiting_run_resumes_waiting_and_a_later_decision_completes_it(
 
 
 async def test_a_run_that_opted_out_ends_sidecar_restarted(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
-    async with sidecar_process(port, tmp_path, ENV) as first:
+    async with sidecar_process(port, store, ENV) as first:
         workers.append(await ScriptedWorker.spawn(address, "--agent", "slow", "--sleep", "30"))
         async with Client(address) as client:
             kept = await client.start_run(single(agent("slow"), "t"))
             opted_out = await client.start_run(single(agent("slow"), "t"), thread_id="other", resume=False)
             await events_until(client, opted_out.run_id, 1, kind="agent_started")
-        await _kill_and_restart(port, tmp_path, first, workers)
-    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+        await _kill_and_restart(port, store, first, workers)
+    async with sidecar_process(port, store, ENV), Client(address) as client:
         ended = await client.get_run(opted_out.run_id)
         assert (ended.status, ended.termination_reason) == (types_pb2.RUN_STATUS_FAILED, "sidecar_restarted")
         assert (await client.get_run(kept.run_id)).status == types_pb2.RUN_STATUS_RUNNING
@@ -178,13 +192,13 @@ async def test_a_run_that_opted_out_ends_sidecar_restarted(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_a_2000_item_map_reduce_killed_three_times_converges(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
     items = [f"item-{i}" for i in range(2000)]
     handle = None
     for kill in range(4):
-        async with sidecar_process(port, tmp_path, ENV) as proc:
+        async with sidecar_process(port, store, ENV) as proc:
             if not workers:
                 for n in range(2):
                     workers.append(
@@ -204,7 +218,7 @@ async def test_a_2000_item_map_reduce_killed_three_times_converges(
                     break
                 last_seq = (await client.get_run(handle.run_id)).last_seq
                 await events_until(client, handle.run_id, 300, after_seq=last_seq)
-            await _kill_and_restart(port, tmp_path, proc, workers)
+            await _kill_and_restart(port, store, proc, workers)
     assert handle is not None
     assert run.status == SUCCEEDED, run.termination_detail
     assert len(run.result.map_reduce.map_outputs) == len(items)
@@ -229,11 +243,11 @@ class CancelSeeingWorker(ScriptedWorker):
 
 
 async def test_a_supervisor_killed_in_round_2_finishes_without_rerunning_round_1(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
     request = supervisor([agent("writer-a"), agent("writer-b")], agent("editor"), "notes", max_rounds=3)
-    async with sidecar_process(port, tmp_path, ENV) as first:
+    async with sidecar_process(port, store, ENV) as first:
         # The editor's review depends on the round its task names: round 1 is sent back, round 2 approved.
         worker = await ScriptedWorker.spawn(
             address, "--agent", "writer*", "--agent", "editor", "--sleep", "1.0", "--max-in-flight", "4",
@@ -248,11 +262,11 @@ async def test_a_supervisor_killed_in_round_2_finishes_without_rerunning_round_1
         # ... and got their assignments: the kill lands while they run.
         while len(worker.started) < 5:
             await asyncio.sleep(0.02)
-        await _kill_and_restart(port, tmp_path, first, workers)
-    assert journaled_steps(tmp_path, handle.run_id) == {
+        await _kill_and_restart(port, store, first, workers)
+    assert journaled_steps(store, handle.run_id) == {
         "supervisor/round-1/worker-0", "supervisor/round-1/worker-1", "supervisor/round-1/review"
     }
-    async with sidecar_process(port, tmp_path, ENV), Client(address) as client:
+    async with sidecar_process(port, store, ENV), Client(address) as client:
         run = await asyncio.wait_for(client.wait(handle.run_id), 60)
         events = await all_events(client, handle.run_id)
     assert run.status == SUCCEEDED, run.termination_detail
@@ -274,11 +288,11 @@ async def test_a_supervisor_killed_in_round_2_finishes_without_rerunning_round_1
 
 
 async def test_a_graceful_stop_parks_resumable_runs_and_cancels_runs_that_opted_out(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
     env = {**ENV, "CARSVC_SHUTDOWN_GRACE_S": "0.3"}
-    async with sidecar_process(port, tmp_path, env) as first:
+    async with sidecar_process(port, store, env) as first:
         worker = await CancelSeeingWorker.spawn(
             address, "--agent", "slow", "--sleep", "2.0", "--max-in-flight", "4", "--answer", "ok"
         )
@@ -298,7 +312,7 @@ async def test_a_graceful_stop_parks_resumable_runs_and_cancels_runs_that_opted_
     dropped_cancels = [reason for assignment, reason in worker.cancels if assignment.startswith(opted_out.run_id)]
     assert kept_cancels == ["the sidecar is restarting; the run resumes after it"]
     assert dropped_cancels == ["the sidecar is shutting down"]
-    async with sidecar_process(port, tmp_path, env), Client(address) as client:
+    async with sidecar_process(port, store, env), Client(address) as client:
         ended = await client.get_run(opted_out.run_id)
         assert (ended.status, ended.termination_reason, ended.termination_detail) == (
             types_pb2.RUN_STATUS_CANCELLED, "cancelled", "the sidecar is shutting down"
@@ -319,12 +333,12 @@ async def test_a_graceful_stop_parks_resumable_runs_and_cancels_runs_that_opted_
 
 
 async def test_a_graceful_stop_of_a_waiting_run_cancels_its_agent_and_it_resumes_waiting(
-    tmp_path: Path, port: int, workers: list[ScriptedWorker]
+    store: Path | str, port: int, workers: list[ScriptedWorker]
 ) -> None:
     address = f"127.0.0.1:{port}"
     env = {**ENV, "CARSVC_SHUTDOWN_GRACE_S": "0.3"}
     spec = agent("deployer", tools=["deploy"])
-    async with sidecar_process(port, tmp_path, env) as first:
+    async with sidecar_process(port, store, env) as first:
         worker = await CancelSeeingWorker.spawn(address, "--agent", "deployer", "--suspend", "deploy")
         assert isinstance(worker, CancelSeeingWorker)
         workers.append(worker)
@@ -336,7 +350,7 @@ async def test_a_graceful_stop_of_a_waiting_run_cancels_its_agent_and_it_resumes
         assert await asyncio.wait_for(first.wait(), 30) == 0
     # The agent is cancelled for the restart; it is not handed a decision nobody made.
     assert worker.cancels == [(f"{handle.run_id}:single", "the sidecar is restarting; the run resumes after it")]
-    async with sidecar_process(port, tmp_path, env), Client(address) as client:
+    async with sidecar_process(port, store, env), Client(address) as client:
         for _ in range(200):
             if (await client.get_run(handle.run_id)).status == WAITING:
                 break

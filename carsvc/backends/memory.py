@@ -3,6 +3,7 @@ the SQLite journal as the run store when a data directory is given."""
 
 from __future__ import annotations
 
+from carsvc.backends.journal import Journal
 from carsvc.domain.backend import Budget, RunStore
 from carsvc.domain.budget import BudgetLimits, LocalBudget
 from carsvc.domain.errors import AlreadyExists, NotFound
@@ -68,3 +69,12 @@ class MemoryBackend:
     @property
     def threads(self) -> MemoryThreadLocks:
         return self._threads
+
+    def describe(self) -> str:
+        store = self._store
+        if isinstance(store, Journal):
+            return f"journal {store.path} (sync {store.sync})"
+        return "memory"
+
+    async def close(self) -> None:
+        """Nothing to close (the journal is closed as the store)."""

@@ -32,6 +32,12 @@ from carsvc.domain.budget_types import (
     BudgetSnapshot,
     usd_to_micros,
 )
+from carsvc.domain.budget_types import (
+    checked_cost_micros as _cost_micros,
+)
+from carsvc.domain.budget_types import (
+    checked_tokens as _tokens,
+)
 
 __all__ = ["CoordinationBudget"]
 
@@ -66,38 +72,6 @@ def _limit_cost(value: object) -> int:
     micros = usd_to_micros(value)
     if micros > _INT64_MAX:
         raise ValueError(f"max_cost_usd is too large: {value!r}")
-    return micros
-
-
-def _tokens(name: str, value: int) -> int:
-    # TypeError for a wrong type, ValueError for any bad value (so a caller
-    # handling untrusted, self-reported spend needs one except clause).
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be int, not {type(value).__name__}")
-    if value > _INT64_MAX or value < _INT64_MIN:
-        raise ValueError(f"{name} is out of range: {value}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
-
-
-def _cost_micros(cost_usd: float) -> int:
-    if isinstance(cost_usd, float):
-        cost = cost_usd
-    elif isinstance(cost_usd, int):
-        try:
-            cost = float(cost_usd)
-        except OverflowError:
-            raise ValueError(f"cost_usd is too large: {cost_usd!r}") from None
-    else:
-        raise TypeError(f"cost_usd must be float, not {type(cost_usd).__name__}")
-    if not math.isfinite(cost):
-        raise ValueError(f"cost_usd must be finite, got {cost_usd!r}")
-    if cost < 0:
-        raise ValueError(f"cost_usd must be >= 0, got {cost_usd!r}")
-    micros = usd_to_micros(cost)
-    if micros > _INT64_MAX:
-        raise ValueError(f"cost_usd is too large: {cost_usd!r}")
     return micros
 
 

@@ -182,3 +182,11 @@ class Backend(Protocol):
 
     @property
     def threads(self) -> ThreadLocks: ...
+
+    def describe(self) -> str:
+        """Where it keeps things, for logs (no secrets)."""
+        ...
+
+    async def close(self) -> None:
+        """Lets go of connections (after the store is closed)."""
+        ...

@@ -1,0 +1,54 @@
+"""Every key the Redis backend uses, in one place (docs/operations.md, "Redis").
+
+All keys start with `carsvc:`; one deployment per Redis database."""
+
+from __future__ import annotations
+
+PREFIX = "carsvc:"
+
+# Run records: run:<id> (a serialized car.v1.Run), ordered in RUNS by ordinal.
+RUNS = PREFIX + "runs"
+# The next run ordinal (INCR), shared by every replica.
+ORDINAL = PREFIX + "ordinal"
+# Runs that may resume (their request is kept): a set of run ids.
+RESUMABLE = PREFIX + "resumable"
+# State scopes that hold keys: a set of scope names.
+SCOPES = PREFIX + "scopes"
+
+
+def run(run_id: str) -> str:
+    return f"{PREFIX}run:{run_id}"
+
+
+def request(run_id: str) -> str:
+    return f"{PREFIX}run:{run_id}:request"
+
+
+def steps(run_id: str) -> str:
+    """A hash: step key -> serialized AgentOutput."""
+    return f"{PREFIX}run:{run_id}:steps"
+
+
+def events(run_id: str) -> str:
+    """A stream: entry id <seq>-0, field `e` -> serialized RunEvent."""
+    return f"{PREFIX}run:{run_id}:events"
+
+
+def scope(name: str) -> str:
+    """A hash: state key -> serialized google.protobuf.Value."""
+    return f"{PREFIX}scope:{name}"
+
+
+def scope_writers(name: str) -> str:
+    """A hash: state key -> the agent or client that wrote it last."""
+    return f"{PREFIX}scope:{name}:writers"
+
+
+def thread(thread_id: str) -> str:
+    """The id of the run that holds the thread (one active run per thread)."""
+    return f"{PREFIX}thread:{thread_id}"
+
+
+def budget(budget_id: str) -> str:
+    """A hash: a shared budget's limits and counters."""
+    return f"{PREFIX}budget:{budget_id}"
