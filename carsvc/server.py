@@ -40,6 +40,7 @@ from carsvc.security.server import ServerSecurity
 from carsvc.services.budget import BudgetService
 from carsvc.services.calls import CallHandler
 from carsvc.services.decoding import RequestGuard
+from carsvc.services.peers import PeerLinks
 from carsvc.services.registry import RegistryService
 from carsvc.services.runs import EventService, RunService
 from carsvc.services.state import StateService
@@ -120,6 +121,8 @@ class Sidecar:
             self.runs, self.registry, limits, s.watcher_buffer, watcher_max_bytes=s.watcher_max_bytes
         )
         self._server: grpc.aio.Server | None = None
+        # With a shared backend: the other replicas' workers, and work for ours.
+        self.peers: PeerLinks | None = None
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = Metrics(self.dispatcher, self.runs)
         self._metrics_http: WSGIServer | None = None
@@ -153,18 +156,19 @@ class Sidecar:
             ]
         )
         calls = CallHandler(self.dispatcher, s.max_field_bytes, s.max_value_depth, s.max_state_keys)
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerService(
-                self.dispatcher,
-                calls,
-                heartbeat_interval_ms=s.heartbeat_interval_ms,
-                heartbeat_misses=s.heartbeat_misses,
-                max_message_bytes=s.max_message_bytes,
-                max_output_bytes=s.max_output_bytes,
-                max_value_depth=s.max_value_depth,
-            ),
-            server,
+        workers = WorkerService(
+            self.dispatcher,
+            calls,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            heartbeat_misses=s.heartbeat_misses,
+            max_message_bytes=s.max_message_bytes,
+            max_output_bytes=s.max_output_bytes,
+            max_value_depth=s.max_value_depth,
         )
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
+        bus = self.backend.bus
+        if bus is not None:
+            self.peers = PeerLinks(bus, self.dispatcher, workers, calls, interval=s.heartbeat_interval_ms / 1000)
         # Watchers are sent events serialized once, as bytes (services/watchers.py).
         add_servicer(
             runs_pb2_grpc.add_RunServiceServicer_to_server, self.run_service, server, ("WatchRun", "Session")
@@ -219,6 +223,8 @@ class Sidecar:
                     ", ".join(f"{n} in {table}" for table, n in sorted(recovered.skipped_rows.items())),
                 )
         await server.start()
+        if self.peers is not None:
+            await self.peers.start()
         self._server = server
         self.port = port
         for name in ("", *SERVICE_NAMES):
@@ -255,6 +261,8 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         self.dispatcher.drain("the sidecar is shutting down", int(grace * 1000))
         await self.runs.shutdown(grace)
+        if self.peers is not None:
+            await self.peers.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from carsvc._proto.car.v1 import events_pb2, types_pb2
 from carsvc.client import Client, agent, map_reduce, single
 from carsvc.config import Settings
+from carsvc.domain.budget import LocalBudget
 from carsvc.server import SERVICE_NAMES, Sidecar
 from carsvc.worker import AgentContext, Worker
 from tests.conftest import TEST_SETTINGS, Workers
@@ -231,7 +232,8 @@ async def test_a_running_sidecar_uses_the_compiled_hot_paths(client: Client, sid
     handle = await client.start_run(single(agent("nobody"), "t"), thread_id="compiled")
     record = sidecar.runs.get(handle.run_id)
     assert type(record.infra.state).__module__ == "carsvc.domain._overlay"
-    assert type(record.infra.budget.counters).__module__ == "carsvc.domain._budget"
+    budget = record.infra.budget
+    assert isinstance(budget, LocalBudget) and type(budget.counters).__module__ == "carsvc.domain._budget"
     await client.cancel(handle.run_id, wait=True)
 
 

@@ -70,6 +70,10 @@ class MemoryBackend:
     def threads(self) -> MemoryThreadLocks:
         return self._threads
 
+    @property
+    def bus(self) -> None:
+        return None
+
     def describe(self) -> str:
         store = self._store
         if isinstance(store, Journal):

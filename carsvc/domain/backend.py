@@ -26,6 +26,7 @@ resumes a run rebuilds them from `RunStore.load()`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -164,6 +165,40 @@ class ThreadLocks(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Another replica, as the cluster directory says: what its workers serve."""
+
+    replica_id: str
+    agents: tuple[str, ...]
+    capacity: int
+
+
+class ClusterBus(Protocol):
+    """How replicas sharing one backend reach each other (the assignment queue
+    between them): each has an inbox, and a directory entry saying which
+    agents its workers serve, which lapses unless renewed."""
+
+    @property
+    def replica_id(self) -> str: ...
+
+    def post(self, replica_id: str, kind: str, data: bytes) -> None:
+        """Queues a message for another replica (sent with the store's next batch)."""
+        ...
+
+    def receive(self) -> AsyncIterator[tuple[str, str, bytes]]:
+        """This replica's messages as (sender, kind, data), in order, forever."""
+        ...
+
+    async def advertise(self, agents: list[str], capacity: int, ttl_ms: int) -> None: ...
+
+    async def peers(self) -> list[Peer]:
+        """The other replicas whose directory entry has not lapsed."""
+        ...
+
+    async def leave(self) -> None: ...
+
+
 class Backend(Protocol):
     """Everything a sidecar keeps outside its runs' own objects."""
 
@@ -182,6 +217,11 @@ class Backend(Protocol):
 
     @property
     def threads(self) -> ThreadLocks: ...
+
+    @property
+    def bus(self) -> ClusterBus | None:
+        """None: this is the only replica."""
+        ...
 
     def describe(self) -> str:
         """Where it keeps things, for logs (no secrets)."""

@@ -334,3 +334,9 @@ class RunningAgent:
                 )
             )
         )
+
+    def on_unplaced(self, a: Assignment, notice: str) -> None:
+        # A progress event without a fraction: the agent is waiting for a worker.
+        self.infra.emit(
+            RunEvent(progress=events_pb2.AgentProgress(agent=self.name, assignment_id=a.assignment_id, message=notice))
+        )

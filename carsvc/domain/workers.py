@@ -45,6 +45,8 @@ log = logging.getLogger("carsvc.workers")
 
 # What a worker whose hello names no max_in_flight may hold at once.
 DEFAULT_MAX_IN_FLIGHT = 1
+# Agents named in an unplaced notice (the rest are counted).
+NOTICE_AGENTS = 10
 # Finished assignment ids of ended runs (or of work outside a run) remembered to
 # tell a late or duplicate result from an unknown one; those of active runs are
 # all kept until their run ends.
@@ -109,6 +111,10 @@ class AssignmentObserver(Protocol):
     def on_redispatched(self, a: Assignment, reason: str, previous_worker_id: str) -> None:
         """The worker holding the assignment was lost (`reason`); it is queued
         again as attempt `a.attempt`."""
+
+    def on_unplaced(self, a: Assignment, notice: str) -> None:
+        """No connected worker serves the assignment's agent; `notice` says so,
+        names the agents that are served and how long the assignment waits."""
 
 
 class Assignment:
@@ -181,6 +187,7 @@ class WorkerSession:
         "outbox_assignments",
         "outbox_cancels",
         "outbox_replies",
+        "remote",
         "sdk",
         "session_id",
         "wakeup",
@@ -198,7 +205,6 @@ class WorkerSession:
     ) -> None:
         self.session_id = session_id
         self.worker_id = worker_id
-        self.agents = agents
         self.max_in_flight = max_in_flight
         self.labels = labels
         self.sdk = sdk
@@ -214,6 +220,13 @@ class WorkerSession:
         self.connected_ms = now_ms()
         self.last_seen = time.monotonic()
         self.last_seen_ms = self.connected_ms
+        self.set_agents(agents)
+        # Another replica's workers, reached through the cluster bus: used only
+        # when no worker connected here has a free slot.
+        self.remote = False
+
+    def set_agents(self, agents: list[str]) -> None:
+        self.agents = agents
         self._exact = {a for a in agents if not _is_glob(a)}
         self._globs = [a for a in agents if _is_glob(a)]
         self._serves_cache: dict[str, bool] = {}
@@ -366,6 +379,8 @@ class Dispatcher:
         max_in_flight: int,
         labels: dict[str, str] | None = None,
         sdk: str = "",
+        *,
+        remote: bool = False,
     ) -> WorkerSession:
         agents = list(agents)
         if not worker_id:
@@ -388,6 +403,7 @@ class Dispatcher:
             dict(labels or {}),
             sdk,
         )
+        session.remote = remote
         self.sessions[session.session_id] = session
         self._serving.clear()
         self._pump(session)
@@ -397,6 +413,16 @@ class Dispatcher:
             extra=ids(worker_id=worker_id, session_id=session.session_id),
         )
         return session
+
+    def update_session(self, session: WorkerSession, agents: list[str], max_in_flight: int) -> None:
+        """A peer replica's session whose workers changed: what it serves and holds."""
+        if agents != session.agents:
+            session.set_agents(agents)
+            self._serving.clear()
+        grew = max_in_flight > session.max_in_flight
+        session.max_in_flight = max_in_flight
+        if grew:
+            self._pump(session)
 
     def close_session(self, session: WorkerSession, reason: str) -> None:
         """Ends a session; what it held goes to other workers (or fails after
@@ -635,7 +661,7 @@ class Dispatcher:
         for s in serving:
             if s.drain_notice is not None or len(s.in_flight) >= s.max_in_flight:
                 continue
-            load = len(s.in_flight) / s.max_in_flight
+            load = len(s.in_flight) / s.max_in_flight + s.remote  # local workers first
             if load < best_load:
                 best, best_load = s, load
         if best is not None:
@@ -648,10 +674,31 @@ class Dispatcher:
             queue.appendleft(a)
         else:
             queue.append(a)
-        if not serving and a.unplaced_timer is None and self.unplaced_timeout > 0:
-            a.unplaced_timer = asyncio.get_running_loop().call_later(
-                self.unplaced_timeout, self._unplaced_expired, a
-            )
+        if not serving and a.unplaced_timer is None:
+            notice = self.unplaced_notice(a.agent)
+            log.info("run %s: assignment %s: %s", a.run_id, a.assignment_id, notice,
+                     extra=ids(run_id=a.run_id, assignment_id=a.assignment_id))
+            if a.observer is not None:
+                a.observer.on_unplaced(a, notice)
+            if self.unplaced_timeout > 0:
+                a.unplaced_timer = asyncio.get_running_loop().call_later(
+                    self.unplaced_timeout, self._unplaced_expired, a
+                )
+
+    def unplaced_notice(self, agent: str) -> str:
+        """What a run is told at once when no connected worker serves `agent`."""
+        if self.unplaced_timeout > 0:
+            wait = f"the agent fails if none that serves it connects within {self.unplaced_timeout:g}s"
+            wait += " (unplaced_timeout_s)"
+        else:
+            wait = "the agent waits until one that serves it connects"
+        served = sorted({name for s in self.sessions.values() for name in s.agents})
+        if not served:
+            return f"no connected worker serves agent '{agent}' (no worker is connected); {wait}"
+        listed = ", ".join(f"'{name}'" for name in served[:NOTICE_AGENTS])
+        if len(served) > NOTICE_AGENTS:
+            listed += f" and {len(served) - NOTICE_AGENTS:,} more"
+        return f"no connected worker serves agent '{agent}' (connected workers serve {listed}); {wait}"
 
     def _send(self, session: WorkerSession, a: Assignment) -> None:
         a.state = State.RUNNING

@@ -47,6 +47,16 @@ NEEDS_ANSWER = frozenset(
 )
 
 
+class ForwardedCalls:
+    """An assignment's observer whose runtime calls are answered elsewhere (an
+    agent this replica runs for another replica's run: services/peers.py)."""
+
+    __slots__ = ()
+
+    def forward(self, session: WorkerSession, call: RuntimeCall) -> None:
+        raise NotImplementedError
+
+
 def answer_result(answer: CallAnswer) -> CallResult:
     """The CallResult envelope for what a hook answered."""
     match answer:
@@ -97,6 +107,9 @@ class CallHandler:
                 )
             a = self.dispatcher.running(session, call.assignment_id)
             ctx = a.observer if a is not None else None
+            if isinstance(ctx, ForwardedCalls):
+                ctx.forward(session, call)  # its run's owner checks and answers it
+                return
             if not isinstance(ctx, RunningAgent):  # None: work outside a run
                 raise FailedPrecondition(
                     f"assignment '{shown(call.assignment_id)}' is not running on this worker session",

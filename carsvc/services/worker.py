@@ -89,14 +89,14 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 max_message_bytes=self.max_message_bytes,
             )
         )
-        self._handle(session, first, first_frame=True)
+        self.handle(session, first, first_frame=True)
         reader = asyncio.get_running_loop().create_task(self._read(session, frames))
         drain_sent = False
         try:
             while True:
                 await session.wakeup.wait()
                 session.wakeup.clear()
-                frames_out = self._frames(session)
+                frames_out = self.frames(session)
                 if session.drain_notice is not None and not drain_sent:
                     drain_sent = True
                     reason, grace_ms = session.drain_notice
@@ -127,7 +127,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             async for frame in frames:
                 session.touch()
                 try:
-                    self._handle(session, frame)
+                    self.handle(session, frame)
                 except Exception as err:  # a bug in the sidecar: say so, do not end quietly
                     log.exception("handling a frame of worker %s failed", session.worker_id)
                     error = CarError(f"internal error handling a frame: {err!r}", code=Code.INTERNAL)
@@ -143,7 +143,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self.dispatcher.close_session(session, reason)
         return error
 
-    def _handle(self, session: WorkerSession, frame: ConnectRequest, *, first_frame: bool = False) -> None:
+    def handle(self, session: WorkerSession, frame: ConnectRequest, *, first_frame: bool = False) -> None:
         if not first_frame and frame.HasField("hello"):
             session.reply(
                 worker_pb2.FrameError(
@@ -258,7 +258,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             message=f"assignment '{aid}' attempt {attempt} is not held by this session; this result was ignored",
         )
 
-    def _frames(self, session: WorkerSession) -> list[ConnectResponse]:
+    def frames(self, session: WorkerSession) -> list[ConnectResponse]:
         """What the session's outbox holds, as frames that each stay within
         max_message_bytes (a batch of many answers is split, never refused by
         gRPC as too large)."""

@@ -11,6 +11,7 @@ import redis
 import redis.asyncio
 
 from carsvc.backends.redis.budgets import RedisBudgets
+from carsvc.backends.redis.bus import RedisBus
 from carsvc.backends.redis.locks import RedisThreadLocks
 from carsvc.backends.redis.store import RedisRunStore
 
@@ -27,6 +28,7 @@ class RedisBackend:
         self._store = RedisRunStore(self.client, redis.Redis.from_url(url))
         self._budgets = RedisBudgets(self.client)
         self._threads = RedisThreadLocks(self.client, self._store)
+        self._bus = RedisBus(self.client, self._store)
 
     @property
     def store(self) -> RedisRunStore:
@@ -39,6 +41,10 @@ class RedisBackend:
     @property
     def threads(self) -> RedisThreadLocks:
         return self._threads
+
+    @property
+    def bus(self) -> RedisBus:
+        return self._bus
 
     async def close(self) -> None:
         await self.client.aclose()

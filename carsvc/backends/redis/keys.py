@@ -52,3 +52,18 @@ def thread(thread_id: str) -> str:
 def budget(budget_id: str) -> str:
     """A hash: a shared budget's limits and counters."""
     return f"{PREFIX}budget:{budget_id}"
+
+
+# Replicas that announced themselves (members whose entry expired are removed
+# by whoever notices).
+REPLICAS = PREFIX + "replicas"
+
+
+def replica(replica_id: str) -> str:
+    """A hash with a PX expiry: the agents the replica's workers serve, and their capacity."""
+    return f"{PREFIX}replica:{replica_id}"
+
+
+def inbox(replica_id: str) -> str:
+    """A stream of messages for the replica: fields f (sender), k (kind), d (data)."""
+    return f"{PREFIX}inbox:{replica_id}"

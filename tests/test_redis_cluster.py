@@ -1,0 +1,128 @@
+"""Several replicas on one real Redis behave as one sidecar: a worker connected
+to one replica serves runs started on another, with its runtime calls answered
+by the run's replica, and cancels reaching it there."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from carsvc._proto.car.v1 import types_pb2
+from carsvc.client import Client, agent, map_reduce, single
+from carsvc.server import Sidecar
+from carsvc.worker import AgentContext
+from tests.conftest import TEST_SETTINGS, Workers
+
+SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
+CANCELLED = types_pb2.RUN_STATUS_CANCELLED
+
+
+@pytest.fixture
+async def replicas(redis_url: str) -> AsyncIterator[list[Sidecar]]:
+    settings = dataclasses.replace(TEST_SETTINGS, backend=redis_url)
+    started = [Sidecar(settings) for _ in range(2)]
+    for s in started:
+        await s.start()
+    try:
+        yield started
+    finally:
+        for s in started:
+            await s.stop(grace=0.5)
+
+
+async def until_peers_see(replicas: list[Sidecar], agent_name: str) -> None:
+    """Waits until every replica without its own worker has a peer session serving `agent_name`."""
+    async with asyncio.timeout(10):
+        while not all(
+            any(s.serves(agent_name) for s in r.dispatcher.sessions.values()) for r in replicas
+        ):
+            await asyncio.sleep(0.05)
+
+
+async def test_a_worker_on_replica_a_serves_a_map_reduce_started_on_replica_b(replicas: list[Sidecar]) -> None:
+    a, b = replicas
+    pool = Workers(a.address)
+    served: list[str] = []
+
+    async def summarize(ctx: AgentContext) -> str:
+        served.append(ctx.assignment_id)
+        seen = await ctx.state.get("seen") or 0
+        await ctx.state.set(f"done/{ctx.assignment_id}", 1)
+        return f"summary {seen}"
+
+    await pool.start({"summarizer": summarize, "combiner": lambda ctx: asyncio.sleep(0, "combined")})
+    try:
+        await until_peers_see(replicas, "summarizer")
+        async with Client(b.address) as client:
+            items = [f"item-{i:03d}" for i in range(40)]
+            run = await client.run(map_reduce(agent("summarizer"), agent("combiner"), "sum", items))
+            assert run.status == SUCCEEDED, run.termination_detail
+            assert run.result.map_reduce.reduced_answer == "combined"
+            assert len(served) == 40 and run.result.map_reduce.all_succeeded
+            # Every state write of the relayed agents landed in the run's scope on replica b.
+            assert [await client.get_state(run.state_scope, f"done/{i}") for i in served] == [1] * 40
+        # Replica a ran nothing of its own: every assignment came from b.
+        assert a.runs.runs == {}
+    finally:
+        await pool.stop_all()
+
+
+async def test_a_cancel_on_the_runs_replica_reaches_the_worker_on_another(replicas: list[Sidecar]) -> None:
+    a, b = replicas
+    pool = Workers(a.address)
+    started = asyncio.Event()
+    cancelled: list[str] = []
+
+    async def slow(ctx: AgentContext) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(ctx.cancel_reason)
+            raise
+        return "never"
+
+    await pool.start({"slow": slow})
+    try:
+        await until_peers_see(replicas, "slow")
+        async with Client(b.address) as client:
+            handle = await client.start_run(single(agent("slow"), "wait"))
+            async with asyncio.timeout(10):
+                await started.wait()
+            await client.cancel(handle.run_id, reason="not needed", wait=True)
+            assert (await client.get_run(handle.run_id)).status == CANCELLED
+        async with asyncio.timeout(10):
+            while not cancelled:
+                await asyncio.sleep(0.02)
+        assert cancelled == ["not needed"]
+        assert a.dispatcher.in_flight == 0
+    finally:
+        await pool.stop_all()
+
+
+async def test_replicas_prefer_their_own_workers(replicas: list[Sidecar], redis_url: str) -> None:
+    a, b = replicas
+    where: list[str] = []
+    pools = [Workers(a.address), Workers(b.address)]
+
+    def handler(name: str):  # type: ignore[no-untyped-def]
+        async def run(ctx: AgentContext) -> str:
+            where.append(name)
+            return "ok"
+
+        return run
+
+    await pools[0].start({"echo": handler("a")})
+    await pools[1].start({"echo": handler("b")})
+    try:
+        await until_peers_see(replicas, "echo")
+        async with Client(b.address) as client:
+            for _ in range(5):
+                assert (await client.run(single(agent("echo"), "x"))).status == SUCCEEDED
+        assert where == ["b"] * 5
+    finally:
+        for pool in pools:
+            await pool.stop_all()
