@@ -13,15 +13,21 @@ The pattern builders (`agent`, `registered`, and one per pattern: `single`,
 `vote`, `fleet`, `adversarial_review`, `tournament`, `advisor`) return the
 generated protobuf messages, so anything the contract offers can also be set on
 them directly. docs/patterns/ describes each pattern.
+
+Given several sidecar addresses (replicas sharing one store), a client sends
+its calls to the first that answers; when a call fails with UNAVAILABLE it moves
+to the next, and retries there the calls that are safe to repeat (reads, and
+watches, which resume after the last event delivered).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -37,7 +43,7 @@ from carsvc._proto.car.v1 import (
     state_pb2_grpc,
     types_pb2,
 )
-from carsvc.security.channel import DEFAULT_MAX_MESSAGE_BYTES, TLS, open_channel
+from carsvc.security.channel import DEFAULT_MAX_MESSAGE_BYTES, TLS, addresses, open_channel
 from carsvc.values import from_value, to_value
 
 __all__ = [
@@ -64,6 +70,7 @@ __all__ = [
 ]
 
 RunEvent = Any  # carsvc._proto.car.v1.events_pb2.RunEvent
+T = TypeVar("T")
 
 # StartRunRequest's pattern oneof: message type -> field name.
 _PATTERN_FIELDS = {
@@ -149,8 +156,9 @@ class RunSession:
     Use it as an async context manager (or call close()) to end the stream early;
     a session whose run has finished ends by itself."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, target: str = "") -> None:
         self._call = call
+        self.target = target  # the sidecar address the stream runs on
         self.handle: types_pb2.RunHandle = types_pb2.RunHandle()
         self._replies: asyncio.Queue[Any] = asyncio.Queue()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -261,7 +269,9 @@ class RunStream:
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._call = client.runs.Submit()
+        self._target = client.target
+        self._call: Any = None  # the Submit call, opened by the writer on an address that answers
+        self._opened = asyncio.Event()
         self._waiting: dict[str, asyncio.Future[events_pb2.RunFinished]] = {}
         self._outbox: list[runs_pb2.StartRunRequest] = []
         self._wakeup = asyncio.Event()
@@ -295,6 +305,10 @@ class RunStream:
             self._waiting.pop(request.run_id, None)
 
     async def _write(self) -> None:
+        await self._client._connect()
+        self._target = self._client.target
+        self._call = self._client.runs.Submit()
+        self._opened.set()
         try:
             while True:
                 if not self._outbox:
@@ -310,6 +324,7 @@ class RunStream:
             return  # the reader reports why the stream ended
 
     async def _read(self) -> None:
+        await self._opened.wait()
         try:
             while (response := await self._call.read()) is not grpc.aio.EOF:
                 for answer in response.answers:
@@ -328,6 +343,8 @@ class RunStream:
             self._ended = ConnectionError("the Submit stream has ended")
         except grpc.aio.AioRpcError as err:
             self._ended = err
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                self._client._move_on(self._target)  # the next stream goes to the next address
         finally:
             ended = self._ended or ConnectionError("the Submit stream has ended")
             for future in self._waiting.values():
@@ -367,7 +384,8 @@ class RunStream:
         if exc_type is None:
             await self.close()
         else:
-            self._call.cancel()
+            if self._call is not None:
+                self._call.cancel()
             self._writer.cancel()
             self._reader.cancel()
 
@@ -478,6 +496,16 @@ WATCH_RETRY_MAX_DELAY_S = 1.0
 class Client:
     """An asyncio client for the run, registry and state services.
 
+    `target`: the sidecar's "host:port", or several replicas' addresses (a
+    list, or one string with commas: "h1:50051,h2:50051"). With several, calls
+    go to the first address that answers; a call that fails with UNAVAILABLE
+    moves the client to the next, and reads (get_run, read_result, list_runs,
+    list_workers, get_state) are retried there, once around the list; watch()
+    resumes there from the last event it delivered. Calls that change something
+    (start_run, cancel, submit_decisions, set_state, register_agent, and the
+    Session and Submit streams) raise instead: the sidecar may have acted on
+    them; the next call goes to the next address.
+
     `token`: a client token, sent as `authorization: Bearer` metadata on every
     call. `tls`: a carsvc.security.TLS (True: TLS with the system's roots);
     plaintext by default. `max_message_bytes`: the largest message the client
@@ -488,7 +516,7 @@ class Client:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         channel: grpc.aio.Channel | None = None,
         options: list[tuple[str, Any]] | None = None,
@@ -499,23 +527,81 @@ class Client:
         if channel is not None and (token is not None or tls):
             raise ValueError("token and tls configure the channel Client opens: not usable with channel=")
         self._owns_channel = channel is None
+        # A given channel has one address: the client never moves off it.
+        self.targets = addresses(target)[: 1 if channel is not None else None]
+        self._at = 0  # the index of the current address
         # The channel tries to reconnect at least every WATCH_RETRY_MAX_DELAY_S,
         # the pace of watch()'s own retries while the sidecar is away.
-        self.channel = channel or open_channel(
-            target,
+        self._open = functools.partial(
+            open_channel,
             token=token,
             tls=tls,
             options=options,
             max_message_bytes=max_message_bytes,
             reconnect_max_delay=WATCH_RETRY_MAX_DELAY_S,
         )
+        self._channels: dict[str, grpc.aio.Channel] = {}  # one per address used, kept until close()
+        self.channel = channel or self._channel_to(self.targets[0])
+        self._stubs()
+
+    @property
+    def target(self) -> str:
+        """The address calls go to now."""
+        return self.targets[self._at]
+
+    def _channel_to(self, target: str) -> grpc.aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = self._open(target)
+        return channel
+
+    def _stubs(self) -> None:
         self.runs = runs_pb2_grpc.RunServiceStub(self.channel)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.state = state_pb2_grpc.StateServiceStub(self.channel)
 
+    def _move_on(self, failed: str) -> None:
+        """Moves to the address after `failed`, unless a concurrent call did already."""
+        if len(self.targets) > 1 and self.target == failed:
+            self._at = (self._at + 1) % len(self.targets)
+            self.channel = self._channel_to(self.target)
+            self._stubs()
+
+    async def _connect(self) -> None:
+        """With several addresses: makes the current one an address that
+        answers, trying each in turn from the current one. When none does,
+        the call that follows fails with UNAVAILABLE as it would with one."""
+        for _ in range(len(self.targets) if len(self.targets) > 1 else 0):
+            target, channel = self.target, self.channel
+            state = channel.get_state(try_to_connect=True)
+            while state in (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING):
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY:
+                return
+            self._move_on(target)
+
+    async def _rpc(self, call: Callable[[], Awaitable[T]], *, retry: bool) -> T:
+        """`call()` on the current address; on UNAVAILABLE the client moves to
+        the next address, and with `retry` (a read) calls again there, once
+        around the list."""
+        for left in reversed(range(len(self.targets))):
+            await self._connect()
+            target = self.target
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._move_on(target)
+                if not retry or not left:
+                    raise
+        raise AssertionError("unreachable: the last try returns or raises")
+
     async def close(self) -> None:
         if self._owns_channel:
-            await self.channel.close()
+            for channel in self._channels.values():
+                await channel.close()
 
     async def __aenter__(self) -> Client:
         return self
@@ -566,8 +652,15 @@ class Client:
 
     async def session(self, pattern: Message, **options: Any) -> RunSession:
         """Starts a run on a RunService.Session stream (same options as start_run)."""
-        session = RunSession(self.runs.Session())
-        await session._open(self._start_request(pattern, **options))
+        request = self._start_request(pattern, **options)
+        await self._connect()
+        session = RunSession(self.runs.Session(), self.target)
+        try:
+            await session._open(request)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                self._move_on(session.target)
+            raise
         return session
 
     def run_stream(self) -> RunStream:
@@ -581,10 +674,11 @@ class Client:
         thread_id: str = "",
         agent_id: str = "",
     ) -> runs_pb2.SubmitDecisionsResponse:
-        response: runs_pb2.SubmitDecisionsResponse = await self.runs.SubmitDecisions(
-            runs_pb2.SubmitDecisionsRequest(
-                run_id=run_id, thread_id=thread_id, agent_id=agent_id, decisions=decisions
-            )
+        request = runs_pb2.SubmitDecisionsRequest(
+            run_id=run_id, thread_id=thread_id, agent_id=agent_id, decisions=decisions
+        )
+        response: runs_pb2.SubmitDecisionsResponse = await self._rpc(
+            lambda: self.runs.SubmitDecisions(request), retry=False
         )
         return response
 
@@ -621,7 +715,7 @@ class Client:
             initial_decisions=initial_decisions,
             resume=resume,
         )
-        response: runs_pb2.StartRunResponse = await self.runs.StartRun(request)
+        response: runs_pb2.StartRunResponse = await self._rpc(lambda: self.runs.StartRun(request), retry=False)
         return response.run
 
     async def watch(
@@ -630,8 +724,8 @@ class Client:
         """A run's events from `after_seq` on, ending with its run_finished event.
 
         If the sidecar goes away (UNAVAILABLE), the watch resumes from the last
-        event it delivered once the sidecar is back, for up to `reconnect_for`
-        seconds (0: never). If the caller consumes events so slowly that the
+        event it delivered once the sidecar is back (with several addresses: at
+        the next one), for up to `reconnect_for` seconds (0: never). If the caller consumes events so slowly that the
         sidecar ends the watch (RESOURCE_EXHAUSTED, see docs/runs.md), it
         resumes at once from the last event delivered, unless
         `resume_when_behind` is false. Any other status is raised, e.g.
@@ -642,6 +736,8 @@ class Client:
         deadline = 0.0
         delay = 0.05
         while True:
+            await self._connect()
+            target = self.target
             try:
                 async for batch in self.runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run_id, after_seq=last)):
                     deadline = 0.0
@@ -653,6 +749,8 @@ class Client:
                 now = asyncio.get_running_loop().time()
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and resume_when_behind and _resume_seq(err):
                     continue  # fell behind: every event up to `last` was delivered
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._move_on(target)  # with several addresses, resume at the next
                 if err.code() != grpc.StatusCode.UNAVAILABLE or reconnect_for <= 0:
                     raise
                 deadline = deadline or now + reconnect_for
@@ -682,15 +780,16 @@ class Client:
                 behind = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _resume_seq(err) is not None
                 if err.code() != grpc.StatusCode.UNAVAILABLE and not behind:
                     raise
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._move_on(session.target)
                 return await self.wait(session.handle.run_id)
         return await self.get_run(session.handle.run_id)
 
     async def get_run(self, run_id: str = "", *, thread_id: str = "") -> runs_pb2.Run:
         """The run, with its whole result once finished (a result too large to
         send inline is read with read_result)."""
-        response: runs_pb2.GetRunResponse = await self.runs.GetRun(
-            runs_pb2.GetRunRequest(run_id=run_id, thread_id=thread_id)
-        )
+        request = runs_pb2.GetRunRequest(run_id=run_id, thread_id=thread_id)
+        response: runs_pb2.GetRunResponse = await self._rpc(lambda: self.runs.GetRun(request), retry=True)
         run = response.run
         if run.result_omitted:
             run.result.CopyFrom(await self.read_result(run.run_id))
@@ -698,10 +797,14 @@ class Client:
 
     async def read_result(self, run_id: str) -> patterns_pb2.RunResult:
         """A finished run's result, read in pieces (RunService.ReadRunResult)."""
-        pieces: list[bytes] = []
-        async for response in self.runs.ReadRunResult(runs_pb2.ReadRunResultRequest(run_id=run_id)):
-            pieces.append(response.chunk)
-        return patterns_pb2.RunResult.FromString(b"".join(pieces))
+
+        async def read() -> bytes:
+            pieces: list[bytes] = []
+            async for response in self.runs.ReadRunResult(runs_pb2.ReadRunResultRequest(run_id=run_id)):
+                pieces.append(response.chunk)
+            return b"".join(pieces)
+
+        return patterns_pb2.RunResult.FromString(await self._rpc(read, retry=True))
 
     async def list_runs(
         self, *, thread_id: str = "", status: int = 0, agent_id: str = "", page_size: int = 0
@@ -710,11 +813,12 @@ class Client:
         runs: list[runs_pb2.Run] = []
         token = ""
         while True:
-            response: runs_pb2.ListRunsResponse = await self.runs.ListRuns(
-                runs_pb2.ListRunsRequest(
-                    thread_id=thread_id, status=status, agent_id=agent_id,  # type: ignore[arg-type]
-                    page_size=page_size, page_token=token,
-                )
+            request = runs_pb2.ListRunsRequest(
+                thread_id=thread_id, status=status, agent_id=agent_id,  # type: ignore[arg-type]
+                page_size=page_size, page_token=token,
+            )
+            response: runs_pb2.ListRunsResponse = await self._rpc(
+                lambda: self.runs.ListRuns(request), retry=True  # noqa: B023 (awaited in this turn)
             )
             runs.extend(response.runs)
             token = response.next_page_token
@@ -730,35 +834,36 @@ class Client:
         reason: str = "",
         wait: bool = False,
     ) -> runs_pb2.CancelRunResponse:
-        response: runs_pb2.CancelRunResponse = await self.runs.CancelRun(
-            runs_pb2.CancelRunRequest(
-                run_id=run_id, thread_id=thread_id, agent_id=agent_id, reason=reason, wait=wait
-            )
+        request = runs_pb2.CancelRunRequest(
+            run_id=run_id, thread_id=thread_id, agent_id=agent_id, reason=reason, wait=wait
         )
+        response: runs_pb2.CancelRunResponse = await self._rpc(lambda: self.runs.CancelRun(request), retry=False)
         return response
 
     # -- registry ---------------------------------------------------------------------
 
     async def register_agent(self, spec: types_pb2.AgentSpec, *, replace: bool = False) -> types_pb2.AgentSpec:
-        response: registry_pb2.RegisterAgentResponse = await self.registry.RegisterAgent(
-            registry_pb2.RegisterAgentRequest(agent=spec, replace=replace)
+        request = registry_pb2.RegisterAgentRequest(agent=spec, replace=replace)
+        response: registry_pb2.RegisterAgentResponse = await self._rpc(
+            lambda: self.registry.RegisterAgent(request), retry=False
         )
         return response.agent
 
     async def list_workers(self) -> list[registry_pb2.WorkerInfo]:
-        response: registry_pb2.ListWorkersResponse = await self.registry.ListWorkers(
-            registry_pb2.ListWorkersRequest()
+        response: registry_pb2.ListWorkersResponse = await self._rpc(
+            lambda: self.registry.ListWorkers(registry_pb2.ListWorkersRequest()), retry=True
         )
         return list(response.workers)
 
     # -- state ---------------------------------------------------------------------------
 
     async def get_state(self, scope: str, key: str, default: Any = None) -> Any:
-        response: state_pb2.GetResponse = await self.state.Get(state_pb2.GetRequest(scope=scope, key=key))
+        response: state_pb2.GetResponse = await self._rpc(
+            lambda: self.state.Get(state_pb2.GetRequest(scope=scope, key=key)), retry=True
+        )
         return from_value(response.value) if response.found else default
 
     async def set_state(self, scope: str, key: str, value: Any, *, writer: str = "") -> int:
-        response: state_pb2.SetResponse = await self.state.Set(
-            state_pb2.SetRequest(scope=scope, key=key, value=to_value(value), writer=writer)
-        )
+        request = state_pb2.SetRequest(scope=scope, key=key, value=to_value(value), writer=writer)
+        response: state_pb2.SetResponse = await self._rpc(lambda: self.state.Set(request), retry=False)
         return response.index

@@ -13,6 +13,7 @@ on plaintext loopback channels too (gRPC's own call credentials need TLS).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import grpc
 
 from carsvc.security.tokens import check_token
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "TLS", "bearer_metadata", "channel_options", "open_channel"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "TLS", "addresses", "bearer_metadata", "channel_options", "open_channel"]
 
 PemSource = bytes | str | os.PathLike[str]
 
@@ -68,6 +69,16 @@ class TLS:
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def addresses(target: str | Sequence[str]) -> list[str]:
+    """The sidecar addresses a Worker or Client was given: one "host:port", several
+    separated by commas ("h1:p1,h2:p2", as CARSVC_TARGET may hold them), or a list."""
+    parts = target.split(",") if isinstance(target, str) else list(target)
+    found = [part.strip() for part in parts if part.strip()]
+    if not found:
+        raise ValueError(f"no sidecar address in {target!r}: give host:port, or several separated by commas")
+    return found
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
