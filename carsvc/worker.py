@@ -17,8 +17,13 @@ A handler gets an AgentContext and returns the answer (a str), a Result, or an
 AgentOutput. An exception becomes the output's error; cancellation by the
 sidecar cancels the handler's task. Heartbeats, batching of results and calls,
 and reconnecting after the sidecar restarts (a crash, or a drain before a
-graceful restart) are handled here. A refused credential is final: run() raises
-WorkerRefused instead of reconnecting.
+graceful restart) are handled here. Given several sidecar addresses (replicas
+sharing one store), the worker connects to the first that answers and, when
+that session ends, reconnects to the next. A refused credential is final: run()
+raises WorkerRefused instead of reconnecting.
+
+A worker program calls `worker.serve()` instead of `asyncio.run(worker.run())`:
+Ctrl-C or SIGTERM then stops it quietly.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import fnmatch
 import itertools
 import logging
 import os
+import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +46,7 @@ from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import patterns_pb2, types_pb2, worker_pb2
 from carsvc._version import __version__
-from carsvc.security.channel import DEFAULT_MAX_MESSAGE_BYTES, TLS, bearer_metadata, open_channel
+from carsvc.security.channel import DEFAULT_MAX_MESSAGE_BYTES, TLS, addresses, bearer_metadata, open_channel
 from carsvc.values import from_value, to_value
 
 __all__ = ["AgentContext", "Decision", "Result", "RuntimeCallError", "UndecodableFrame", "Worker", "WorkerRefused"]
@@ -361,7 +367,7 @@ class Worker:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         worker_id: str | None = None,
         max_in_flight: int = 1,
@@ -373,21 +379,29 @@ class Worker:
         token: str | None = None,
         tls: TLS | bool | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_connect: Callable[[str], None] | None = None,
     ) -> None:
-        """`reconnect`: after the stream ends (the sidecar crashed, or drained
-        this worker because it is restarting), connect again with backoff from
-        0.1 s up to `reconnect_max_delay`, so a sidecar that comes back is
-        reached at most `reconnect_max_delay` seconds later (gRPC's own channel
-        backoff is capped at the same delay); without it run() returns when the
-        first session ends. `stop_on_drain`: return from run() after a drain
+        """`target`: the sidecar's "host:port", or several replicas' addresses
+        (a list, or one string with commas: "h1:50051,h2:50051"); each
+        connection attempt goes to the next address in turn, starting with the
+        first. `reconnect`: after the stream ends (the sidecar crashed, or
+        drained this worker because it is restarting), connect again with
+        backoff from 0.1 s up to `reconnect_max_delay` (one backoff across all
+        addresses), so a sidecar that comes back is reached at most
+        `reconnect_max_delay` seconds later (gRPC's own channel backoff is
+        capped at the same delay); without it run() returns when the first
+        session ends. `stop_on_drain`: return from run() after a drain
         instead of reconnecting. `token`: a worker token, sent as
         `authorization: Bearer` metadata on the stream; a refused one makes
         run() raise WorkerRefused. `tls`: a carsvc.security.TLS (True: TLS with
         the system's roots); plaintext by default. `max_message_bytes`: the
         largest message the worker sends or accepts (the sidecar's default
         max_message_bytes, 16 MiB). `channel_options`: extra gRPC channel
-        arguments, which win over the SDK's."""
-        self.target = target
+        arguments, which win over the SDK's. `on_connect`: called with the
+        session id after every welcome (`target` is then the address)."""
+        self.targets = addresses(target)
+        # The address of the current (or last) session.
+        self.target = self.targets[0]
         self.tls = tls
         self._metadata = bearer_metadata(token)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -398,12 +412,14 @@ class Worker:
         self.stop_on_drain = stop_on_drain
         self.channel_options = channel_options or []
         self.max_message_bytes = max_message_bytes
+        self.on_connect = on_connect
         self._handlers: dict[str, Handler] = {}
         self._running: dict[str, tuple[asyncio.Task[None], AgentContext]] = {}
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
         self.session_id = ""
         self.completed = 0
+        self._connected_at: float | None = None  # when the current session was welcomed
 
     # -- registration ---------------------------------------------------------
 
@@ -441,8 +457,13 @@ class Worker:
             raise RuntimeError("register at least one agent before run()")
         first_delay = min(0.1, self.reconnect_max_delay)
         delay, attempt = first_delay, 0
-        while not self._stopping.is_set():
-            started = time.monotonic()
+        for turn in itertools.count():
+            if self._stopping.is_set():
+                return
+            # Every attempt goes to the next address: a replica that died or
+            # drained this worker is tried again only after the others.
+            self.target = self.targets[turn % len(self.targets)]
+            self._connected_at = None
             drained = False
             ended = "the stream closed"  # what ended the session, for the log
             try:
@@ -458,14 +479,14 @@ class Worker:
                 ended = "undecodable frame"
             if self._stopping.is_set() or not self.reconnect or (drained and self.stop_on_drain):
                 return
-            if time.monotonic() - started > 10:
+            if self._connected_at is not None and time.monotonic() - self._connected_at > 10:
                 delay, attempt = first_delay, 0  # after a long session, start the backoff over
             attempt += 1
-            # One line per reconnect attempt, with the wait before it.
+            # One line per reconnect attempt, with the wait before it (no traceback).
             log.log(
                 logging.INFO if drained else logging.WARNING,
                 "worker %s: %s; reconnecting in %.1f s (attempt %d)",
-                self.worker_id, "drained" if drained else f"session ended: {ended}", delay, attempt,
+                self.worker_id, "drained" if drained else f"session ended: {ended} (at {self.target})", delay, attempt,
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
@@ -474,6 +495,36 @@ class Worker:
     async def stop(self) -> None:
         """Stops serving: running handlers are cancelled, the stream is closed."""
         self._stopping.set()
+
+    def serve(self) -> None:
+        """Runs the worker until SIGINT (Ctrl-C) or SIGTERM: the blocking entry
+        point of a worker program. A signal stops it as stop() does, and serve()
+        returns without a traceback (a script that ends there exits 0). Raises
+        WorkerRefused as run() does. A program that set up no logging gets the
+        worker's INFO lines (connected, reconnecting) on stderr."""
+        handler = None
+        if not logging.getLogger().handlers and not log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            if log.level == logging.NOTSET:
+                log.setLevel(logging.INFO)
+        try:
+            asyncio.run(self._serve())
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self.run()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     async def _session(self) -> bool:
         """One connection; returns True when the sidecar drained us."""
@@ -543,6 +594,7 @@ class Worker:
                 raise frame if isinstance(frame, UndecodableFrame) else UndecodableFrame(f"got {frame!r}")
             if frame.HasField("welcome"):
                 link.session_id = self.session_id = frame.welcome.session_id
+                self._connected_at = time.monotonic()
                 if frame.welcome.heartbeat_interval_ms:
                     # Send well within the interval so one slow frame never lapses us.
                     link.heartbeat_s = frame.welcome.heartbeat_interval_ms / 1000 / 2
@@ -550,6 +602,12 @@ class Worker:
                     # (5 s): wake it, so a sidecar with a shorter one never sees us lapse.
                     link.outbox.ready.set()
                 self.connected.set()
+                log.info(
+                    "worker %s: connected to %s (session %s), serving %s",
+                    self.worker_id, self.target, self.session_id, ", ".join(self._handlers),
+                )
+                if self.on_connect is not None:
+                    self.on_connect(self.session_id)
             for assignment in frame.assignments:
                 self._start(link, assignment)
             for cancel in frame.cancels:
@@ -565,7 +623,7 @@ class Worker:
                 log.warning("worker %s: sidecar refused %s: %s", self.worker_id, error.field, error.message)
             if frame.HasField("drain"):
                 link.draining = True
-                log.info("worker %s: draining (%s)", self.worker_id, frame.drain.reason)
+                log.info("worker %s: draining (%s), at %s", self.worker_id, frame.drain.reason, self.target)
                 if not self._running:
                     link.outbox.close()
         return link.draining
