@@ -499,9 +499,11 @@ class Worker:
     def serve(self) -> None:
         """Runs the worker until SIGINT (Ctrl-C) or SIGTERM: the blocking entry
         point of a worker program. A signal stops it as stop() does, and serve()
-        returns without a traceback (a script that ends there exits 0). Raises
-        WorkerRefused as run() does. A program that set up no logging gets the
-        worker's INFO lines (connected, reconnecting) on stderr."""
+        returns without a traceback (a script that ends there exits 0). A
+        refused credential ends the program: the refusal is logged in one line
+        and serve() raises SystemExit(1) (run() raises WorkerRefused instead,
+        for a program that handles it). A program that set up no logging gets
+        the worker's INFO lines (connected, reconnecting) on stderr."""
         handler = None
         if not logging.getLogger().handlers and not log.handlers:
             handler = logging.StreamHandler()
@@ -511,6 +513,8 @@ class Worker:
                 log.setLevel(logging.INFO)
         try:
             asyncio.run(self._serve())
+        except WorkerRefused:
+            raise SystemExit(1) from None  # run() logged the refusal
         finally:
             if handler is not None:
                 log.removeHandler(handler)

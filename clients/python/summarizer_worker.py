@@ -3,6 +3,11 @@
 human first).
 
     .venv/bin/python clients/python/summarizer_worker.py --target 127.0.0.1:50051
+
+--target (or CARSVC_TARGET) may name several sidecar replicas, separated by commas.
+CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command line is
+visible to every local user). Ctrl-C or SIGTERM stops the worker (exit status 0); a
+refused token ends it at once with one line on stderr (exit status 1).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,14 +29,25 @@ ITEM_MARKER = "Process this item: "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=os.environ.get("CARSVC_TARGET", "127.0.0.1:50051"))
+    parser.add_argument(
+        "--target", default=os.environ.get("CARSVC_TARGET", "127.0.0.1:50051"),
+        help="the sidecar's host:port, or several replicas' separated by commas",
+    )
     parser.add_argument("--worker-id")
     parser.add_argument("--agents", default="summarizer,combiner,deployer,pinger,ponger")
     parser.add_argument("--max-in-flight", type=int, default=4)
     parser.add_argument("--sleep-ms", type=int, default=0)
     args = parser.parse_args()
 
-    worker = Worker(args.target, worker_id=args.worker_id, max_in_flight=args.max_in_flight, labels={"lang": "python"})
+    worker = Worker(
+        args.target,
+        worker_id=args.worker_id,
+        max_in_flight=args.max_in_flight,
+        labels={"lang": "python"},
+        token=os.environ.get("CARSVC_WORKER_TOKEN") or None,
+        # A line on stdout per session, for scripts that wait for the worker.
+        on_connect=lambda session: print(f"ready {worker.worker_id} {session}", flush=True),
+    )
 
     async def summarize(ctx: AgentContext) -> str:
         item = ctx.task.rsplit(ITEM_MARKER, 1)[-1]
@@ -90,20 +105,11 @@ def main() -> None:
         return run
 
     for name in args.agents.split(","):
+        if name not in handlers:
+            parser.error(f"unknown agent {name!r} (known: {', '.join(handlers)})")
         worker.add_agent(name, logged(handlers[name]))
 
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
-        serving = asyncio.create_task(worker.run())
-        connected = asyncio.ensure_future(worker.connected.wait())
-        await asyncio.wait({serving, connected}, return_when=asyncio.FIRST_COMPLETED)
-        if worker.connected.is_set():
-            print(f"ready {worker.worker_id} {worker.session_id}", flush=True)
-        await serving
-
-    asyncio.run(run())
+    worker.serve()  # until Ctrl-C or SIGTERM; a refused token exits 1
 
 
 if __name__ == "__main__":

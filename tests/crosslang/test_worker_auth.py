@@ -29,12 +29,7 @@ UNAUTHENTICATED = {
     "go": "Unauthenticated", "ts": "UNAUTHENTICATED", "rust": "Unauthenticated", "python": "UNAUTHENTICATED",
 }
 
-# The Python example reads no token (it is the SDK's own example of the default), so it
-# only takes part without one; carsvc/worker.py's token handling is in tests/test_worker_sdk.py.
-CASES = [
-    *((lang, case) for lang in ("go", "ts", "rust") for case in ("missing", "wrong", "client-token")),
-    ("python", "missing"),
-]
+CASES = [(lang, case) for lang in ("go", "ts", "rust", "python") for case in ("missing", "wrong", "client-token")]
 
 
 def _token_env(case: str) -> dict[str, str]:
@@ -69,7 +64,7 @@ def test_a_refused_token_ends_the_worker_at_once(tmp_path: Path, lang: str, case
         assert WORKER_TOKEN not in output and CLIENT_TOKEN not in output
 
 
-@pytest.mark.parametrize("lang", ["go", "ts", "rust"])
+@pytest.mark.parametrize("lang", ["go", "ts", "rust", "python"])
 def test_the_right_token_is_served(tmp_path: Path, lang: str) -> None:
     with cluster(tmp_path, TOKENS) as c:
         cmd = [*program(lang, "worker"), "--target", c.sidecar.address, "--worker-id", f"{lang}-trusted"]
