@@ -14,7 +14,7 @@ import sys
 
 import grpc
 
-from carsvc._proto.car.v1 import types_pb2
+from carsvc import types
 from carsvc.client import Client, agent, map_reduce
 
 
@@ -42,20 +42,28 @@ async def run(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.2)
         run = await client.get_run(handle.run_id)
         result = run.result.map_reduce
-        status = types_pb2.RunStatus.Name(run.status)
+        status = types.RunStatus.Name(run.status)
         if args.json:
             print(json.dumps({
                 "run_id": run.run_id, "status": status, "reduced_answer": result.reduced_answer,
+                # Why it ended: "completed", "agent_failed", ... and a sentence.
+                "termination_reason": run.termination_reason, "termination_detail": run.termination_detail,
                 "answers": [o.answer for o in result.map_outputs],
                 "errors": [o.error if o.HasField("error") else "" for o in result.map_outputs],
                 "finished_by": finished_by, "events": events,
             }))
         else:
             print(f"run {run.run_id}: {status}")
+            if run.status != types.RUN_STATUS_SUCCEEDED:
+                print(f"  why: {run.termination_detail} ({run.termination_reason})")
             for o in result.map_outputs:
                 print(f"  {o.name:<14} {o.answer or o.error:<20} by {finished_by.get(o.name, '')}")
             print(f"reduced: {result.reduced_answer}")
-        return 0 if run.status == types_pb2.RUN_STATUS_SUCCEEDED else 1
+        if run.status != types.RUN_STATUS_SUCCEEDED:
+            print(f"mapreduce-client: run {run.run_id} {status}: {run.termination_reason}: {run.termination_detail}",
+                  file=sys.stderr)
+            return 1
+        return 0
 
 
 def main() -> None:

@@ -61,6 +61,9 @@ async function main(): Promise<number> {
         JSON.stringify({
           run_id: run.runId,
           status,
+          // Why it ended: "completed", "agent_failed", ... and a sentence.
+          termination_reason: run.terminationReason,
+          termination_detail: run.terminationDetail,
           reduced_answer: result?.reducedAnswer ?? "",
           answers: outputs.map((o) => o.answer),
           errors: outputs.map((o) => o.error ?? ""),
@@ -73,10 +76,17 @@ async function main(): Promise<number> {
       );
     } else {
       console.log(`run ${run.runId}: ${status}`);
+      if (run.status !== types.RunStatus.RUN_STATUS_SUCCEEDED) {
+        console.log(`  why: ${run.terminationDetail} (${run.terminationReason})`);
+      }
       for (const o of outputs) console.log(`  ${o.name.padEnd(14)} ${(o.answer || o.error || "").padEnd(20)} by ${finishedBy[o.name]}`);
       console.log(`reduced: ${result?.reducedAnswer}`);
     }
-    return run.status === types.RunStatus.RUN_STATUS_SUCCEEDED ? 0 : 1;
+    if (run.status !== types.RunStatus.RUN_STATUS_SUCCEEDED) {
+      console.error(`mapreduce-client: run ${run.runId} ${status}: ${run.terminationReason}: ${run.terminationDetail}`);
+      return 1;
+    }
+    return 0;
   } finally {
     client.close();
   }

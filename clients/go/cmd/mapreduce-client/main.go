@@ -18,13 +18,17 @@ import (
 )
 
 type summary struct {
-	RunID         string            `json:"run_id"`
-	Status        string            `json:"status"`
-	ReducedAnswer string            `json:"reduced_answer"`
-	Answers       []string          `json:"answers"`
-	Errors        []string          `json:"errors"`
-	FinishedBy    map[string]string `json:"finished_by"` // agent name -> worker id
-	Events        int               `json:"events"`
+	RunID  string `json:"run_id"`
+	Status string `json:"status"`
+	// Why the run ended (empty reason while it is active): "completed",
+	// "agent_failed", ... and a sentence (RunFinished.reason and detail).
+	TerminationReason string            `json:"termination_reason"`
+	TerminationDetail string            `json:"termination_detail"`
+	ReducedAnswer     string            `json:"reduced_answer"`
+	Answers           []string          `json:"answers"`
+	Errors            []string          `json:"errors"`
+	FinishedBy        map[string]string `json:"finished_by"` // agent name -> worker id
+	Events            int               `json:"events"`
 	// The result was too large to travel inline (over 1 MiB) and was read
 	// with ReadRunResult; ResultBytes is its serialized size.
 	ResultOmitted bool   `json:"result_omitted"`
@@ -95,6 +99,7 @@ func main() {
 	out.ResultOmitted, out.ResultBytes = run.ResultOmitted, run.ResultBytes
 	result := run.GetResult().GetMapReduce()
 	out.Status = run.Status.String()
+	out.TerminationReason, out.TerminationDetail = run.TerminationReason, run.TerminationDetail
 	out.ReducedAnswer = result.GetReducedAnswer()
 	for _, o := range result.GetMapOutputs() {
 		out.Answers = append(out.Answers, o.Answer)
@@ -104,6 +109,9 @@ func main() {
 		check(json.NewEncoder(os.Stdout).Encode(out))
 	} else {
 		fmt.Printf("run %s: %s\n", out.RunID, out.Status)
+		if run.Status != carv1.RunStatus_RUN_STATUS_SUCCEEDED {
+			fmt.Printf("  why: %s (%s)\n", out.TerminationDetail, out.TerminationReason)
+		}
 		for i, o := range result.GetMapOutputs() {
 			fmt.Printf("  %-14s %-20s by %s\n", o.Name, o.Answer+o.GetError(), out.FinishedBy[o.Name])
 			_ = i
@@ -111,6 +119,7 @@ func main() {
 		fmt.Println("reduced:", out.ReducedAnswer)
 	}
 	if run.Status != carv1.RunStatus_RUN_STATUS_SUCCEEDED {
+		fmt.Fprintf(os.Stderr, "mapreduce-client: run %s %s: %s: %s\n", out.RunID, out.Status, out.TerminationReason, out.TerminationDetail)
 		os.Exit(1)
 	}
 }

@@ -78,6 +78,9 @@ async fn main() -> Result<(), carsvc::Error> {
         let out = json!({
             "run_id": run.run_id,
             "status": status,
+            // Why it ended: "completed", "agent_failed", ... and a sentence.
+            "termination_reason": run.termination_reason,
+            "termination_detail": run.termination_detail,
             "reduced_answer": result.reduced_answer,
             "answers": result.map_outputs.iter().map(|o| o.answer.clone()).collect::<Vec<_>>(),
             "errors": result.map_outputs.iter().map(|o| o.error.clone().unwrap_or_default()).collect::<Vec<_>>(),
@@ -90,6 +93,9 @@ async fn main() -> Result<(), carsvc::Error> {
         println!("{out}");
     } else {
         println!("run {}: {status}", run.run_id);
+        if run.status != RunStatus::Succeeded as i32 {
+            println!("  why: {} ({})", run.termination_detail, run.termination_reason);
+        }
         for o in &result.map_outputs {
             let text = if o.answer.is_empty() { o.error.clone().unwrap_or_default() } else { o.answer.clone() };
             println!("  {:<14} {:<20} by {}", o.name, text, finished_by.get(&o.name).cloned().unwrap_or_default());
@@ -97,6 +103,10 @@ async fn main() -> Result<(), carsvc::Error> {
         println!("reduced: {}", result.reduced_answer);
     }
     if run.status != RunStatus::Succeeded as i32 {
+        eprintln!(
+            "mapreduce-client: run {} {status}: {}: {}",
+            run.run_id, run.termination_reason, run.termination_detail
+        );
         std::process::exit(1);
     }
     Ok(())
