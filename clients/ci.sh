@@ -2,7 +2,8 @@
 # CI for the Go, TypeScript and Rust clients (called from .ci/run after the Python
 # suite, which has made .venv): build, lint and breaking-check the contract, check the
 # generated code for drift, vet, the SDKs' unit tests (go test, cargo test, npm test),
-# then the Java example's build and the cross-language tests against a live sidecar.
+# then the Java example's build and the cross-language tests against a live sidecar
+# (among them tests/crosslang/test_doc_programs.py: the docs' Go, TypeScript and Rust programs).
 set -euo pipefail
 CLIENTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$CLIENTS/.." && pwd)"
@@ -47,5 +48,5 @@ section "TypeScript unit tests (npm test)"
 section "Java example (clients/java-example: Maven, stubs generated from proto/)"
 bash "$CLIENTS/java-example/build.sh"
 
-section "cross-language tests"
+section "cross-language tests (and the docs' programs)"
 "$PY" -m pytest -p no:cacheprovider -m crosslang -q tests/crosslang
