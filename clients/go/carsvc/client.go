@@ -9,6 +9,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -25,6 +29,8 @@ type Client struct {
 	Registry carv1.RegistryServiceClient
 	State    carv1.StateServiceClient
 	Budgets  carv1.BudgetServiceClient
+
+	addresses int // how many sidecar addresses the client was given
 }
 
 // ClientReconnectMaxDelay caps gRPC's reconnect backoff on a client's
@@ -37,8 +43,32 @@ const ClientReconnectMaxDelay = 5 * time.Second
 // DefaultMaxMessageBytes (16 MiB; change it with MaxMessageBytes(n)) and
 // caps its reconnect backoff at ClientReconnectMaxDelay; opts come after
 // these defaults, so they override them.
+//
+// target may name several replicas, separated by commas ("h1:50051,h2:50051"):
+// the channel then connects to the first that answers, and when that
+// connection breaks, to the first that answers again. A call in flight when it
+// broke fails with Unavailable; GetRun, ReadResult and Watch (which resumes
+// after the last event it yielded) are tried again, once per address. Calls
+// that change something (StartRun, Cancel, SubmitDecisions) return the error:
+// the sidecar may have acted on them.
 func NewClient(target string, opts ...grpc.DialOption) (*Client, error) {
+	addrs := Addresses(target)
+	if len(addrs) == 0 {
+		return nil, fmt.Errorf("carsvc: target %q names no sidecar address", target)
+	}
 	opts = append(channelOptions(DefaultMaxMessageBytes, ClientReconnectMaxDelay), opts...)
+	if len(addrs) > 1 {
+		// A resolver of this client's own that names every address; gRPC's
+		// default pick_first policy connects to the first that answers.
+		r := manual.NewBuilderWithScheme("carsvc-replicas")
+		state := resolver.State{}
+		for _, a := range addrs {
+			state.Endpoints = append(state.Endpoints, resolver.Endpoint{Addresses: []resolver.Address{{Addr: a}}})
+		}
+		r.InitialState(state)
+		target = r.Scheme() + ":///sidecar"
+		opts = append(opts, grpc.WithResolvers(r))
+	}
 	conn, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return nil, err
@@ -46,8 +76,23 @@ func NewClient(target string, opts ...grpc.DialOption) (*Client, error) {
 	return &Client{
 		Conn: conn, Runs: carv1.NewRunServiceClient(conn), Events: carv1.NewEventServiceClient(conn),
 		Registry: carv1.NewRegistryServiceClient(conn), State: carv1.NewStateServiceClient(conn),
-		Budgets: carv1.NewBudgetServiceClient(conn),
+		Budgets: carv1.NewBudgetServiceClient(conn), addresses: len(addrs),
 	}, nil
+}
+
+// again reports whether a read that failed with err is tried once more:
+// with several addresses, an Unavailable read goes on at the next that
+// answers, up to once per address (tries counts the tries so far).
+func (c *Client) again(ctx context.Context, err error, tries int) bool {
+	if c.addresses < 2 || status.Code(err) != codes.Unavailable || tries >= c.addresses || ctx.Err() != nil {
+		return false
+	}
+	select { // a moment for the channel to see its connection gone
+	case <-ctx.Done():
+		return false
+	case <-time.After(time.Duration(tries) * 50 * time.Millisecond):
+		return true
+	}
 }
 
 // Close closes the connection.
@@ -116,31 +161,57 @@ func (c *Client) StartRun(ctx context.Context, pattern proto.Message, opts ...Ru
 }
 
 // Watch yields a run's events after afterSeq (0: from the first), ending
-// with run_finished. A watcher ended early may resume from the last seq seen.
+// with run_finished. A watcher ended early may resume from the last seq seen;
+// with several addresses, a watch whose sidecar went away does so by itself
+// at the next (see NewClient).
 //
 //	for ev, err := range c.Watch(ctx, runID, 0) { ... }
 func (c *Client) Watch(ctx context.Context, runID string, afterSeq uint64) iter.Seq2[*carv1.RunEvent, error] {
 	return func(yield func(*carv1.RunEvent, error) bool) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		stream, err := c.Runs.WatchRun(ctx, &carv1.WatchRunRequest{RunId: runID, AfterSeq: afterSeq})
-		if err != nil {
-			yield(nil, err)
-			return
-		}
+		tries := 0 // since the last event
 		for {
-			batch, err := stream.Recv()
-			if errors.Is(err, io.EOF) {
+			before := afterSeq
+			err := c.watchOnce(ctx, runID, &afterSeq, yield)
+			if err == nil || errors.Is(err, errStopped) {
 				return
 			}
-			if err != nil {
+			if afterSeq != before {
+				tries = 0
+			}
+			tries++
+			if !c.again(ctx, err, tries) {
 				yield(nil, err)
 				return
 			}
-			for _, ev := range batch.Events {
-				if !yield(ev, nil) {
-					return
-				}
+		}
+	}
+}
+
+// errStopped: the caller stopped ranging over a watch.
+var errStopped = errors.New("carsvc: the watch's caller stopped")
+
+// watchOnce is one WatchRun stream; afterSeq follows the events yielded.
+func (c *Client) watchOnce(ctx context.Context, runID string, afterSeq *uint64, yield func(*carv1.RunEvent, error) bool) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := c.Runs.WatchRun(ctx, &carv1.WatchRunRequest{RunId: runID, AfterSeq: *afterSeq})
+	if err != nil {
+		return err
+	}
+	for {
+		batch, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		for _, ev := range batch.Events {
+			*afterSeq = ev.Seq
+			if !yield(ev, nil) {
+				return errStopped
 			}
 		}
 	}
@@ -173,6 +244,9 @@ func (c *Client) Run(ctx context.Context, pattern proto.Message, opts ...RunOpti
 // with ReadResult.
 func (c *Client) GetRun(ctx context.Context, runID string) (*carv1.Run, error) {
 	resp, err := c.Runs.GetRun(ctx, &carv1.GetRunRequest{RunId: runID})
+	for tries := 1; err != nil && c.again(ctx, err, tries); tries++ {
+		resp, err = c.Runs.GetRun(ctx, &carv1.GetRunRequest{RunId: runID})
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -190,6 +264,14 @@ func (c *Client) GetRun(ctx context.Context, runID string) (*carv1.Run, error) {
 // how a result that GetRun, ListRuns and run_finished leave out
 // (ResultOmitted, ResultBytes long) is read; it works for any finished run.
 func (c *Client) ReadResult(ctx context.Context, runID string) (*carv1.RunResult, error) {
+	result, err := c.readResult(ctx, runID)
+	for tries := 1; err != nil && c.again(ctx, err, tries); tries++ {
+		result, err = c.readResult(ctx, runID)
+	}
+	return result, err
+}
+
+func (c *Client) readResult(ctx context.Context, runID string) (*carv1.RunResult, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := c.Runs.ReadRunResult(ctx, &carv1.ReadRunResultRequest{RunId: runID})

@@ -10,6 +10,7 @@ import (
 	"path"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -154,17 +155,35 @@ func MaxMessageBytes(n int) grpc.DialOption {
 	return grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(n), grpc.MaxCallSendMsgSize(n))
 }
 
+// Addresses splits a target into its sidecar addresses: one "host:port", or
+// several separated by commas ("h1:50051,h2:50051", as CARSVC_TARGET may hold
+// them). Spaces around an address and empty entries are dropped.
+func Addresses(target string) []string {
+	var out []string
+	for _, a := range strings.Split(target, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 // Worker is one worker process's connection to the sidecar. Set the exported
 // fields before Run; NewWorker fills in the defaults.
 type Worker struct {
+	// Target is the sidecar's "host:port", or several replicas' addresses
+	// separated by commas. Each connection attempt goes to the next address
+	// in turn, starting with the first: a worker whose replica died or
+	// drained it reconnects to another.
 	Target      string
 	WorkerID    string            // default host-pid
 	MaxInFlight int               // assignments held at once; default 1
 	Labels      map[string]string // shown in RegistryService.ListWorkers
 	// Reconnect after the stream ends (the sidecar crashed, or drained this
 	// worker because it is restarting, or sent a frame the worker could not
-	// decode), with backoff from 100 ms up to ReconnectMaxDelay. Every attempt
-	// uses a fresh connection, so gRPC's own reconnect backoff never delays it.
+	// decode), with backoff from 100 ms up to ReconnectMaxDelay, one backoff
+	// across all addresses. Every attempt uses a fresh connection, so gRPC's
+	// own reconnect backoff never delays it.
 	Reconnect         bool
 	ReconnectMaxDelay time.Duration
 	// MaxMessageBytes is the largest message the worker sends or receives
@@ -187,7 +206,8 @@ type Worker struct {
 	order    []string
 }
 
-// NewWorker returns a worker for the sidecar at target ("host:port").
+// NewWorker returns a worker for the sidecar at target ("host:port", or
+// several addresses separated by commas).
 func NewWorker(target string) *Worker {
 	host, _ := os.Hostname()
 	return &Worker{
@@ -247,21 +267,28 @@ func (w *Worker) Run(ctx context.Context) error {
 	if w.Token != "" && !validToken(w.Token) {
 		return errors.New("carsvc: Worker.Token is not a valid token: tokens are printable ASCII without spaces")
 	}
+	targets := Addresses(w.Target)
+	if len(targets) == 0 {
+		return fmt.Errorf("carsvc: Worker.Target %q names no sidecar address", w.Target)
+	}
 	maxDelay := w.ReconnectMaxDelay
 	if maxDelay <= 0 {
 		maxDelay = 5 * time.Second
 	}
 	delay := min(100*time.Millisecond, maxDelay)
 	attempt := 0 // reconnect attempts since the last session that lasted
-	for {
-		started := time.Now()
-		drained, err := w.session(ctx, maxDelay)
+	for turn := 0; ; turn++ {
+		// Every attempt goes to the next address: a replica that died or
+		// drained this worker is tried again only after the others.
+		target := targets[turn%len(targets)]
+		var connectedAt time.Time
+		drained, err := w.session(ctx, target, maxDelay, &connectedAt)
 		if ctx.Err() != nil {
 			return nil
 		}
-		if r := refused(w.Target, err); r != nil {
+		if r := refused(target, err); r != nil {
 			w.Logger.Error("carsvc worker: the sidecar refused the worker's credentials; not reconnecting",
-				"worker", w.WorkerID, "target", w.Target, "code", r.Code, "message", r.Message)
+				"worker", w.WorkerID, "target", target, "code", r.Code, "message", r.Message)
 			return r
 		}
 		if drained && (w.StopOnDrain || !w.Reconnect) {
@@ -271,22 +298,23 @@ func (w *Worker) Run(ctx context.Context) error {
 		if !w.Reconnect {
 			if errors.As(err, &undecodable) {
 				w.Logger.Error("carsvc worker: a frame from the sidecar could not be decoded; not reconnecting (Reconnect is off)",
-					"worker", w.WorkerID, "target", w.Target, "err", undecodable.Cause)
+					"worker", w.WorkerID, "target", target, "err", undecodable.Cause)
 			}
 			return err
 		}
-		if time.Since(started) > 10*time.Second {
+		if !connectedAt.IsZero() && time.Since(connectedAt) > 10*time.Second {
 			delay, attempt = min(100*time.Millisecond, maxDelay), 0
 		}
 		attempt++
 		switch {
 		case drained:
-			w.Logger.Info("carsvc worker: drained; reconnecting", "worker", w.WorkerID, "in", delay, "attempt", attempt)
+			w.Logger.Info("carsvc worker: drained; reconnecting", "worker", w.WorkerID, "target", target,
+				"in", delay, "attempt", attempt)
 		case errors.As(err, &undecodable):
 			w.Logger.Error("carsvc worker: a frame from the sidecar could not be decoded; the session is lost, reconnecting",
-				"worker", w.WorkerID, "target", w.Target, "err", undecodable.Cause, "in", delay, "attempt", attempt)
+				"worker", w.WorkerID, "target", target, "err", undecodable.Cause, "in", delay, "attempt", attempt)
 		default:
-			w.Logger.Warn("carsvc worker: session ended; reconnecting", "worker", w.WorkerID, "target", w.Target,
+			w.Logger.Warn("carsvc worker: session ended; reconnecting", "worker", w.WorkerID, "target", target,
 				"err", err, "in", delay, "attempt", attempt)
 		}
 		select {
@@ -311,19 +339,20 @@ func validToken(token string) bool {
 // session is one connection; it reports whether the sidecar drained us.
 // Every session dials a fresh connection: a connection kept across attempts
 // would wait out gRPC's own reconnect backoff (up to 120 s) instead of ours.
-func (w *Worker) session(parent context.Context, maxBackoff time.Duration) (bool, error) {
+// connectedAt is set when the sidecar welcomes the worker.
+func (w *Worker) session(parent context.Context, target string, maxBackoff time.Duration, connectedAt *time.Time) (bool, error) {
 	codec := newDecodeRecorder()
 	opts := append(channelOptions(w.MaxMessageBytes, maxBackoff), grpc.WithDefaultCallOptions(grpc.ForceCodecV2(codec)))
-	conn, err := grpc.NewClient(w.Target, append(opts, w.DialOptions...)...)
+	conn, err := grpc.NewClient(target, append(opts, w.DialOptions...)...)
 	if err != nil {
 		return false, err
 	}
 	defer conn.Close()
-	drained, err := w.serve(parent, conn)
+	drained, err := w.serve(parent, conn, target, connectedAt)
 	return drained, codec.wrap(err)
 }
 
-func (w *Worker) serve(parent context.Context, conn *grpc.ClientConn) (bool, error) {
+func (w *Worker) serve(parent context.Context, conn *grpc.ClientConn, target string, connectedAt *time.Time) (bool, error) {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
 	callCtx := ctx
@@ -354,6 +383,9 @@ func (w *Worker) serve(parent context.Context, conn *grpc.ClientConn) (bool, err
 		// Send well within the interval so one slow frame never lapses the lease.
 		s.heartbeat = time.Duration(wel.HeartbeatIntervalMs) * time.Millisecond / 2
 	}
+	*connectedAt = time.Now()
+	w.Logger.Info("carsvc worker: connected", "worker", w.WorkerID, "target", target,
+		"session", first.GetWelcome().GetSessionId(), "agents", strings.Join(agents, ","))
 	if w.OnConnect != nil {
 		w.OnConnect(first.GetWelcome().GetSessionId())
 	}

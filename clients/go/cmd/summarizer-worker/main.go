@@ -4,7 +4,9 @@
 //
 //	go run ./cmd/summarizer-worker --target 127.0.0.1:50051
 //
-// CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command
+// --target (or CARSVC_TARGET) may name several sidecar replicas, separated by
+// commas: the worker connects to the first that answers and moves on to the
+// next when its session ends. CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command
 // line is visible to every local user).
 package main
 
@@ -28,7 +30,7 @@ import (
 const itemMarker = "Process this item: "
 
 func main() {
-	target := flag.String("target", envOr("CARSVC_TARGET", "127.0.0.1:50051"), "the sidecar's host:port")
+	target := flag.String("target", envOr("CARSVC_TARGET", "127.0.0.1:50051"), "the sidecar's host:port, or several separated by commas")
 	workerID := flag.String("worker-id", "", "worker id (default host-pid)")
 	agents := flag.String("agents", "summarizer,combiner,deployer,pinger,ponger", "comma-separated agents to serve")
 	maxInFlight := flag.Int("max-in-flight", 4, "assignments held at once")
