@@ -118,6 +118,11 @@ class Settings:
     # this process (with the journal under data_dir), or redis://HOST:PORT/DB
     # (rediss:// for TLS) to keep them in Redis (docs/operations.md, "Redis").
     backend: str = ""
+    # With a shared backend: this replica's name in the cluster. A replica that
+    # restarts under the same name takes its runs back at once; others take them
+    # over once their leases lapse (heartbeat_timeout). Empty: HOST:PORT of this
+    # machine when the port is fixed, else a random name.
+    replica_id: str = ""
     # With a journal, runs still active when the sidecar stops (or crashes) resume
     # after the restart (StartRunRequest.resume overrides it per run).
     resume_runs: bool = True

@@ -40,8 +40,10 @@ from carsvc.security.server import ServerSecurity
 from carsvc.services.budget import BudgetService
 from carsvc.services.calls import CallHandler
 from carsvc.services.decoding import RequestGuard
+from carsvc.services.ownership import RunOwnership
 from carsvc.services.peers import PeerLinks
 from carsvc.services.registry import RegistryService
+from carsvc.services.remote import RemoteRuns
 from carsvc.services.runs import EventService, RunService
 from carsvc.services.state import StateService
 from carsvc.services.watchers import add_servicer
@@ -123,6 +125,7 @@ class Sidecar:
         self._server: grpc.aio.Server | None = None
         # With a shared backend: the other replicas' workers, and work for ours.
         self.peers: PeerLinks | None = None
+        self.ownership: RunOwnership | None = None
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = Metrics(self.dispatcher, self.runs)
         self._metrics_http: WSGIServer | None = None
@@ -166,16 +169,26 @@ class Sidecar:
             max_value_depth=s.max_value_depth,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
+        events = EventService(self.runs, s.watcher_buffer, s.watcher_max_bytes)
         bus = self.backend.bus
         if bus is not None:
             self.peers = PeerLinks(bus, self.dispatcher, workers, calls, interval=s.heartbeat_interval_ms / 1000)
+        directory = self.backend.directory
+        if directory is not None and self.peers is not None:
+            remote = RemoteRuns(directory, self.peers, s.max_inline_result_bytes)
+            self.run_service.join(remote)
+            events.remote = remote
+            self.ownership = RunOwnership(
+                self.runs, directory, self.run_service.pattern_of,
+                interval=s.heartbeat_interval_ms / 1000, lease_ms=int(s.heartbeat_timeout_s * 1000),
+            )
         # Watchers are sent events serialized once, as bytes (services/watchers.py).
         add_servicer(
             runs_pb2_grpc.add_RunServiceServicer_to_server, self.run_service, server, ("WatchRun", "Session")
         )
         add_servicer(
             events_pb2_grpc.add_EventServiceServicer_to_server,
-            EventService(self.runs, s.watcher_buffer, s.watcher_max_bytes),
+            events,
             server,
             ("ReadEvents",),
         )
@@ -215,6 +228,9 @@ class Sidecar:
                 raise OSError(f"carsvc could not read its runs from {where}: {err}") from None
             store.start()  # before restore: what it writes (and waits for) is committed
             await self.runs.restore(recovered, self.run_service.pattern_of)
+            if self.ownership is not None:
+                taken = await self.ownership.recover()
+                log.info("%s as replica %s: took %d active run(s)", where, self.ownership.directory.replica_id, taken)
             log.info("%s: recovered %d runs and %d state scopes", where, len(recovered.runs), len(recovered.state))
             if recovered.skipped_rows:
                 log.warning(
@@ -225,6 +241,8 @@ class Sidecar:
         await server.start()
         if self.peers is not None:
             await self.peers.start()
+        if self.ownership is not None:
+            self.ownership.start()
         self._server = server
         self.port = port
         for name in ("", *SERVICE_NAMES):
@@ -261,6 +279,8 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         self.dispatcher.drain("the sidecar is shutting down", int(grace * 1000))
         await self.runs.shutdown(grace)
+        if self.ownership is not None:
+            await self.ownership.stop()  # parked runs' leases go: another replica takes them at once
         if self.peers is not None:
             await self.peers.stop()
         if self._monitor is not None:
@@ -276,6 +296,9 @@ class Sidecar:
         if self.backend.store is not None:
             # Off the loop: the last commit reports back to it.
             await asyncio.get_running_loop().run_in_executor(None, self.backend.store.close)
+        if self.ownership is not None:
+            with contextlib.suppress(Exception):  # Redis away: the leases lapse instead
+                await self.ownership.release_parked()
         await self.backend.close()
         log.info("carsvc stopped")
 

@@ -7,6 +7,7 @@ shared budgets in Redis (--backend redis://...). See docs/architecture.md,
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 from carsvc.backends.journal import Journal
@@ -22,7 +23,8 @@ def open_backend(s: Settings) -> MemoryBackend | RedisBackend:
     if s.backend:
         from carsvc.backends.redis import RedisBackend
 
-        return RedisBackend(s.backend)
+        replica_id = s.replica_id or (f"{socket.gethostname()}:{s.port}" if s.port else "")
+        return RedisBackend(s.backend, replica_id=replica_id, lease_ms=int(s.heartbeat_timeout_s * 1000))
     if s.data_dir:
         return MemoryBackend(Journal(s.data_dir, flush_interval=s.journal_flush_ms / 1000, sync=s.journal_sync))
     return MemoryBackend()

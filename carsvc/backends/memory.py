@@ -74,6 +74,10 @@ class MemoryBackend:
     def bus(self) -> None:
         return None
 
+    @property
+    def directory(self) -> None:
+        return None
+
     def describe(self) -> str:
         store = self._store
         if isinstance(store, Journal):

@@ -53,6 +53,8 @@ class Recovered:
     steps: dict[str, dict[str, types_pb2.AgentOutput]] = field(default_factory=dict)
     # Rows that could not be read back at all, by table.
     skipped_rows: dict[str, int] = field(default_factory=dict)
+    # Run ordinals kept by the store (a shared store orders every replica's runs).
+    ordinals: dict[str, int] = field(default_factory=dict)
 
 
 class RunStore(Protocol):
@@ -199,6 +201,55 @@ class ClusterBus(Protocol):
     async def leave(self) -> None: ...
 
 
+class RunDirectory(Protocol):
+    """Runs across replicas: each active run is run by one replica, which holds
+    a lease on it and renews it; when a lease lapses another replica claims the
+    run and resumes it. Any replica reads any run's record and events."""
+
+    @property
+    def replica_id(self) -> str: ...
+
+    async def renew(self, run_ids: list[str], lease_ms: int) -> list[str]:
+        """Renews this replica's leases; returns the runs another replica holds now."""
+        ...
+
+    async def claimable(self) -> list[str]:
+        """Active runs whose lease lapsed, or is this replica's (from before a restart)."""
+        ...
+
+    async def claim(self, run_id: str, lease_ms: int) -> bool: ...
+
+    async def release(self, run_ids: list[str]) -> None:
+        """Lets go of leases (a stopping replica's parked runs: another takes them at once)."""
+        ...
+
+    async def load(self, run_id: str) -> Recovered:
+        """One run as the store holds it, to resume it here."""
+        ...
+
+    async def owner(self, run_id: str) -> str:
+        """The replica running the run ('' when none holds it)."""
+        ...
+
+    async def record(self, run_id: str) -> runs_pb2.Run | None: ...
+
+    async def thread_run(self, thread_id: str) -> str:
+        """The run holding the thread ('' when it is free)."""
+        ...
+
+    async def newest(self, before: int, count: int) -> list[tuple[int, runs_pb2.Run]]:
+        """Up to `count` runs with an ordinal below `before` (0: any), newest first."""
+        ...
+
+    def events(self, run_id: str, after_seq: int, *, follow: bool) -> AsyncIterator[list[events_pb2.RunEvent]]:
+        """The run's events after `after_seq` in batches (with `follow`, until it ends)."""
+        ...
+
+    async def next_ordinal(self) -> int:
+        """A run ordinal no replica has used (ListRuns' order and page tokens)."""
+        ...
+
+
 class Backend(Protocol):
     """Everything a sidecar keeps outside its runs' own objects."""
 
@@ -221,6 +272,11 @@ class Backend(Protocol):
     @property
     def bus(self) -> ClusterBus | None:
         """None: this is the only replica."""
+        ...
+
+    @property
+    def directory(self) -> RunDirectory | None:
+        """None: every run is this replica's."""
         ...
 
     def describe(self) -> str:

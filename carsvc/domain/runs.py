@@ -68,6 +68,10 @@ Rebuild = Callable[[runs_pb2.StartRunRequest], Pattern]
 _GENERATED_THREAD = re.compile(r"thread-[0-9a-f]{32}")
 
 
+def _no_replicas(run_id: str, reason: str) -> None:
+    raise AssertionError(f"run '{run_id}' is not this replica's, and there are no others")
+
+
 class _Ended:
     """The pattern of a run that has ended (or was read back from the journal):
     only its name is kept, so a retained run does not hold its request."""
@@ -235,11 +239,13 @@ class RunRecord:
         return msg
 
     def check_owner(self, agent_id: str) -> None:
-        if agent_id != self.agent_id:
-            raise PermissionDenied(
-                f"run '{self.run_id}' belongs to agent_id '{self.agent_id}', not '{agent_id}'",
-                field="agent_id",
-            )
+        check_owner(self.run_id, self.agent_id, agent_id)
+
+
+def check_owner(run_id: str, owner: str, agent_id: str) -> None:
+    """Only the agent_id that started a run may cancel it or decide for it."""
+    if agent_id != owner:
+        raise PermissionDenied(f"run '{run_id}' belongs to agent_id '{owner}', not '{agent_id}'", field="agent_id")
 
 
 class RunManager:
@@ -251,6 +257,10 @@ class RunManager:
         # Where runs, steps, events and state are kept durably (None: nowhere).
         self.journal = backend.store
         self.threads = backend.threads
+        # With several replicas: where other replicas' runs are read, and how a
+        # run interrupting one of them asks for its cancel (set by the services).
+        self.directory = backend.directory
+        self.cancel_elsewhere: Callable[[str, str], None] = _no_replicas
         self.settings = settings
         self.runs: OrderedDict[str, RunRecord] = OrderedDict()
         self._active_by_thread: dict[str, RunRecord] = {}
@@ -393,25 +403,33 @@ class RunManager:
                 self.threads.release(thread_id, run_id)
             raise AlreadyExists(f"run '{run_id}' already exists", field="run_id")
         active = None if holder == run_id else self.runs.get(holder)
+        elsewhere = None
         if holder != run_id and active is None:
-            raise FailedPrecondition(
-                f"thread '{thread_id}' has an active run '{holder}' on another replica", field="thread_id"
-            )
+            elsewhere = await self._remote_holder(thread_id, holder)
+        ordinal = await self.directory.next_ordinal() if self.directory is not None else self._ordinal + 1
+        self._ordinal = max(self._ordinal, ordinal)
         try:
             return self._start(
-                pattern, active, run_id=run_id, thread_id=thread_id, agent_id=agent_id, on_busy=on_busy,
-                budget=budget, state_scope=state_scope, labels=labels, timeout=timeout,
-                initial_decisions=initial_decisions, request=request,
+                pattern, active or elsewhere, run_id=run_id, thread_id=thread_id, agent_id=agent_id,
+                on_busy=on_busy, budget=budget, state_scope=state_scope, labels=labels, timeout=timeout,
+                initial_decisions=initial_decisions, request=request, ordinal=ordinal,
             )
         except BaseException:
-            if active is None:
+            if holder == run_id:
                 self.threads.release(thread_id, run_id)
             raise
+
+    async def _remote_holder(self, thread_id: str, holder: str) -> runs_pb2.Run:
+        """The record of the run another replica holds the thread for."""
+        record = await self.directory.record(holder) if self.directory is not None else None
+        if record is None:
+            raise Unavailable(f"thread '{thread_id}' is held by run '{holder}', which cannot be read now; retry")
+        return record
 
     def _start(
         self,
         pattern: Pattern,
-        active: RunRecord | None,
+        active: RunRecord | runs_pb2.Run | None,
         *,
         run_id: str,
         thread_id: str,
@@ -423,7 +441,10 @@ class RunManager:
         timeout: float | None,
         initial_decisions: list[types_pb2.ToolCallDecision] | None,
         request: runs_pb2.StartRunRequest | None,
+        ordinal: int,
     ) -> RunRecord:
+        """`active`: the run holding the thread (its record here, or its stored
+        record when another replica runs it), None when `run_id` took it."""
         if active is not None and on_busy == ON_BUSY_REJECT:
             raise FailedPrecondition(
                 f"thread '{thread_id}' already has an active run '{active.run_id}' "
@@ -431,7 +452,7 @@ class RunManager:
                 field="thread_id",
             )
         if active is not None and on_busy == ON_BUSY_INTERRUPT:
-            active.check_owner(agent_id)  # interrupting is cancelling: the owner's call
+            check_owner(active.run_id, active.agent_id, agent_id)  # interrupting is cancelling: the owner's call
         queue = self._queued_by_thread.get(thread_id)
         if active is not None and len(queue or ()) >= self.settings.max_queued_per_thread:
             raise ResourceExhausted(
@@ -440,7 +461,6 @@ class RunManager:
                 field="thread_id",
             )
         state_scope = state_scope or thread_id
-        self._ordinal += 1
         record = RunRecord(
             run_id=run_id,
             thread_id=thread_id,
@@ -450,7 +470,7 @@ class RunManager:
             state_scope=state_scope,
             labels=dict(labels or {}),
             timeout=timeout,
-            ordinal=self._ordinal,
+            ordinal=ordinal,
         )
         self._hook(record)
         if initial_decisions:
@@ -468,7 +488,10 @@ class RunManager:
             queue = self._queued_by_thread[thread_id] = deque()
         if on_busy == ON_BUSY_INTERRUPT:
             queue.appendleft(record)
-            self._request_cancel(active, f"interrupted by run '{run_id}'")
+            if isinstance(active, RunRecord):
+                self._request_cancel(active, f"interrupted by run '{run_id}'")
+            else:
+                self.cancel_elsewhere(active.run_id, f"interrupted by run '{run_id}'")
         else:
             queue.append(record)
         return record
@@ -476,7 +499,8 @@ class RunManager:
     # -- resuming after a restart -----------------------------------------------------
 
     def _may_resume(self, request: runs_pb2.StartRunRequest) -> bool:
-        if self.journal is None or request.budget_id:  # shared budgets are not journaled
+        # The in-memory backend's shared budgets are not journaled; Redis keeps them.
+        if self.journal is None or (request.budget_id and self.directory is None):
             return False
         return request.resume if request.HasField("resume") else self.settings.resume_runs
 
@@ -695,7 +719,7 @@ class RunManager:
             self._journal_scope(name, store)
         for run in recovered.runs:
             limits = run.budget.limits
-            self._ordinal += 1
+            self._ordinal = max(self._ordinal + 1, recovered.ordinals.get(run.run_id, 0))
             record = RunRecord(
                 run_id=run.run_id,
                 thread_id=run.thread_id,
@@ -710,7 +734,7 @@ class RunManager:
                 state_scope=run.state_scope or run.thread_id,
                 labels=dict(run.labels),
                 timeout=None,
-                ordinal=self._ordinal,
+                ordinal=recovered.ordinals.get(run.run_id, self._ordinal),
                 status=run.status,
                 termination_reason=run.termination_reason,
                 termination_detail=run.termination_detail,
@@ -774,6 +798,53 @@ class RunManager:
             e.agent_finished.step for e in record.events.since(0) if e.WhichOneof("kind") == "agent_finished"
         }
         return ""
+
+    # -- several replicas ----------------------------------------------------------------
+
+    def active_ids(self) -> list[str]:
+        """The runs this replica runs or has queued (it holds their leases)."""
+        return [r.run_id for r in self.runs.values() if not r.finished and not r.parked]
+
+    def let_go(self, run_id: str, reason: str) -> None:
+        """Another replica runs `run_id` now (this one lost its lease): it stops
+        here without ending, and is forgotten here."""
+        record = self.runs.get(run_id)
+        if record is None or record.finished or record.ending:
+            return
+        log.warning("run %s: %s; it stops here", run_id, reason, extra=ids(run_id=run_id))
+        if record.task is not None and not record.task.done():
+            self._park(record)
+        record.parked = True
+        record.events.close()
+        del self.runs[run_id]
+        if self._active_by_thread.get(record.thread_id) is record:
+            del self._active_by_thread[record.thread_id]
+        queue = self._queued_by_thread.get(record.thread_id)
+        if queue is not None and record in queue:
+            queue.remove(record)
+        self.release_scope(record.state_scope)
+        self._forget_scope_run(record)
+
+    async def take_freed_threads(self) -> None:
+        """Runs queued here behind another replica's run start once that run has
+        let its thread go (the first of each queue)."""
+        for thread_id in list(self._queued_by_thread):
+            queue = self._queued_by_thread.get(thread_id)
+            if not queue or thread_id in self._active_by_thread:
+                continue
+            nxt = queue[0]
+            if nxt.status != PENDING or nxt.parked:
+                continue
+            if await self.threads.acquire(thread_id, nxt.run_id) != nxt.run_id:
+                continue
+            queue = self._queued_by_thread.get(thread_id)
+            if queue and queue[0] is nxt and nxt.status == PENDING and thread_id not in self._active_by_thread:
+                queue.popleft()
+                if not queue:
+                    del self._queued_by_thread[thread_id]
+                self._launch(nxt)
+            else:
+                self.threads.release(thread_id, nxt.run_id)
 
     # -- lookup -------------------------------------------------------------------------------
 

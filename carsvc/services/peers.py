@@ -28,10 +28,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from carsvc._proto.car.v1 import worker_pb2
 from carsvc.domain.backend import ClusterBus, Peer
 from carsvc.domain.clock import now_ms
+from carsvc.domain.errors import CarError, Code, Unavailable
 from carsvc.domain.workers import Assignment, Dispatcher, WorkerSession, cancelled_output
 from carsvc.services.calls import CallHandler, ForwardedCalls
 from carsvc.services.worker import WorkerService
@@ -45,6 +48,14 @@ ConnectResponse = worker_pb2.ConnectResponse
 # sends its owner back (a ConnectRequest).
 WORK = "work"
 DONE = "done"
+# A reply to a question another replica asked (PeerLinks.ask).
+ANSWER = "answer"
+# Forwarded calls awaiting their owner's answer, at most (the oldest are forgotten).
+MAX_FORWARDED = 100_000
+# How long a replica waits for another's answer.
+ASK_TIMEOUT = 30.0
+
+Handler = Callable[[bytes], Awaitable[bytes]]
 
 
 class RelayedAgent(ForwardedCalls):
@@ -77,7 +88,7 @@ class RelayedAgent(ForwardedCalls):
         pass
 
     def forward(self, session: WorkerSession, call: worker_pb2.RuntimeCall) -> None:
-        self.links.forward_call(self.owner, session, call)
+        self.links.forward_call(self, session, call)
 
 
 class PeerLinks:
@@ -104,6 +115,11 @@ class PeerLinks:
         self._call_ids = (f"{bus.replica_id}-{n:x}" for n in itertools.count(1))
         self._outgoing: dict[str, ConnectRequest] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Questions replicas ask each other (cancel a run, decide for it).
+        self._handlers: dict[str, Handler] = {}
+        self._asked: dict[str, asyncio.Future[bytes]] = {}
+        self._ask_ids = (f"{bus.replica_id}-q{n:x}" for n in itertools.count(1))
+        self._answering: set[asyncio.Task[None]] = set()
 
     @property
     def replica_id(self) -> str:
@@ -194,6 +210,10 @@ class PeerLinks:
                     self._serve(sender, ConnectResponse.FromString(data))
                 elif kind == DONE:
                     self._answered(sender, ConnectRequest.FromString(data))
+                elif kind == ANSWER:
+                    self._reply(data)
+                elif kind in self._handlers:
+                    self._answer(sender, kind, data)
                 else:
                     log.warning("replica %s sent a message of unknown kind %r; ignored", sender, kind[:40])
             except Exception:
@@ -207,6 +227,64 @@ class PeerLinks:
             return
         session.touch()
         self.workers.handle(session, frame)
+
+    # -- questions between replicas -------------------------------------------------------
+
+    def serve(self, kind: str, handler: Handler) -> None:
+        """Answers questions of `kind` from other replicas (a CarError becomes
+        the asker's error)."""
+        self._handlers[kind] = handler
+
+    async def ask(self, replica_id: str, kind: str, data: bytes) -> bytes:
+        """Asks another replica; its answer, or the CarError it raised."""
+        ask_id = next(self._ask_ids)
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._asked[ask_id] = answer
+        self.bus.post(replica_id, kind, ask_id.encode() + b"\0" + data)
+        try:
+            async with asyncio.timeout(ASK_TIMEOUT):
+                return await answer
+        except TimeoutError:
+            raise Unavailable(f"replica {replica_id} did not answer within {ASK_TIMEOUT:g}s; retry") from None
+        finally:
+            self._asked.pop(ask_id, None)
+
+    def _answer(self, asker: str, kind: str, data: bytes) -> None:
+        ask_id, _, question = data.partition(b"\0")
+
+        async def run() -> None:
+            try:
+                body = b"\0" + await self._handlers[kind](question)
+            except CarError as err:
+                body = bytes([int(err.code)]) + err.field.encode() + b"\0" + err.detail.encode()
+            self.bus.post(asker, ANSWER, ask_id + b"\0" + body)
+
+        self.spawn(run())
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs `work` in the background (kept until done; failures logged)."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as err:
+                log.warning("a message to another replica failed: %s", err)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    def _reply(self, data: bytes) -> None:
+        ask_id, _, body = data.partition(b"\0")
+        answer = self._asked.get(ask_id.decode())
+        if answer is None or answer.done():
+            return
+        if body[:1] == b"\0":
+            answer.set_result(body[1:])
+            return
+        field, _, detail = body[1:].partition(b"\0")
+        code = Code(body[0]) if body[0] in Code._value2member_map_ else Code.INTERNAL
+        answer.set_exception(CarError(detail.decode(errors="replace"), field=field.decode(errors="replace"), code=code))
 
     # -- relaying another replica's work -----------------------------------------------
 
@@ -240,9 +318,11 @@ class PeerLinks:
     async def _run(self, agent: RelayedAgent, a: worker_pb2.Assignment) -> None:
         timeout = max((a.deadline_unix_ms - now_ms()) / 1000, 0.001) if a.deadline_unix_ms else None
         try:
+            # Its own id here: if this replica takes the run over (its owner died),
+            # the resumed run's dispatch of the same step must not collide with it.
             output = await self.dispatcher.execute(
                 a.spec, a.task, agent=a.agent or a.spec.name, run_id=a.run_id, thread_id=a.thread_id,
-                observer=agent, timeout=timeout, assignment_id=a.assignment_id,
+                observer=agent, timeout=timeout, assignment_id=f"{a.assignment_id}@{agent.owner}",
             )
         except asyncio.CancelledError:
             # Cancelled by its owner: the answer acknowledges the cancel there.
@@ -251,14 +331,18 @@ class PeerLinks:
             self._relayed.pop(a.assignment_id, None)
         self._outbox(agent.owner).results.add(assignment_id=a.assignment_id, attempt=agent.attempt, output=output)
 
-    def forward_call(self, owner: str, session: WorkerSession, call: worker_pb2.RuntimeCall) -> None:
-        """A relayed agent's runtime call goes to its run's owner; the answer
-        comes back to the worker that asked, under the id it chose."""
-        forwarded = self._outbox(owner).calls.add()
+    def forward_call(self, agent: RelayedAgent, session: WorkerSession, call: worker_pb2.RuntimeCall) -> None:
+        """A relayed agent's runtime call goes to its run's owner (under the
+        owner's assignment id); the answer comes back to the worker that asked,
+        under the call id it chose."""
+        forwarded = self._outbox(agent.owner).calls.add()
         forwarded.CopyFrom(call)
+        forwarded.assignment_id = agent.assignment_id
         if call.call_id:
             forwarded.call_id = next(self._call_ids)
             self._forwarded[forwarded.call_id] = (session, call.call_id)
+            if len(self._forwarded) > MAX_FORWARDED:  # owners that died never answer
+                del self._forwarded[next(iter(self._forwarded))]
 
     def _outbox(self, owner: str) -> ConnectRequest:
         """The frame collecting what goes to `owner` this turn of the loop."""

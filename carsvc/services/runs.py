@@ -20,7 +20,7 @@ from carsvc._proto.car.v1 import (
 )
 from carsvc.domain.bounds import CLIENT_MESSAGE_BYTES, check_id, check_value
 from carsvc.domain.convert import limits_from_proto
-from carsvc.domain.errors import CarError, Code, InvalidArgument
+from carsvc.domain.errors import CarError, Code, InvalidArgument, NotFound, Unavailable
 from carsvc.domain.eventlog import DEFAULT_WATCHER_MAX_BYTES
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import ON_BUSY_REJECT, RunManager, RunRecord
@@ -28,8 +28,9 @@ from carsvc.domain.runtime import Pattern
 from carsvc.domain.specs import AgentResolver, Limits
 from carsvc.patterns import BUILDERS
 from carsvc.services.errors import abort, frame_error, shown, streaming, unary
+from carsvc.services.remote import RemoteRuns
 from carsvc.services.submit import SubmitStream
-from carsvc.services.watchers import MESSAGE_BYTES, event_batches, events_behind, kinds_filter, wrapped
+from carsvc.services.watchers import MESSAGE_BYTES, event_batches, events_behind, kinds_filter, messages, wrapped
 
 log = logging.getLogger("carsvc.runs")
 
@@ -121,6 +122,14 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         # How far a watcher may fall behind, in events and in bytes (docs/runs.md).
         self.watcher_buffer = watcher_buffer
         self.watcher_max_bytes = watcher_max_bytes
+        # Runs other replicas run (with a shared backend; services/remote.py).
+        self.remote: RemoteRuns | None = None
+
+    def join(self, remote: RemoteRuns) -> None:
+        """Answers for every replica's runs, and lets the others cancel and decide for ours."""
+        self.remote = remote
+        self.runs.cancel_elsewhere = remote.cancel_elsewhere
+        remote.serve(self._cancel_here, self._decide_here)
 
     def pattern_of(self, request: runs_pb2.StartRunRequest) -> Pattern:
         """The pattern a StartRunRequest asks for, checked (also how a journaled
@@ -177,6 +186,11 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
         self, request: runs_pb2.WatchRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         """Serialized WatchRunResponses (registered with a pass-through serializer)."""
+        if self.remote is not None and request.run_id not in self.runs.runs:
+            async for read in self.remote.events(request.run_id, request.after_seq, follow=True):
+                for data in messages(read, runs_pb2.WatchRunResponse):
+                    yield data
+            return
         record = self.runs.get(request.run_id)
         subscription = self.runs.watch(
             record, request.after_seq, self.watcher_buffer, max_bytes=self.watcher_max_bytes
@@ -188,7 +202,12 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def GetRun(
         self, request: runs_pb2.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.GetRunResponse:
-        record = self.runs.locate(request.run_id, request.thread_id)
+        try:
+            record = self.runs.locate(request.run_id, request.thread_id)
+        except NotFound:
+            if self.remote is None:
+                raise
+            return runs_pb2.GetRunResponse(run=await self.remote.locate(request.run_id, request.thread_id))
         return runs_pb2.GetRunResponse(run=record.to_proto())
 
     @unary
@@ -205,28 +224,42 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
                 raise InvalidArgument("is not a token from a previous ListRuns", field="page_token")
             before = int(token)
         response = runs_pb2.ListRunsResponse()
-        last = None
+        last = 0
         used = 0
-        for record in self.runs.select(
-            thread_id=request.thread_id, status=request.status, agent_id=request.agent_id, before=before
-        ):
-            run = record.to_proto(include_result=request.include_results)
+        async for ordinal, run in self._listed(request, before):
             cost = run.ByteSize() + 8
             # A page ends at page_size runs, or before it would outgrow what a
             # client with default settings can receive (at least one run per page).
             if len(response.runs) == size or (response.runs and used + cost > CLIENT_MESSAGE_BYTES):
-                response.next_page_token = str(last.ordinal) if last else ""
+                response.next_page_token = str(last) if last else ""
                 break
             response.runs.append(run)
             used += cost
-            last = record
+            last = ordinal
         return response
+
+    async def _listed(self, request: runs_pb2.ListRunsRequest, before: int) -> AsyncIterator[tuple[int, runs_pb2.Run]]:
+        """Runs newest first: this replica's, or with other replicas every stored
+        run (this replica's own as it sees them now)."""
+        thread_id, status, agent_id = request.thread_id, request.status, request.agent_id
+        if self.remote is None:
+            for record in self.runs.select(thread_id=thread_id, status=status, agent_id=agent_id, before=before):
+                yield record.ordinal, record.to_proto(include_result=request.include_results)
+            return
+        async for ordinal, run in self.remote.newest(
+            before, thread_id=thread_id, status=status, agent_id=agent_id, include_result=request.include_results
+        ):
+            here = self.runs.runs.get(run.run_id)
+            yield ordinal, here.to_proto(include_result=request.include_results) if here is not None else run
 
     @streaming
     async def ReadRunResult(
         self, request: runs_pb2.ReadRunResultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[runs_pb2.ReadRunResultResponse]:
-        data = self.runs.get(request.run_id).serialized_result()
+        if self.remote is not None and request.run_id not in self.runs.runs:
+            data = await self.remote.result(request.run_id)
+        else:
+            data = self.runs.get(request.run_id).serialized_result()
         total = len(data)
         if request.offset > total:
             raise CarError(
@@ -244,10 +277,31 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def CancelRun(
         self, request: runs_pb2.CancelRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.CancelRunResponse:
-        record = self.runs.locate(request.run_id, request.thread_id)
+        try:
+            record = self.runs.locate(request.run_id, request.thread_id)
+        except NotFound:
+            if self.remote is None:
+                raise
+            return await self.remote.cancel(await self.remote.locate(request.run_id, request.thread_id), request)
+        return await self._cancel(record, request)
+
+    async def _cancel(self, record: RunRecord, request: runs_pb2.CancelRunRequest) -> runs_pb2.CancelRunResponse:
         record.check_owner(request.agent_id)
         cancelled = await self.runs.cancel(record, request.reason, wait=request.wait)
         return runs_pb2.CancelRunResponse(run=record.handle(), already_finished=not cancelled)
+
+    async def _cancel_here(self, request: runs_pb2.CancelRunRequest) -> runs_pb2.CancelRunResponse:
+        """Another replica's client cancels a run of this replica's."""
+        return await self._cancel(self._here(request.run_id), request)
+
+    async def _decide_here(self, request: runs_pb2.SubmitDecisionsRequest) -> runs_pb2.SubmitDecisionsResponse:
+        return self._decide(self._here(request.run_id), request)
+
+    def _here(self, run_id: str) -> RunRecord:
+        record = self.runs.runs.get(run_id)
+        if record is None:
+            raise Unavailable(f"run '{run_id}' has moved to another replica; retry")
+        return record
 
     def _decide(self, record: RunRecord, request: runs_pb2.SubmitDecisionsRequest) -> runs_pb2.SubmitDecisionsResponse:
         record.check_owner(request.agent_id)
@@ -265,7 +319,13 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def SubmitDecisions(
         self, request: runs_pb2.SubmitDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.SubmitDecisionsResponse:
-        return self._decide(self.runs.locate(request.run_id, request.thread_id), request)
+        try:
+            record = self.runs.locate(request.run_id, request.thread_id)
+        except NotFound:
+            if self.remote is None:
+                raise
+            return await self.remote.decide(await self.remote.locate(request.run_id, request.thread_id), request)
+        return self._decide(record, request)
 
     async def Session(  # type: ignore[override]
         self,
@@ -403,6 +463,7 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         self.runs = runs
         self.watcher_buffer = watcher_buffer
         self.watcher_max_bytes = watcher_max_bytes
+        self.remote: RemoteRuns | None = None  # set as RunService.join sets its own
 
     @streaming
     async def ReadEvents(  # type: ignore[override]
@@ -413,6 +474,13 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         for i, kind in enumerate(request.kinds):
             if kind not in known:
                 raise InvalidArgument(f"unknown event kind '{kind}'", field=f"kinds[{i}]")
+        if self.remote is not None and request.run_id not in self.runs.runs:
+            kinds = frozenset(request.kinds)
+            async for read in self.remote.events(request.run_id, request.after_seq, follow=request.follow):
+                kept = [e for e in read if not kinds or e.WhichOneof("kind") in kinds]
+                for data in messages(kept, events_pb2.ReadEventsResponse):
+                    yield data
+            return
         record = self.runs.get(request.run_id)
         subscription = self.runs.watch(
             record,

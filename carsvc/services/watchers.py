@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from carsvc._proto.car.v1 import events_pb2
+from carsvc._proto.car.v1 import events_pb2, runs_pb2
 from carsvc.domain.eventlog import Subscription, frame, payload_of
 
 log = logging.getLogger("carsvc.watchers")
@@ -278,3 +278,24 @@ class TransitionFeed:
         if self.overflowed or self._replay or self._live:
             return
         await self.wakeup.wait()
+
+
+def messages(
+    events: list[events_pb2.RunEvent],
+    response: type[runs_pb2.WatchRunResponse] | type[events_pb2.ReadEventsResponse],
+) -> list[bytes]:
+    """`events` (read from a shared store) as serialized responses of about
+    MESSAGE_BYTES each (an event larger than that has a message of its own)."""
+    out: list[bytes] = []
+    current: list[events_pb2.RunEvent] = []
+    size = 0
+    for event in events:
+        cost = event.ByteSize() + 6
+        if current and size + cost > MESSAGE_BYTES:
+            out.append(response(events=current).SerializeToString())
+            current, size = [], 0
+        current.append(event)
+        size += cost
+    if current:
+        out.append(response(events=current).SerializeToString())
+    return out

@@ -5,6 +5,7 @@ its process and for several replicas sharing one Redis (docs/operations.md,
 
 from __future__ import annotations
 
+import uuid
 from urllib.parse import urlsplit
 
 import redis
@@ -12,6 +13,7 @@ import redis.asyncio
 
 from carsvc.backends.redis.budgets import RedisBudgets
 from carsvc.backends.redis.bus import RedisBus
+from carsvc.backends.redis.directory import RedisRunDirectory
 from carsvc.backends.redis.locks import RedisThreadLocks
 from carsvc.backends.redis.store import RedisRunStore
 
@@ -21,14 +23,21 @@ __all__ = ["RedisBackend"]
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, replica_id: str = "", lease_ms: int = 15_000) -> None:
+        """`replica_id`: this replica's name in the cluster, kept across restarts
+        so that a restarted replica takes its runs back at once (empty: a new
+        random one, and its runs are taken over once their leases lapse)."""
         self.url = url
+        self.replica_id = replica_id or f"r-{uuid.uuid4().hex[:12]}"
+        self.lease_ms = lease_ms
         # One connection pool per client; hiredis parses replies when installed.
         self.client = redis.asyncio.Redis.from_url(url)
         self._store = RedisRunStore(self.client, redis.Redis.from_url(url))
+        self._store.replica_id, self._store.lease_ms = self.replica_id, lease_ms
         self._budgets = RedisBudgets(self.client)
         self._threads = RedisThreadLocks(self.client, self._store)
-        self._bus = RedisBus(self.client, self._store)
+        self._bus = RedisBus(self.client, self._store, self.replica_id)
+        self._directory = RedisRunDirectory(self.client, self._store, self.replica_id)
 
     @property
     def store(self) -> RedisRunStore:
@@ -45,6 +54,10 @@ class RedisBackend:
     @property
     def bus(self) -> RedisBus:
         return self._bus
+
+    @property
+    def directory(self) -> RedisRunDirectory:
+        return self._directory
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,10 +32,10 @@ READ_BLOCK_MS = 1_000
 
 
 class RedisBus:
-    def __init__(self, client: redis.asyncio.Redis, store: RedisRunStore) -> None:
+    def __init__(self, client: redis.asyncio.Redis, store: RedisRunStore, replica_id: str) -> None:
         self._redis = client
         self._store = store
-        self.replica_id = f"r-{uuid.uuid4().hex[:12]}"
+        self.replica_id = replica_id
 
     def post(self, replica_id: str, kind: str, data: bytes) -> None:
         """Queues a message for `replica_id`'s inbox (sent with the next batch)."""

@@ -67,3 +67,11 @@ def replica(replica_id: str) -> str:
 def inbox(replica_id: str) -> str:
     """A stream of messages for the replica: fields f (sender), k (kind), d (data)."""
     return f"{PREFIX}inbox:{replica_id}"
+
+# Runs that have not ended (on any replica): a set of run ids.
+ACTIVE = PREFIX + "active"
+
+
+def lease(run_id: str) -> str:
+    """The id of the replica running the run, with a PX expiry it renews."""
+    return f"{PREFIX}lease:{run_id}"

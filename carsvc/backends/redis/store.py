@@ -26,11 +26,13 @@ import redis
 import redis.asyncio
 from google.protobuf import message, struct_pb2
 
-from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
+from carsvc._proto.car.v1 import runs_pb2, types_pb2
 from carsvc.backends.redis import keys
 from carsvc.domain.backend import Recovered
 
 log = logging.getLogger("carsvc.redis")
+
+ENDED = frozenset({types_pb2.RUN_STATUS_SUCCEEDED, types_pb2.RUN_STATUS_FAILED, types_pb2.RUN_STATUS_CANCELLED})
 
 Op = Callable[[Any], None]  # queues its commands on a pipeline
 
@@ -57,6 +59,9 @@ class RedisRunStore:
         self._done: asyncio.Future[None] | None = None
         self.commits = 0
         self.failed_commands = 0
+        # Set by the backend: this replica's id and how long its run leases last.
+        self.replica_id = ""
+        self.lease_ms = 0
 
     # -- recovery ----------------------------------------------------------------
 
@@ -67,6 +72,9 @@ class RedisRunStore:
             raise OSError(f"Redis: {err}") from None
 
     def _load(self) -> Recovered:
+        """The state scopes. Runs are not loaded here: each replica takes the
+        runs it may run through the run directory (its own from before a
+        restart, and those whose lease lapsed) and reads the others on demand."""
         got = Recovered()
         r: Any = self._sync  # replies are bytes (no decode_responses)
         for name in sorted(_text(n) for n in r.smembers(keys.SCOPES)):
@@ -80,32 +88,6 @@ class RedisRunStore:
                     _skipped(got, "state", "state %r key %r", name[:200], _text(key)[:200], err=err)
             if scope:
                 got.state[name] = scope
-        run_ids = [_text(i) for i in r.zrange(keys.RUNS, 0, -1)]
-        records = r.mget([keys.run(i) for i in run_ids]) if run_ids else []
-        for run_id, blob in zip(run_ids, records, strict=True):
-            if blob is None:
-                continue
-            try:
-                got.runs.append(runs_pb2.Run.FromString(blob))
-            except message.DecodeError as err:
-                _skipped(got, "runs", "the record of run %r", run_id, err=err)
-                continue
-            for entry_id, fields in r.xrange(keys.events(run_id)):
-                seq = int(_text(entry_id).split("-", 1)[0])
-                try:
-                    got.events.setdefault(run_id, []).append(events_pb2.RunEvent.FromString(fields[b"e"]))
-                except (message.DecodeError, KeyError) as err:
-                    got.skipped_events.setdefault(run_id, []).append(seq)
-                    _skipped(got, "events", "event seq %d of run %r", seq, run_id, err=err)
-        for run_id in sorted(_text(i) for i in r.smembers(keys.RESUMABLE)):
-            request = r.get(keys.request(run_id))
-            if request is not None:
-                got.requests[run_id] = request
-            for step, blob in r.hgetall(keys.steps(run_id)).items():
-                try:
-                    got.steps.setdefault(run_id, {})[_text(step)] = types_pb2.AgentOutput.FromString(blob)
-                except message.DecodeError as err:
-                    _skipped(got, "steps", "step %r of run %r", _text(step)[:200], run_id, err=err)
         return got
 
     # -- writing -------------------------------------------------------------------
@@ -116,10 +98,18 @@ class RedisRunStore:
 
     def run(self, ordinal: int, record: runs_pb2.Run) -> None:
         run_id, data = record.run_id, record.SerializeToString()
+        ended = record.status in ENDED
 
         def op(p: Any) -> None:
             p.set(keys.run(run_id), data)
             p.zadd(keys.RUNS, {run_id: ordinal})
+            if ended:
+                p.srem(keys.ACTIVE, run_id)
+                p.delete(keys.lease(run_id))
+            else:
+                p.sadd(keys.ACTIVE, run_id)
+                if self.replica_id:
+                    p.set(keys.lease(run_id), self.replica_id, px=self.lease_ms)
 
         self.put(op)
 
