@@ -64,6 +64,9 @@ log = logging.getLogger("carsvc.runs")
 # Rebuilds a journaled run's pattern from its request (RunService.pattern_of).
 Rebuild = Callable[[runs_pb2.StartRunRequest], Pattern]
 
+# Reads of another replica's run record before giving up (50 ms apart).
+REMOTE_RECORD_TRIES = 40
+
 # Thread ids the sidecar generates (StartRun without thread_id).
 _GENERATED_THREAD = re.compile(r"thread-[0-9a-f]{32}")
 
@@ -405,7 +408,7 @@ class RunManager:
         active = None if holder == run_id else self.runs.get(holder)
         elsewhere = None
         if holder != run_id and active is None:
-            elsewhere = await self._remote_holder(thread_id, holder)
+            elsewhere = await self._remote_holder(thread_id, holder, need_owner=on_busy == ON_BUSY_INTERRUPT)
         ordinal = await self.directory.next_ordinal() if self.directory is not None else self._ordinal + 1
         self._ordinal = max(self._ordinal, ordinal)
         try:
@@ -419,12 +422,17 @@ class RunManager:
                 self.threads.release(thread_id, run_id)
             raise
 
-    async def _remote_holder(self, thread_id: str, holder: str) -> runs_pb2.Run:
-        """The record of the run another replica holds the thread for."""
-        record = await self.directory.record(holder) if self.directory is not None else None
-        if record is None:
-            raise Unavailable(f"thread '{thread_id}' is held by run '{holder}', which cannot be read now; retry")
-        return record
+    async def _remote_holder(self, thread_id: str, holder: str, *, need_owner: bool) -> runs_pb2.Run:
+        """The run another replica holds the thread for: its stored record when
+        its owner must be checked (an interrupt), else just its id."""
+        if not need_owner or self.directory is None:
+            return runs_pb2.Run(run_id=holder, thread_id=thread_id)
+        for _ in range(REMOTE_RECORD_TRIES):  # its record may still be on its way to the store
+            record = await self.directory.record(holder)
+            if record is not None:
+                return record
+            await asyncio.sleep(0.05)
+        raise Unavailable(f"thread '{thread_id}' is held by run '{holder}', whose record cannot be read; retry")
 
     def _start(
         self,
