@@ -106,7 +106,7 @@ async def test_three_replicas_racing_20_starts_on_one_thread_start_exactly_one(r
             try:
                 handle = await clients[i % 3].start_run(single(agent("nobody"), "wait"), thread_id="shared")
             except grpc.aio.AioRpcError as err:
-                return err.code().name
+                return str(err.code().name)
             return handle.run_id
 
         outcomes = await asyncio.gather(*(start(i) for i in range(20)))
