@@ -14,8 +14,10 @@
  * an assignment, `ctx.signal` is aborted and the cancel is answered at once.
  * Heartbeats, batching of results and calls into frames, and reconnecting
  * after the sidecar restarts (a crash, or a drain before a graceful restart)
- * are handled here. A refused credential is final: run() rejects with a
- * WorkerRefusedError instead of reconnecting.
+ * are handled here. Given several sidecar addresses (replicas sharing one
+ * store), the worker connects to the first that answers and, when that
+ * session ends, reconnects to the next. A refused credential is final: run()
+ * rejects with a WorkerRefusedError instead of reconnecting.
  */
 import * as os from "node:os";
 import { ChannelCredentials, ClientDuplexStream, Metadata, ServiceError, status } from "@grpc/grpc-js";
@@ -145,6 +147,19 @@ export function messageLimitOptions(maxBytes = DEFAULT_MAX_MESSAGE_BYTES): Recor
   return { "grpc.max_receive_message_length": maxBytes, "grpc.max_send_message_length": maxBytes };
 }
 
+/**
+ * The sidecar addresses in a target: one "host:port", several separated by
+ * commas ("h1:50051,h2:50051", as CARSVC_TARGET may hold them), or a list.
+ */
+export function addresses(target: string | readonly string[]): string[] {
+  const parts = typeof target === "string" ? target.split(",") : target;
+  const found = parts.map((a) => a.trim()).filter((a) => a !== "");
+  if (found.length === 0) {
+    throw new Error(`no sidecar address in ${JSON.stringify(target)}: give host:port, or several separated by commas`);
+  }
+  return found;
+}
+
 /** A token travels as metadata: printable ASCII without spaces. */
 function validToken(token: string): boolean {
   return /^[\x21-\x7e]+$/.test(token);
@@ -156,8 +171,9 @@ export interface WorkerOptions {
   labels?: Record<string, string>;
   /**
    * Reconnect after the stream ends (a crash, a drain before a restart, or a
-   * frame the worker could not decode). Default true. Every attempt uses a
-   * fresh channel, so grpc-js's own reconnect backoff never delays it.
+   * frame the worker could not decode), to the next address when there are
+   * several, with one backoff across them all. Default true. Every attempt
+   * uses a fresh channel, so grpc-js's own reconnect backoff never delays it.
    */
   reconnect?: boolean;
   reconnectMaxDelayMs?: number; // default 5000
@@ -449,16 +465,26 @@ function globMatch(pattern: string, name: string): boolean {
 export class Worker {
   readonly workerId: string;
   readonly maxInFlight: number;
+  /** The sidecar addresses, tried in turn from the first. */
+  readonly targets: readonly string[];
+  /** The address of the current (or last) session. */
+  target: string;
   private readonly handlers = new Map<string, Handler>();
   private stopped = false;
   private stream: ClientDuplexStream<ConnectRequest, ConnectResponse> | undefined;
   private wakeUp: (() => void) | undefined;
   sessionId = "";
 
+  /**
+   * A worker for the sidecar at `target`: "host:port", or several replicas'
+   * addresses (a list, or one string with commas: "h1:50051,h2:50051").
+   */
   constructor(
-    readonly target: string,
+    target: string | readonly string[],
     private readonly options: WorkerOptions = {},
   ) {
+    this.targets = addresses(target);
+    this.target = this.targets[0];
     this.workerId = options.workerId ?? hostId();
     this.maxInFlight = options.maxInFlight ?? 1;
   }
@@ -498,9 +524,11 @@ export class Worker {
     const maxDelay = this.options.reconnectMaxDelayMs ?? 5000;
     let delay = Math.min(100, maxDelay);
     let attempt = 0; // reconnect attempts since the last session that lasted
-    while (!this.stopped) {
-      const started = Date.now();
-      const { drained, error } = await this.session(maxDelay);
+    for (let turn = 0; !this.stopped; turn++) {
+      // Every attempt goes to the next address: a replica that died or
+      // drained this worker is tried again only after the others.
+      this.target = this.targets[turn % this.targets.length];
+      const { drained, error, connectedAt } = await this.session(maxDelay);
       if (this.stopped) return;
       const code = (error as ServiceError | undefined)?.code;
       if (code !== undefined && REFUSED_CODES.includes(code)) {
@@ -516,15 +544,15 @@ export class Worker {
         if (bad) this.log("error", `${bad.message}; not reconnecting (reconnect is off)`);
         throw bad ?? error ?? new SessionEndedError();
       }
-      if (Date.now() - started > 10_000) {
+      if (connectedAt !== undefined && Date.now() - connectedAt > 10_000) {
         delay = Math.min(100, maxDelay);
         attempt = 0;
       }
       attempt += 1;
       const next = `reconnecting in ${delay}ms (attempt ${attempt})`;
-      if (drained) this.log("info", `drained; ${next}`);
-      else if (bad) this.log("error", `${bad.message}; the session is lost, ${next}`);
-      else this.log("warn", `session ended (${error?.message}); ${next}`);
+      if (drained) this.log("info", `drained by ${this.target}; ${next}`);
+      else if (bad) this.log("error", `${bad.message} (at ${this.target}); the session is lost, ${next}`);
+      else this.log("warn", `session ended (${error?.message}) at ${this.target}; ${next}`);
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
         this.wakeUp = () => {
@@ -549,7 +577,7 @@ export class Worker {
    * subchannels between channels by default, and a shared one would keep its
    * reconnect backoff (up to 120 s) across our attempts.
    */
-  private session(maxDelay: number): Promise<{ drained: boolean; error?: Error }> {
+  private session(maxDelay: number): Promise<{ drained: boolean; error?: Error; connectedAt?: number }> {
     const channelOptions = {
       ...messageLimitOptions(this.options.maxMessageBytes),
       "grpc.initial_reconnect_backoff_ms": Math.min(100, maxDelay),
@@ -564,6 +592,7 @@ export class Worker {
     this.stream = stream;
     const link = new Link(stream);
     let heartbeat: NodeJS.Timeout | undefined;
+    let connectedAt: number | undefined;
     return new Promise((resolve) => {
       let settled = false;
       const finish = (error?: Error) => {
@@ -574,11 +603,12 @@ export class Worker {
         link.end();
         client.close();
         this.stream = undefined;
-        resolve({ drained, error });
+        resolve({ drained, error, connectedAt });
       };
       stream.on("data", (frame: ConnectResponse) => {
         try {
           this.onFrame(link, frame, (ms) => {
+            connectedAt = Date.now();
             heartbeat = setInterval(() => link.heartbeat(), Math.max(ms / 4, 10));
           });
         } catch (err) {
@@ -608,6 +638,7 @@ export class Worker {
       // Send well within the interval so one slow frame never lapses the lease.
       if (frame.welcome.heartbeatIntervalMs) link.heartbeatMs = frame.welcome.heartbeatIntervalMs / 2;
       welcomed(link.heartbeatMs);
+      this.log("info", `connected to ${this.target} (session ${this.sessionId}), serving ${[...this.handlers.keys()].join(", ")}`);
       this.options.onConnect?.(this.sessionId);
     }
     for (const assignment of frame.assignments) this.start(link, assignment);
