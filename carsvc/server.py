@@ -44,6 +44,7 @@ from carsvc.services.ownership import RunOwnership
 from carsvc.services.peers import PeerLinks
 from carsvc.services.registry import RegistryService
 from carsvc.services.remote import RemoteRuns
+from carsvc.services.replication import Replication
 from carsvc.services.runs import EventService, RunService
 from carsvc.services.state import StateService
 from carsvc.services.watchers import add_servicer
@@ -126,6 +127,8 @@ class Sidecar:
         # With a shared backend: the other replicas' workers, and work for ours.
         self.peers: PeerLinks | None = None
         self.ownership: RunOwnership | None = None
+        feed = self.backend.changes
+        self.replication = Replication(feed, self.runs, self.registry) if feed is not None else None
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = Metrics(self.dispatcher, self.runs)
         self._metrics_http: WSGIServer | None = None
@@ -227,6 +230,8 @@ class Sidecar:
                 await self.backend.close()
                 raise OSError(f"carsvc could not read its runs from {where}: {err}") from None
             store.start()  # before restore: what it writes (and waits for) is committed
+            if self.replication is not None:  # registered agents first: resumed runs may name them
+                await self.replication.start()
             await self.runs.restore(recovered, self.run_service.pattern_of)
             if self.ownership is not None:
                 taken = await self.ownership.recover()
@@ -283,6 +288,8 @@ class Sidecar:
             await self.ownership.stop()  # parked runs' leases go: another replica takes them at once
         if self.peers is not None:
             await self.peers.stop()
+        if self.replication is not None:
+            await self.replication.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from carsvc._proto.car.v1 import types_pb2
+from carsvc._proto.car.v1 import state_pb2, types_pb2
+from carsvc._proto.car.v1.registry_pb2 import ListAgentsRequest
 from carsvc.client import Client, agent, map_reduce, single
 from carsvc.server import Sidecar
 from carsvc.worker import AgentContext
@@ -126,3 +127,39 @@ async def test_replicas_prefer_their_own_workers(replicas: list[Sidecar], redis_
     finally:
         for pool in pools:
             await pool.stop_all()
+
+
+async def test_state_and_registered_agents_written_on_one_replica_are_read_on_another(
+    replicas: list[Sidecar],
+) -> None:
+    a, b = replicas
+    async with Client(a.address) as on_a, Client(b.address) as on_b:
+        await on_a.set_state("shared", "greeting", {"text": "hello"})
+        await on_a.register_agent(types_pb2.AgentSpec(name="helper", system_prompt="be brief"))
+        async with asyncio.timeout(5):
+            while await on_b.get_state("shared", "greeting") != {"text": "hello"}:
+                await asyncio.sleep(0.02)
+            while not [s for s in (await on_b.registry.ListAgents(ListAgentsRequest())).agents if s.name == "helper"]:
+                await asyncio.sleep(0.02)
+        await on_b.state.Delete(state_pb2.DeleteRequest(scope="shared", key="greeting"))
+        async with asyncio.timeout(5):
+            while await on_a.get_state("shared", "greeting") is not None:
+                await asyncio.sleep(0.02)
+
+
+async def test_a_restarted_replica_reads_the_state_others_wrote(redis_url: str) -> None:
+    settings = dataclasses.replace(TEST_SETTINGS, backend=redis_url)
+    first = Sidecar(settings)
+    await first.start()
+    try:
+        async with Client(first.address) as client:
+            await client.set_state("kept", "n", 41)
+    finally:
+        await first.stop(grace=0.5)
+    second = Sidecar(settings)
+    await second.start()
+    try:
+        async with Client(second.address) as client:
+            assert await client.get_state("kept", "n") == 41
+    finally:
+        await second.stop(grace=0.5)

@@ -143,7 +143,8 @@ async def test_a_shared_budget_admits_exactly_max_agents_across_three_replicas(
                 runs = await asyncio.gather(*(clients[i].wait(h.run_id) for i, h in enumerate(handles)))
                 events = [[e async for e in clients[0].watch(h.run_id)] for h in handles]
             budget = (await stub.GetBudget(budget_pb2.GetBudgetRequest(budget_id="team"))).budget
-    assert all(r.status == SUCCEEDED for r in runs), [r.termination_detail for r in runs]
+    # A run the budget refused every agent of fails (saying so); the others succeed.
+    assert all(r.status == SUCCEEDED or "budget" in r.termination_detail for r in runs), runs
     started_agents = sum(e.WhichOneof("kind") == "agent_started" for run in events for e in run)
     assert budget.agents_started == 500 == started_agents
     assert budget.agents_denied == sum(sizes) + 3 - 500

@@ -78,6 +78,10 @@ class MemoryBackend:
     def directory(self) -> None:
         return None
 
+    @property
+    def changes(self) -> None:
+        return None
+
     def describe(self) -> str:
         store = self._store
         if isinstance(store, Journal):

@@ -168,6 +168,34 @@ class ThreadLocks(Protocol):
 
 
 @dataclass(frozen=True)
+class Change:
+    """Something another replica changed that every replica keeps a copy of:
+    kind "state" (name: the scope, key, writer, data: a serialized Value, None
+    when deleted), "agent" (name, data: a serialized AgentSpec, None when
+    unregistered), or "resync" (changes may have been missed: read everything)."""
+
+    kind: str
+    name: str = ""
+    key: str = ""
+    writer: str = ""
+    data: bytes | None = None
+
+
+class ChangeFeed(Protocol):
+    def agent_changed(self, name: str, spec: types_pb2.AgentSpec | None) -> None:
+        """Stores a registered (None: unregistered) agent and tells the others."""
+        ...
+
+    async def agents(self) -> list[types_pb2.AgentSpec]: ...
+
+    async def state(self) -> dict[str, dict[str, tuple[struct_pb2.Value, str]]]:
+        """Every state scope as the shared store holds it."""
+        ...
+
+    def changes(self) -> AsyncIterator[Change]: ...
+
+
+@dataclass(frozen=True)
 class Peer:
     """Another replica, as the cluster directory says: what its workers serve."""
 
@@ -277,6 +305,11 @@ class Backend(Protocol):
     @property
     def directory(self) -> RunDirectory | None:
         """None: every run is this replica's."""
+        ...
+
+    @property
+    def changes(self) -> ChangeFeed | None:
+        """None: nobody else changes this replica's state or registry."""
         ...
 
     def describe(self) -> str:

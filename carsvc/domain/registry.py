@@ -5,6 +5,8 @@ one message that any client's default 4 MiB receive limit takes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from carsvc._proto.car.v1 import types_pb2
 from carsvc.domain.errors import AlreadyExists, NotFound, ResourceExhausted
 
@@ -15,11 +17,13 @@ MAX_TOTAL_BYTES = 3 * 1024 * 1024
 
 
 class AgentRegistry:
-    __slots__ = ("_bytes", "_specs")
+    __slots__ = ("_bytes", "_specs", "on_change")
 
     def __init__(self) -> None:
         self._specs: dict[str, AgentSpec] = {}
         self._bytes = 0
+        # Told about every change made here (a shared backend keeps and spreads it).
+        self.on_change: Callable[[str, AgentSpec | None], None] = lambda name, spec: None
 
     def register(self, spec: AgentSpec, *, replace: bool = False) -> AgentSpec:
         old = self._specs.get(spec.name)
@@ -44,7 +48,18 @@ class AgentRegistry:
         stored.CopyFrom(spec)
         self._specs[spec.name] = stored
         self._bytes = total
+        self.on_change(spec.name, stored)
         return stored
+
+    def apply(self, name: str, spec: AgentSpec | None) -> None:
+        """Another replica's change (not reported to on_change; its limits were
+        checked where it was made)."""
+        old = self._specs.pop(name, None)
+        if old is not None:
+            self._bytes -= old.ByteSize()
+        if spec is not None:
+            self._specs[name] = spec
+            self._bytes += spec.ByteSize()
 
     def get(self, name: str, *, field: str = "name") -> AgentSpec:
         spec = self._specs.get(name)
@@ -57,6 +72,7 @@ class AgentRegistry:
         if old is None:
             return False
         self._bytes -= old.ByteSize()
+        self.on_change(name, None)
         return True
 
     def list(self) -> list[AgentSpec]:

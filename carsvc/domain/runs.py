@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from carsvc._proto.car.v1 import events_pb2, patterns_pb2, runs_pb2, types_pb2
@@ -278,6 +279,8 @@ class RunManager:
         # For metrics: finished runs by status, and spawns the budgets refused.
         self.finished_by_status: Counter[int] = Counter()
         self.budget_denials = 0
+        # Applying another replica's state write: not stored again.
+        self._copying = False
 
     # -- shared resources -----------------------------------------------------------
 
@@ -357,7 +360,38 @@ class RunManager:
     def _journal_scope(self, name: str, store: StateStore) -> None:
         journal = self.journal
         if journal is not None:
-            store.subscribe(lambda t: journal.state(name, t.key, t.new, t.writer, t.time_unix_ms))
+            store.subscribe(
+                lambda t: None if self._copying else journal.state(name, t.key, t.new, t.writer, t.time_unix_ms)
+            )
+
+    def copy_state(self, scope: str, key: str, value: struct_pb2.Value | None, writer: str) -> None:
+        """Another replica's state write, kept here as a copy (it stored it
+        itself). Watchers here see it as any write."""
+        try:
+            store = self.scope(scope)
+        except ResourceExhausted as full:
+            log.warning("a state write from another replica to scope %r was not copied: %s", scope[:200], full)
+            return
+        self._copying = True
+        try:
+            if value is None:
+                store.delete(key, writer)
+            elif store.get(key) != value:
+                store.set(key, value, writer)
+        finally:
+            self._copying = False
+
+    def copy_all_state(self, stored: dict[str, dict[str, tuple[struct_pb2.Value, str]]]) -> None:
+        """Makes this replica's state what the shared store holds (after a gap
+        in the change feed)."""
+        for scope in set(self.scopes) | set(stored):
+            keys = stored.get(scope, {})
+            local = self.scopes.get(scope)
+            for key in local.keys("") if local is not None else ():
+                if key not in keys:
+                    self.copy_state(scope, key, None, "resync")
+            for key, (value, writer) in keys.items():
+                self.copy_state(scope, key, value, writer)
 
     async def create_budget(self, limits: BudgetLimits, budget_id: str = "") -> Budget:
         return await self.backend.budgets.create(limits, budget_id or f"budget-{uuid.uuid4().hex}")

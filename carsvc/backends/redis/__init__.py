@@ -13,6 +13,7 @@ import redis.asyncio
 
 from carsvc.backends.redis.budgets import RedisBudgets
 from carsvc.backends.redis.bus import RedisBus
+from carsvc.backends.redis.changes import RedisChanges
 from carsvc.backends.redis.directory import RedisRunDirectory
 from carsvc.backends.redis.locks import RedisThreadLocks
 from carsvc.backends.redis.store import RedisRunStore
@@ -38,6 +39,7 @@ class RedisBackend:
         self._threads = RedisThreadLocks(self.client, self._store)
         self._bus = RedisBus(self.client, self._store, self.replica_id)
         self._directory = RedisRunDirectory(self.client, self._store, self.replica_id)
+        self._changes = RedisChanges(self.client, self._store, self.replica_id)
 
     @property
     def store(self) -> RedisRunStore:
@@ -58,6 +60,10 @@ class RedisBackend:
     @property
     def directory(self) -> RedisRunDirectory:
         return self._directory
+
+    @property
+    def changes(self) -> RedisChanges:
+        return self._changes
 
     async def close(self) -> None:
         await self.client.aclose()

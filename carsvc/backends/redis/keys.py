@@ -14,6 +14,10 @@ ORDINAL = PREFIX + "ordinal"
 RESUMABLE = PREFIX + "resumable"
 # State scopes that hold keys: a set of scope names.
 SCOPES = PREFIX + "scopes"
+# Registered agents: a hash, name -> serialized AgentSpec.
+AGENTS = PREFIX + "agents"
+# The pub/sub channel of state and registry changes (backends/redis/changes.py).
+CHANGES = PREFIX + "changes"
 
 
 def run(run_id: str) -> str:

@@ -27,7 +27,7 @@ import redis.asyncio
 from google.protobuf import message, struct_pb2
 
 from carsvc._proto.car.v1 import runs_pb2, types_pb2
-from carsvc.backends.redis import keys
+from carsvc.backends.redis import codec, keys
 from carsvc.domain.backend import Recovered
 
 log = logging.getLogger("carsvc.redis")
@@ -128,19 +128,22 @@ class RedisRunStore:
         self.put(lambda p: p.xadd(keys.events(run_id), {"e": data}, id=f"{seq}-0"))
 
     def state(self, scope: str, key: str, value: object, writer: str, time_ms: int) -> None:
-        if isinstance(value, struct_pb2.Value):
-            data = value.SerializeToString()
+        data = value.SerializeToString() if isinstance(value, struct_pb2.Value) else None
+        change = codec.encode(self.replica_id, "state", scope, key, writer, data)
+        if data is not None:
 
             def op(p: Any) -> None:
                 p.hset(keys.scope(scope), key, data)
                 p.hset(keys.scope_writers(scope), key, writer)
                 p.sadd(keys.SCOPES, scope)
+                p.publish(keys.CHANGES, change)
 
         else:
 
             def op(p: Any) -> None:
                 p.hdel(keys.scope(scope), key)
                 p.hdel(keys.scope_writers(scope), key)
+                p.publish(keys.CHANGES, change)
 
         self.put(op)
 
