@@ -3,7 +3,9 @@
 //!
 //!     cargo run --example summarizer_worker -- --target 127.0.0.1:50051
 //!
-//! CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command
+//! --target (or CARSVC_TARGET) may name several sidecar replicas, separated by
+//! commas: the worker connects to the first that answers and moves on to the
+//! next when its session ends. CARSVC_WORKER_TOKEN, when set, is the worker token (never a flag: a command
 //! line is visible to every local user).
 
 use std::time::Duration;

@@ -1,8 +1,21 @@
 //! The client helper: start a run of any pattern, watch it from a seq,
 //! cancel it, answer its suspended tool calls.
+//!
+//! Given several sidecar addresses (replicas sharing one store), a client
+//! sends its calls to the first that answers; when a call fails because that
+//! sidecar went away (`Unavailable`, or a connection that broke under a
+//! stream) it moves to the next, and retries there the calls that are
+//! safe to repeat (`get_run`, `read_result`, and watches, which resume after
+//! the last event they yielded). `start_run`, `cancel` and `submit_decisions`
+//! return the error instead: the sidecar may have acted on them.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use prost::Message as _;
 use serde_json::Value as Json;
+use tonic::codegen::{http, BoxFuture, Service, StdError};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::carv1::{
@@ -13,7 +26,7 @@ use crate::carv1::{
     SubmitDecisionsResponse, ToolCallDecision, WatchRunRequest, WatchRunResponse,
 };
 use crate::values::to_value;
-use crate::{Error, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::{addresses, Error, DEFAULT_MAX_MESSAGE_BYTES};
 
 macro_rules! patterns {
     ($($ty:ident => $variant:ident),* $(,)?) => {
@@ -51,20 +64,175 @@ pub struct RunOptions {
     pub resume: Option<bool>,
 }
 
-/// Starts, watches, inspects, cancels and answers runs. The generated stubs
-/// are public for everything the helpers do not cover; cloning is cheap.
-#[derive(Clone)]
-pub struct Client {
-    pub runs: RunServiceClient<Channel>,
-    pub events: EventServiceClient<Channel>,
-    pub registry: RegistryServiceClient<Channel>,
-    pub state: StateServiceClient<Channel>,
+/// Whether a call's status says its sidecar could not be reached or went
+/// away: `Unavailable`, or `Unknown` with a transport error as its source
+/// (tonic's status for a connection that broke under a stream, e.g. "error
+/// reading a body from connection" when the sidecar was killed).
+fn sidecar_gone(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        || (status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some())
 }
 
-/// A run's events in seq order; `next` is None after run_finished.
+/// How long a client waits for one of several addresses to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The transport under a [`Client`]'s stubs: the channel to the sidecar, or,
+/// given several addresses, to the first that accepts a connection. A call
+/// that fails on a connection (refused, broken) drops it, and the next call
+/// connects to the next address that answers. Cloning is cheap.
+#[derive(Clone)]
+pub struct Sidecars(Arc<SidecarsInner>);
+
+struct SidecarsInner {
+    targets: Vec<String>,
+    /// One address: a lazy channel that reconnects by itself, never dropped.
+    fixed: Option<Channel>,
+    current: tokio::sync::Mutex<Current>,
+}
+
+/// The address in use and its channel; `generation` names the channel.
+#[derive(Default)]
+struct Current {
+    at: usize,
+    channel: Option<Channel>,
+    generation: u64,
+}
+
+fn endpoint(target: &str) -> Result<Endpoint, Error> {
+    Ok(Endpoint::from_shared(format!("http://{target}"))?)
+}
+
+/// An error and its sources, on one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    out
+}
+
+impl Sidecars {
+    fn new(targets: Vec<String>) -> Result<Self, Error> {
+        for target in &targets {
+            endpoint(target)?;
+        }
+        let fixed = match targets.as_slice() {
+            [only] => Some(endpoint(only)?.connect_lazy()),
+            _ => None,
+        };
+        Ok(Sidecars(Arc::new(SidecarsInner { targets, fixed, current: Default::default() })))
+    }
+
+    /// The sidecar addresses.
+    pub fn targets(&self) -> &[String] {
+        &self.0.targets
+    }
+
+    /// The address calls go to now.
+    pub async fn target(&self) -> String {
+        self.0.targets[self.0.current.lock().await.at].clone()
+    }
+
+    /// The channel calls go to, connecting to the first address that answers
+    /// (from the current one) when there is none; and its generation.
+    async fn channel(&self) -> Result<(u64, Channel), tonic::Status> {
+        if let Some(channel) = &self.0.fixed {
+            return Ok((0, channel.clone()));
+        }
+        let targets = &self.0.targets;
+        let mut current = self.0.current.lock().await;
+        if let Some(channel) = &current.channel {
+            return Ok((current.generation, channel.clone()));
+        }
+        let mut failures = Vec::new();
+        for _ in 0..targets.len() {
+            let target = &targets[current.at];
+            let connecting = endpoint(target).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            match connecting.connect_timeout(CONNECT_TIMEOUT).connect().await {
+                Ok(channel) => {
+                    current.generation += 1;
+                    current.channel = Some(channel.clone());
+                    return Ok((current.generation, channel));
+                }
+                Err(e) => {
+                    failures.push(format!("{target}: {}", chain(&e)));
+                    current.at = (current.at + 1) % targets.len();
+                }
+            }
+        }
+        Err(tonic::Status::unavailable(format!("no sidecar answered ({})", failures.join("; "))))
+    }
+
+    /// The generation of the channel in use (0: none).
+    async fn generation(&self) -> u64 {
+        self.0.current.lock().await.generation
+    }
+
+    /// A call on channel `generation` failed with the connection: drop it and
+    /// move on to the next address (unless a concurrent call did already).
+    async fn failed(&self, generation: u64) {
+        if self.0.fixed.is_some() {
+            return;
+        }
+        let mut current = self.0.current.lock().await;
+        if current.generation == generation && current.channel.is_some() {
+            current.channel = None;
+            current.at = (current.at + 1) % self.0.targets.len();
+        }
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Sidecars {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = StdError;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(())) // each call waits for its own channel
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let (generation, mut channel) = me.channel().await?;
+            let sent = async {
+                std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
+                channel.call(request).await
+            };
+            match sent.await {
+                Ok(response) => Ok(response),
+                Err(e) => {
+                    me.failed(generation).await;
+                    Err(e.into())
+                }
+            }
+        })
+    }
+}
+
+/// Starts, watches, inspects, cancels and answers runs. The generated stubs
+/// are public for everything the helpers do not cover (over [`Sidecars`], the
+/// client's connection); cloning is cheap.
+#[derive(Clone)]
+pub struct Client {
+    pub runs: RunServiceClient<Sidecars>,
+    pub events: EventServiceClient<Sidecars>,
+    pub registry: RegistryServiceClient<Sidecars>,
+    pub state: StateServiceClient<Sidecars>,
+    sidecars: Sidecars,
+}
+
+/// A run's events in seq order; `next` is None after run_finished. With
+/// several addresses, a watch whose sidecar went away resumes at the next
+/// after the last event it yielded.
 pub struct EventStream {
+    client: Client,
+    request: WatchRunRequest,
     inner: tonic::codec::Streaming<WatchRunResponse>,
     batch: std::collections::VecDeque<RunEvent>,
+    tries: usize, // resumes since the last event
 }
 
 impl EventStream {
@@ -72,29 +240,45 @@ impl EventStream {
     pub async fn next(&mut self) -> Result<Option<RunEvent>, Error> {
         loop {
             if let Some(event) = self.batch.pop_front() {
+                self.request.after_seq = event.seq;
+                self.tries = 0;
                 return Ok(Some(event));
             }
-            match self.inner.message().await? {
-                Some(batch) => self.batch.extend(batch.events),
-                None => return Ok(None),
+            match self.inner.message().await {
+                Ok(Some(batch)) => self.batch.extend(batch.events),
+                Ok(None) => return Ok(None),
+                Err(status) if self.client.again(&status, self.tries + 1).await => {
+                    self.tries += 1;
+                    self.inner = self.client.open_watch(self.request.clone()).await?;
+                }
+                Err(status) => return Err(status.into()),
             }
         }
     }
 }
 
 impl Client {
-    /// A client for the sidecar at `target` ("host:port"); connects lazily.
-    /// Its stubs send and receive messages up to [`DEFAULT_MAX_MESSAGE_BYTES`]
-    /// (16 MiB, the sidecar's limit; change it with [`Client::max_message_bytes`]).
-    /// A response the client cannot decode fails its call with
-    /// `Error::Status` (`Internal`, "failed to decode Protobuf message: ...").
+    /// A client for the sidecar at `target` ("host:port", or several
+    /// replicas' addresses separated by commas: see the module's notes);
+    /// connects lazily. Its stubs send and receive messages up to
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`] (16 MiB, the sidecar's limit; change it
+    /// with [`Client::max_message_bytes`]). A response the client cannot
+    /// decode fails its call with `Error::Status` (`Internal`, "failed to
+    /// decode Protobuf message: ...").
     pub fn connect(target: &str) -> Result<Self, Error> {
-        let channel = Endpoint::from_shared(format!("http://{target}"))?.connect_lazy();
+        let targets = addresses(target);
+        if targets.is_empty() {
+            return Err(Error::Other(format!(
+                "no sidecar address in {target:?}: give host:port, or several separated by commas"
+            )));
+        }
+        let sidecars = Sidecars::new(targets)?;
         let client = Client {
-            runs: RunServiceClient::new(channel.clone()),
-            events: EventServiceClient::new(channel.clone()),
-            registry: RegistryServiceClient::new(channel.clone()),
-            state: StateServiceClient::new(channel),
+            runs: RunServiceClient::new(sidecars.clone()),
+            events: EventServiceClient::new(sidecars.clone()),
+            registry: RegistryServiceClient::new(sidecars.clone()),
+            state: StateServiceClient::new(sidecars.clone()),
+            sidecars,
         };
         Ok(client.max_message_bytes(DEFAULT_MAX_MESSAGE_BYTES))
     }
@@ -106,6 +290,38 @@ impl Client {
             events: self.events.max_decoding_message_size(n).max_encoding_message_size(n),
             registry: self.registry.max_decoding_message_size(n).max_encoding_message_size(n),
             state: self.state.max_decoding_message_size(n).max_encoding_message_size(n),
+            sidecars: self.sidecars,
+        }
+    }
+
+    /// The client's connection: its addresses, and the one calls go to now.
+    pub fn sidecars(&self) -> &Sidecars {
+        &self.sidecars
+    }
+
+    /// Whether a read that failed with `status` is tried again (`tries`
+    /// counts this try): with several addresses, after `Unavailable` the
+    /// client moves on to the next address, and a read goes on there, up to
+    /// once per address.
+    async fn again(&self, status: &tonic::Status, tries: usize) -> bool {
+        if !sidecar_gone(status) || self.sidecars.0.fixed.is_some() {
+            return false;
+        }
+        self.sidecars.failed(self.sidecars.generation().await).await;
+        tries < self.sidecars.targets().len()
+    }
+
+    async fn open_watch(
+        &self,
+        request: WatchRunRequest,
+    ) -> Result<tonic::codec::Streaming<WatchRunResponse>, tonic::Status> {
+        let mut tries = 1;
+        loop {
+            match self.runs.clone().watch_run(request.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if self.again(&status, tries).await => tries += 1,
+                Err(status) => return Err(status),
+            }
         }
     }
 
@@ -129,15 +345,23 @@ impl Client {
 
     /// Starts a run and returns its handle at once.
     pub async fn start_run(&self, pattern: impl Into<Pattern>, options: RunOptions) -> Result<RunHandle, Error> {
-        let response = self.runs.clone().start_run(Self::start_request(pattern, options)).await?;
+        let response = match self.runs.clone().start_run(Self::start_request(pattern, options)).await {
+            Ok(response) => response,
+            Err(status) => {
+                self.again(&status, usize::MAX).await; // moves on, never retries
+                return Err(status.into());
+            }
+        };
         response.into_inner().run.ok_or_else(|| Error::Other("StartRun answered without a run".into()))
     }
 
-    /// A run's events after `after_seq` (0: from the first), ending with run_finished.
+    /// A run's events after `after_seq` (0: from the first), ending with
+    /// run_finished; with several addresses it resumes at the next after
+    /// `Unavailable` (see [`EventStream`]).
     pub async fn watch(&self, run_id: &str, after_seq: u64) -> Result<EventStream, Error> {
         let request = WatchRunRequest { run_id: run_id.into(), after_seq };
-        let inner = self.runs.clone().watch_run(request).await?.into_inner();
-        Ok(EventStream { inner, batch: Default::default() })
+        let inner = self.open_watch(request.clone()).await?;
+        Ok(EventStream { client: self.clone(), request, inner, batch: Default::default(), tries: 0 })
     }
 
     /// Waits until the run has finished and returns it with its whole result
@@ -160,7 +384,14 @@ impl Client {
     /// 1 MiB; the run has `result_omitted` set) is read with [`Client::read_result`].
     pub async fn get_run(&self, run_id: &str) -> Result<Run, Error> {
         let request = GetRunRequest { run_id: run_id.into(), thread_id: String::new() };
-        let response = self.runs.clone().get_run(request).await?;
+        let mut tries = 1;
+        let response = loop {
+            match self.runs.clone().get_run(request.clone()).await {
+                Ok(response) => break response,
+                Err(status) if self.again(&status, tries).await => tries += 1,
+                Err(status) => return Err(status.into()),
+            }
+        };
         let mut run = response.into_inner().run.ok_or_else(|| Error::Other("GetRun answered without a run".into()))?;
         if run.result_omitted {
             run.result = Some(self.read_result(&run.run_id).await?);
@@ -174,6 +405,16 @@ impl Client {
     /// (`result_omitted`, `result_bytes` long) is read; it works for any
     /// finished run.
     pub async fn read_result(&self, run_id: &str) -> Result<RunResult, Error> {
+        let mut tries = 1;
+        loop {
+            match self.read_result_once(run_id).await {
+                Err(Error::Status(status)) if self.again(&status, tries).await => tries += 1,
+                done => return done,
+            }
+        }
+    }
+
+    async fn read_result_once(&self, run_id: &str) -> Result<RunResult, Error> {
         let request = ReadRunResultRequest { run_id: run_id.into(), offset: 0 };
         let mut stream = self.runs.clone().read_run_result(request).await?.into_inner();
         let mut data: Vec<u8> = Vec::new();
@@ -218,7 +459,13 @@ impl Client {
             reason: reason.into(),
             wait,
         };
-        Ok(self.runs.clone().cancel_run(request).await?.into_inner())
+        match self.runs.clone().cancel_run(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                self.again(&status, usize::MAX).await; // moves on, never retries
+                Err(status.into())
+            }
+        }
     }
 
     /// Answers suspended tool calls of a run (see [`resume`], [`deny`]).
@@ -234,7 +481,13 @@ impl Client {
             agent_id: agent_id.into(),
             decisions,
         };
-        Ok(self.runs.clone().submit_decisions(request).await?.into_inner())
+        match self.runs.clone().submit_decisions(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                self.again(&status, usize::MAX).await; // moves on, never retries
+                Err(status.into())
+            }
+        }
     }
 }
 

@@ -45,6 +45,13 @@ pub use client::*;
 pub use values::{from_value, to_value};
 pub use worker::*;
 
+/// The sidecar addresses in a target: one "host:port", or several separated
+/// by commas ("h1:50051,h2:50051", as `CARSVC_TARGET` may hold them). Spaces
+/// around an address and empty entries are dropped.
+pub fn addresses(target: &str) -> Vec<String> {
+    target.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect()
+}
+
 /// Errors of this crate.
 #[derive(Debug)]
 pub enum Error {

@@ -1,7 +1,9 @@
 //! The worker helper: one `WorkerService/Connect` stream per session, with
-//! batching, heartbeats, cancels, drains and reconnects handled here. A
-//! refused credential is final: `run` returns `Error::Refused` instead of
-//! reconnecting.
+//! batching, heartbeats, cancels, drains and reconnects handled here. Given
+//! several sidecar addresses (replicas sharing one store), the worker connects
+//! to the first that answers and, when that session ends, reconnects to the
+//! next. A refused credential is final: `run` returns `Error::Refused`
+//! instead of reconnecting.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +23,7 @@ use crate::carv1::{
     AssignmentResult, ConnectRequest, ConnectResponse, RuntimeCall,
 };
 use crate::values::{opt_from_value, to_value};
-use crate::{BoxError, Error};
+use crate::{addresses, BoxError, Error};
 
 /// Names this helper in the worker's hello.
 pub const SDK: &str = "carsvc-rust/0.1.0";
@@ -83,7 +85,9 @@ fn valid_token(token: &str) -> bool {
 }
 
 impl Worker {
-    /// A worker for the sidecar at `target` ("host:port").
+    /// A worker for the sidecar at `target`: "host:port", or several
+    /// replicas' addresses separated by commas, tried in turn from the first
+    /// (each connection attempt goes to the next).
     pub fn new(target: impl Into<String>) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -125,7 +129,8 @@ impl Worker {
 
     /// Reconnect with backoff after the stream ends (default true): the
     /// sidecar crashed or drained this worker, or sent a frame it could not
-    /// decode. Every attempt opens a fresh connection.
+    /// decode. Every attempt opens a fresh connection, to the next address
+    /// when there are several, with one backoff across them all.
     pub fn reconnect(mut self, on: bool) -> Self {
         self.reconnect = on;
         self
@@ -223,21 +228,28 @@ impl Worker {
                 "the worker token is not a valid token: tokens are printable ASCII without spaces".into(),
             ));
         }
+        let targets = addresses(&self.target);
+        if targets.is_empty() {
+            return Err(Error::Other(format!("no sidecar address in {:?}", self.target)));
+        }
         let me = Arc::new(self);
         tokio::pin!(shutdown);
         let first_delay = Duration::from_millis(100).min(me.reconnect_max_delay);
         let mut delay = first_delay;
         let mut attempt = 0u32; // reconnect attempts since the last session that lasted
-        loop {
-            let started = Instant::now();
+        for turn in 0.. {
+            // Every attempt goes to the next address: a replica that died or
+            // drained this worker is tried again only after the others.
+            let target = &targets[turn % targets.len()];
+            let connected_at = Arc::new(Mutex::new(None));
             let outcome = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                outcome = me.clone().session() => outcome,
+                outcome = me.clone().session(target.clone(), connected_at.clone()) => outcome,
             };
             let (drained, err) = match outcome {
                 Ok(drained) => (drained, None),
                 Err(Error::Status(status)) if REFUSED_CODES.contains(&status.code()) => {
-                    let refused = Error::Refused { target: me.target.clone(), status };
+                    let refused = Error::Refused { target: target.clone(), status };
                     me.log(LogLevel::Error, &format!("{refused}; not reconnecting"));
                     return Err(refused);
                 }
@@ -252,18 +264,19 @@ impl Worker {
                 }
                 return Err(err.unwrap_or(Error::SessionEnded));
             }
-            if started.elapsed() > Duration::from_secs(10) {
+            let connected_at: Option<Instant> = *connected_at.lock().unwrap();
+            if connected_at.is_some_and(|at| at.elapsed() > Duration::from_secs(10)) {
                 delay = first_delay;
                 attempt = 0;
             }
             attempt += 1;
             let next = format!("reconnecting in {delay:?} (attempt {attempt})");
             match &err {
-                None => me.log(LogLevel::Info, &format!("drained; {next}")),
+                None => me.log(LogLevel::Info, &format!("drained by {target}; {next}")),
                 Some(e @ Error::UndecodableFrame(_)) => {
-                    me.log(LogLevel::Error, &format!("{e}; the session is lost, {next}"))
+                    me.log(LogLevel::Error, &format!("{e} (at {target}); the session is lost, {next}"))
                 }
-                Some(e) => me.log(LogLevel::Warn, &format!("session ended ({e}); {next}")),
+                Some(e) => me.log(LogLevel::Warn, &format!("session ended ({e}) at {target}; {next}")),
             }
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -271,12 +284,18 @@ impl Worker {
             }
             delay = (delay * 2).min(me.reconnect_max_delay);
         }
+        unreachable!("the addresses are tried in turn forever")
     }
 
-    /// One connection; Ok(true) when the sidecar drained us. Every session
-    /// connects afresh, so no channel backoff outlives an attempt.
-    async fn session(self: Arc<Self>) -> Result<bool, Error> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.target))?.connect().await?;
+    /// One connection to `target`; Ok(true) when the sidecar drained us.
+    /// Every session connects afresh, so no channel backoff outlives an
+    /// attempt. `connected_at` is set when the sidecar welcomes the worker.
+    async fn session(
+        self: Arc<Self>,
+        target: String,
+        connected_at: Arc<Mutex<Option<Instant>>>,
+    ) -> Result<bool, Error> {
+        let channel = Endpoint::from_shared(format!("http://{target}"))?.connect().await?;
         let mut client = WorkerServiceClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
@@ -303,6 +322,12 @@ impl Worker {
                 // Send well within the interval so one slow frame never lapses the lease.
                 heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms) / 2);
             }
+            *connected_at.lock().unwrap() = Some(Instant::now());
+            let agents: Vec<&str> = self.handlers.iter().map(|(n, _)| n.as_str()).collect();
+            self.log(
+                LogLevel::Info,
+                &format!("connected to {target} (session {}), serving {}", welcome.session_id, agents.join(", ")),
+            );
             if let Some(f) = &self.on_connect {
                 f(&welcome.session_id);
             }

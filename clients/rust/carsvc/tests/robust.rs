@@ -591,3 +591,141 @@ async fn read_result_refuses_a_missing_chunk_or_a_short_stream() {
         }
     }
 }
+
+// -- several addresses ------------------------------------------------------------
+
+/// A loopback address nothing listens on.
+async fn dead_address() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn addresses_are_one_or_several_separated_by_commas() {
+    assert_eq!(carsvc::addresses("h1:1"), ["h1:1"]);
+    assert_eq!(carsvc::addresses(" h1:1 , h2:2, "), ["h1:1", "h2:2"]);
+    assert!(carsvc::addresses(" , ").is_empty());
+    assert!(Client::connect(" , ").is_err());
+}
+
+#[tokio::test]
+async fn the_worker_connects_to_the_first_address_that_answers() {
+    let dead = dead_address().await;
+    let server = FakeServer::start(|mut call| async move {
+        call.recv::<ConnectRequest>().await; // the hello
+        call.send(&welcome(call.n));
+        while call.recv::<ConnectRequest>().await.is_some() {}
+    })
+    .await;
+    let (lines, sink) = log_sink();
+    let (tx, mut connected) = mpsc::unbounded_channel();
+    let worker = test_worker(&format!("{dead},{}", server.addr)).on_log(sink).on_connect(move |s| {
+        let _ = tx.send(s.to_string());
+    });
+    let running = tokio::spawn(worker.run_until(async { tokio::time::sleep(Duration::from_secs(20)).await }));
+    let session = tokio::time::timeout(Duration::from_secs(10), connected.recv()).await.expect("connected");
+    running.abort();
+    assert_eq!(session.as_deref(), Some("s1"));
+    assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+    let lines = lines.lock().unwrap().clone();
+    assert!(lines[0].starts_with("Warn: session ended (transport: "), "{lines:?}");
+    assert!(lines[0].ends_with(&format!(") at {dead}; reconnecting in 100ms (attempt 1)")), "{lines:?}");
+    assert_eq!(lines[1], format!("Info: connected to {} (session s1), serving a", server.addr));
+}
+
+/// How a replica's WatchRun ends after its events.
+#[derive(Clone, Copy, PartialEq)]
+enum Ends {
+    /// With run_finished (the last event) and OK.
+    Finished,
+    /// With UNAVAILABLE, as a replica going away says.
+    Unavailable,
+    /// It does not: the test stops the server, and the connection breaks.
+    Never,
+}
+
+/// A RunService whose WatchRun sends the events of `seqs` after the request's
+/// after_seq, then ends as `ends` says. `asked` collects the after_seq of each
+/// WatchRun; StartRun is answered.
+async fn replica(seqs: Vec<u64>, ends: Ends, asked: Arc<Mutex<Vec<u64>>>) -> FakeServer {
+    FakeServer::start(move |mut call| {
+        let (seqs, asked) = (seqs.clone(), asked.clone());
+        async move {
+            match call.path.as_str() {
+                "/car.v1.RunService/WatchRun" => {
+                    let request = call.recv::<carv1::WatchRunRequest>().await.unwrap();
+                    asked.lock().unwrap().push(request.after_seq);
+                    let last = *seqs.last().unwrap();
+                    for &seq in seqs.iter().filter(|&&s| s > request.after_seq) {
+                        let mut event = RunEvent { seq, run_id: request.run_id.clone(), ..Default::default() };
+                        if seq == last && ends == Ends::Finished {
+                            event.kind = Some(run_event::Kind::RunFinished(RunFinished::default()));
+                        }
+                        call.send(&WatchRunResponse { events: vec![event] });
+                    }
+                    match ends {
+                        Ends::Finished => call.finish(),
+                        Ends::Unavailable => {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+                            trailers
+                                .insert("grpc-message", http::HeaderValue::from_static("this replica is going away"));
+                            let _ = call.out.send_trailers(trailers);
+                        }
+                        Ends::Never => std::future::pending().await,
+                    }
+                }
+                "/car.v1.RunService/StartRun" => {
+                    let _ = call.recv::<carv1::StartRunRequest>().await;
+                    let run = carv1::RunHandle { run_id: "r1".into(), ..Default::default() };
+                    call.send(&carv1::StartRunResponse { run: Some(run) });
+                    call.finish();
+                }
+                path => panic!("unexpected call {path}"),
+            }
+        }
+    })
+    .await
+}
+
+async fn watch_resumes_at_the_next_address(ends: Ends) {
+    let (asked_a, asked_b) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let mut a = replica(vec![1, 2], ends, asked_a.clone()).await;
+    let b = replica(vec![1, 2, 3], Ends::Finished, asked_b.clone()).await;
+    let client = Client::connect(&format!("{},{}", a.addr, b.addr)).unwrap();
+    let mut events = client.watch("r1", 0).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap() {
+        seqs.push(event.seq);
+        if event.seq == 2 && ends == Ends::Never {
+            a.stop(); // the replica dies under the watch
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(*asked_a.lock().unwrap(), [0]);
+    assert_eq!(*asked_b.lock().unwrap(), [2], "the watch resumes after the last event");
+    assert_eq!(client.sidecars().target().await, b.addr);
+}
+
+#[tokio::test]
+async fn a_watch_resumes_at_the_next_address_after_unavailable() {
+    watch_resumes_at_the_next_address(Ends::Unavailable).await;
+}
+
+#[tokio::test]
+async fn a_watch_resumes_at_the_next_address_after_its_replica_died() {
+    watch_resumes_at_the_next_address(Ends::Never).await;
+}
+
+#[tokio::test]
+async fn a_client_given_a_dead_address_first_calls_the_live_one() {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let live = replica(vec![1], Ends::Finished, asked.clone()).await;
+    let client = Client::connect(&format!("{}, {}", dead_address().await, live.addr)).unwrap();
+    // A write is not retried, yet it lands: the client connects before it sends.
+    let handle = client.start_run(carsvc::single(carsvc::agent("a"), "t"), Default::default()).await.unwrap();
+    assert_eq!(handle.run_id, "r1");
+    let mut events = client.watch("r1", 0).await.unwrap();
+    assert!(events.next().await.unwrap().is_some());
+    assert_eq!(*asked.lock().unwrap(), [0]);
+}
