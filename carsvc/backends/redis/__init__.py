@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from carsvc.backends.redis.budgets import RedisBudgets
 from carsvc.backends.redis.bus import RedisBus
@@ -19,6 +21,9 @@ from carsvc.backends.redis.locks import RedisThreadLocks
 from carsvc.backends.redis.store import RedisRunStore
 
 __all__ = ["RedisBackend"]
+
+# Retries of a command while Redis cannot be reached (exponential, at most 2 s apart).
+RETRIES = 20
 
 
 class RedisBackend:
@@ -32,7 +37,12 @@ class RedisBackend:
         self.replica_id = replica_id or f"r-{uuid.uuid4().hex[:12]}"
         self.lease_ms = lease_ms
         # One connection pool per client; hiredis parses replies when installed.
-        self.client = redis.asyncio.Redis.from_url(url)
+        # Commands are retried for about 30 s while Redis restarts or a network
+        # blip passes (a budget script retried after a lost reply may count one
+        # agent twice: it can under-admit, never over-admit).
+        self.client = redis.asyncio.Redis.from_url(
+            url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES), retry_on_timeout=True
+        )
         self._store = RedisRunStore(self.client, redis.Redis.from_url(url))
         self._store.replica_id, self._store.lease_ms = self.replica_id, lease_ms
         self._budgets = RedisBudgets(self.client)
