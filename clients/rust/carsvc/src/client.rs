@@ -102,17 +102,6 @@ fn endpoint(target: &str) -> Result<Endpoint, Error> {
     Ok(Endpoint::from_shared(format!("http://{target}"))?)
 }
 
-/// An error and its sources, on one line.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(&format!(": {e}"));
-        source = e.source();
-    }
-    out
-}
-
 impl Sidecars {
     fn new(targets: Vec<String>) -> Result<Self, Error> {
         for target in &targets {
@@ -157,7 +146,7 @@ impl Sidecars {
                     return Ok((current.generation, channel));
                 }
                 Err(e) => {
-                    failures.push(format!("{target}: {}", chain(&e)));
+                    failures.push(format!("{target}: {}", Error::Transport(e)));
                     current.at = (current.at + 1) % targets.len();
                 }
             }

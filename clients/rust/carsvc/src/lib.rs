@@ -83,7 +83,19 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Transport(e) => write!(f, "transport: {e}"),
+            Error::Transport(e) => {
+                // tonic's own message is only "transport error": the cause is in its sources.
+                write!(f, "transport: {e}")?;
+                let (mut last, mut source) = (e.to_string(), std::error::Error::source(e));
+                while let Some(cause) = source {
+                    let text = cause.to_string();
+                    if text != last {
+                        write!(f, ": {text}")?;
+                    }
+                    (last, source) = (text, cause.source());
+                }
+                Ok(())
+            }
             Error::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
             Error::UndecodableFrame(s) => write!(f, "a frame from the sidecar could not be decoded: {}", s.message()),
             Error::Refused { target, status } => write!(
