@@ -6,12 +6,12 @@
 
     @worker.agent("summarizer")
     async def summarize(ctx):
-        await ctx.progress("reading")
+        ctx.progress("reading")
         seen = await ctx.state.get("seen") or 0
         await ctx.state.set("seen", seen + 1)
         return f"summary of {ctx.task!r}"
 
-    asyncio.run(worker.run())
+    worker.serve()  # until Ctrl-C or SIGTERM; `await worker.run()` inside an event loop
 
 A handler gets an AgentContext and returns the answer (a str), a Result, or an
 AgentOutput. An exception becomes the output's error; cancellation by the
@@ -21,9 +21,6 @@ graceful restart) are handled here. Given several sidecar addresses (replicas
 sharing one store), the worker connects to the first that answers and, when
 that session ends, reconnects to the next. A refused credential is final: run()
 raises WorkerRefused instead of reconnecting.
-
-A worker program calls `worker.serve()` instead of `asyncio.run(worker.run())`:
-Ctrl-C or SIGTERM then stops it quietly.
 """
 
 from __future__ import annotations
