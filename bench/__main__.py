@@ -4,6 +4,13 @@
     python -m bench --quick              # a seconds-long smoke run (CI runs this)
     python -m bench --only dispatch latency --skip autogen
     python -m bench --only journal --skip autogen raw hotpaths   # dispatch with and without --data-dir
+    python -m bench --backends embedded  # without the Redis variants (no redis-server needed)
+
+The dispatch, latency and fan-out scenarios run on every backend in --backends:
+the embedded default, and a Redis the suite starts (redis-server, AOF everysec)
+with 1 replica, or 2 replicas with the workers on one and the client on the
+other, so every agent crosses replicas. Redis's own CPU is counted with the
+sidecars' in the CPU rows.
 
 Every scenario starts its own sidecar and worker processes on loopback, warms up
 and measures --runs times; the table shows the median with [min, max] and each
@@ -27,22 +34,51 @@ from typing import Any
 import uvloop
 
 from bench import autogen_baseline, hotpaths, raw_grpc, report, scenarios
+from bench.procs import BACKENDS, Backend, RedisUnavailable, redis_server_path
 from bench.scenarios import Metric, Progress, Sizes
 
-SCENARIOS: dict[str, Callable[[Sizes, Progress], Awaitable[list[Metric]]]] = {
-    "dispatch": lambda s, p: _both(scenarios.dispatch(s, 1, p), scenarios.dispatch(s, 4, p)),
-    "journal": scenarios.dispatch_journal,
-    "latency": scenarios.latency,
-    "calls": scenarios.runtime_calls,
-    "fanout": scenarios.fan_out,
-    "stalled": scenarios.stalled_watchers,
-    "memory": lambda s, p: _both(scenarios.memory_retained(s, p), scenarios.memory_in_flight(s, p)),
+Scenario = Callable[[Sizes, Progress, list[Backend]], Awaitable[list[Metric]]]
+
+
+def _on_each(*runs: Callable[[Sizes, Progress, Backend], Awaitable[list[Metric]]]) -> Scenario:
+    """A scenario that measures `runs` on every backend asked for, one after
+    the other: never two clusters at once."""
+
+    async def scenario(sizes: Sizes, progress: Progress, backends: list[Backend]) -> list[Metric]:
+        metrics = []
+        for backend in backends:
+            for run in runs:
+                metrics.extend(await run(sizes, progress, backend))
+        return metrics
+
+    return scenario
+
+
+def _embedded(*runs: Callable[[Sizes, Progress], Awaitable[list[Metric]]]) -> Scenario:
+    """A scenario of the embedded backend only."""
+
+    async def scenario(sizes: Sizes, progress: Progress, backends: list[Backend]) -> list[Metric]:
+        metrics = []
+        for run in runs:
+            metrics.extend(await run(sizes, progress))
+        return metrics
+
+    return scenario
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "dispatch": _on_each(
+        lambda s, p, b: scenarios.dispatch(s, 1, p, b), lambda s, p, b: scenarios.dispatch(s, 4, p, b)
+    ),
+    "journal": _embedded(scenarios.dispatch_journal),
+    "latency": _on_each(scenarios.latency),
+    "calls": _embedded(scenarios.runtime_calls),
+    "fanout": _on_each(scenarios.fan_out),
+    "stalled": _embedded(scenarios.stalled_watchers),
+    "memory": _embedded(scenarios.memory_retained, scenarios.memory_in_flight),
 }
+ON_EVERY_BACKEND = ("dispatch", "latency", "fanout")
 BASELINES = ("raw", "autogen", "hotpaths")
-
-
-async def _both(first: Awaitable[list[Metric]], second: Awaitable[list[Metric]]) -> list[Metric]:
-    return [*await first, *await second]  # one after the other: never two clusters at once
 
 
 def _raw_config(sizes: Sizes, quick: bool) -> raw_grpc.Config:
@@ -72,6 +108,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="measured runs per scenario (default 5, quick 2)")
     parser.add_argument("--only", nargs="+", choices=sorted(SCENARIOS), help="run just these scenarios")
     parser.add_argument("--skip", nargs="+", default=[], choices=BASELINES, help="leave out these baselines")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=list(BACKENDS),
+        choices=list(BACKENDS),
+        help="run dispatch, latency and fan-out on these (default: all; redis1/redis2 start a redis-server)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where results.json and the plot go")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser.parse_args(argv)
@@ -93,7 +136,7 @@ async def _suite(args: argparse.Namespace, sizes: Sizes, progress: Progress) -> 
     metrics: list[Metric] = []
     for name in args.only or SCENARIOS:
         started = time.perf_counter()
-        metrics.extend(await SCENARIOS[name](sizes, progress))
+        metrics.extend(await SCENARIOS[name](sizes, progress, [BACKENDS[b] for b in args.backends]))
         progress(f"{name}: done in {time.perf_counter() - started:.1f}s")
     doc["baselines"] = baselines
     doc["notes"] = notes
@@ -115,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.runs < 1:
             raise SystemExit("--runs must be at least 1")
         sizes.runs = args.runs
+    if any(BACKENDS[b].replicas for b in args.backends) and set(args.only or SCENARIOS) & set(ON_EVERY_BACKEND):
+        try:
+            redis_server_path()  # before the baselines: say so at once
+        except RedisUnavailable as err:
+            raise SystemExit(f"python -m bench: {err}") from None
 
     def progress(message: str) -> None:
         if not args.quiet:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +37,9 @@ def process_cpu_seconds(pid: int) -> float:
 class Child:
     """A child process with its stderr drained on a thread (so it never blocks)."""
 
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, name: str = "") -> None:
         self.args = list(args)
+        self.name = name or " ".join(self.args[2:4])
         self.proc = subprocess.Popen(
             self.args,
             cwd=ROOT,
@@ -69,12 +74,10 @@ class Child:
                 seen = len(self.lines)
                 if self.proc.poll() is not None:
                     tail = "\n".join(self.lines[-20:])
-                    raise RuntimeError(
-                        f"{self.args[2:4]} exited ({self.proc.returncode}) before {regex.pattern!r}:\n{tail}"
-                    )
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {regex.pattern!r}:\n{tail}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no {regex.pattern!r} from {self.args[2:4]} within {timeout}s")
+                    raise TimeoutError(f"no {regex.pattern!r} from {self.name} within {timeout}s")
                 self._seen.wait(min(left, 0.2))
 
     def rss_bytes(self) -> int:
@@ -161,6 +164,164 @@ def cluster(
             children.append(proc)
             procs.append(proc)
         yield sidecar, procs
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+# -- the Redis backend -------------------------------------------------------------------
+
+REDIS_SERVER = "/usr/bin/redis-server"  # Debian's redis-server package
+
+
+class RedisUnavailable(RuntimeError):
+    """No redis-server to run the Redis scenarios with."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_server_path() -> str:
+    found = shutil.which("redis-server") or REDIS_SERVER
+    if not Path(found).exists():
+        raise RedisUnavailable(
+            "the Redis scenarios need redis-server (Debian: apt-get install redis-server), "
+            "or leave them out with --backends embedded"
+        )
+    return found
+
+
+class RedisServer(Child):
+    """redis-server on a free loopback port in its own temp dir, configured as
+    docs/operations.md recommends (AOF with appendfsync everysec, no RDB
+    snapshots); `url` once it accepts connections, its files removed on stop."""
+
+    def __init__(self) -> None:
+        path = redis_server_path()
+        self._dir = tempfile.TemporaryDirectory(prefix="carsvc-bench-redis-")
+        for attempt in range(5):  # another process may take the free port first
+            self.port = free_port()
+            super().__init__(
+                [
+                    path,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    self._dir.name,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "notice",
+                ],
+                name=f"redis-server on port {self.port}",
+            )
+            try:
+                self.wait_for("Ready to accept connections", 15)
+                break
+            except (RuntimeError, TimeoutError):
+                Child.stop(self)
+                if attempt == 4 or not any("in use" in line for line in self.lines):
+                    self._dir.cleanup()
+                    raise
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        super().stop()
+        self._dir.cleanup()  # idempotent
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a scenario's sidecar keeps its runs: the embedded default
+    (replicas 0), or a Redis with 1 or 2 replicas. With 2, the workers connect
+    to replica A and the client to replica B, so every agent crosses replicas."""
+
+    replicas: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"redis{self.replicas}" if self.replicas else "embedded"
+
+    @property
+    def key(self) -> str:
+        """The suffix of a metric's key ("" for the embedded backend, whose keys predate the others)."""
+        return f"_redis{self.replicas}" if self.replicas else ""
+
+    @property
+    def label(self) -> str:
+        if not self.replicas:
+            return ""
+        if self.replicas == 1:
+            return ", Redis 1 replica"
+        return f", Redis {self.replicas} replicas"
+
+
+EMBEDDED = Backend(0)
+BACKENDS = {b.name: b for b in (EMBEDDED, Backend(1), Backend(2))}
+
+
+class Deployment:
+    """One scenario's processes: the sidecar replicas, the worker processes
+    (connected to the first replica), the Redis server if any, and the address
+    the client uses (the last replica)."""
+
+    def __init__(self, sidecars: list[Sidecar], workers: list[WorkerProcess], redis: RedisServer | None) -> None:
+        self.sidecars = sidecars
+        self.workers = workers
+        self.redis = redis
+        self.address = sidecars[-1].address
+
+    def sidecar_cpu_seconds(self) -> float:
+        return sum(s.cpu_seconds() for s in self.sidecars)
+
+    def redis_cpu_seconds(self) -> float:
+        return self.redis.cpu_seconds() if self.redis is not None else 0.0
+
+    def cpu_seconds(self) -> float:
+        """CPU time so far of every sidecar replica and of Redis (not the workers')."""
+        return self.sidecar_cpu_seconds() + self.redis_cpu_seconds()
+
+
+@contextlib.contextmanager
+def deploy(
+    backend: Backend, workers: int, *, max_in_flight: int, heartbeat_ms: int | None = None
+) -> Iterator[Deployment]:
+    """`backend`'s sidecar(s) and `workers` worker processes, all stopped on exit.
+    `heartbeat_ms` (default: the sidecar's, 5 s) is also how often replicas
+    read the cluster's directory: the first run on replica B waits up to that
+    long for B to learn of A's workers."""
+    children: list[Child] = []
+    try:
+        redis = None
+        sidecar_args: tuple[str, ...] = ()
+        if heartbeat_ms is not None:
+            sidecar_args += ("--heartbeat-interval-ms", str(heartbeat_ms))
+        if backend.replicas:
+            redis = RedisServer()
+            children.append(redis)
+            sidecar_args += ("--backend", redis.url)
+        sidecars = []
+        for _ in range(max(backend.replicas, 1)):
+            sidecars.append(Sidecar(*sidecar_args))
+            children.append(sidecars[-1])
+        procs = []
+        for i in range(workers):
+            proc = WorkerProcess(sidecars[0].address, worker_id=f"bench-{i}", max_in_flight=max_in_flight)
+            children.append(proc)
+            procs.append(proc)
+        yield Deployment(sidecars, procs, redis)
     finally:
         for child in reversed(children):
             child.stop()

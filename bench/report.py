@@ -27,15 +27,23 @@ def ratio(metric: Metric, baseline: float) -> float:
     return baseline / ours
 
 
-def _target_cell(metric: Metric, smoke: bool) -> str:
-    if metric.target is None:
+def _target_cell(metric: Metric, smoke: bool, embedded: dict[str, Metric]) -> str:
+    """The target and whether the median meets it: an absolute one, or one
+    relative to the embedded backend's median ("≤2.0x embedded")."""
+    sign = "≥" if metric.better == "higher" else "≤"
+    if metric.target is not None:
+        target, shown = metric.target, _fmt(metric.target)
+    elif metric.target_x is not None and metric.embedded in embedded:
+        base = statistics.median(embedded[metric.embedded].values)
+        target = base * metric.target_x if metric.better == "lower" else base / metric.target_x
+        shown = f"{metric.target_x:g}x emb."
+    else:
         return ""
     if smoke:
         return "(smoke run)"  # tiny sizes: a target says nothing here
     ours = statistics.median(metric.values)
-    met = ours >= metric.target if metric.better == "higher" else ours <= metric.target
-    sign = "≥" if metric.better == "higher" else "≤"
-    return f"{sign}{_fmt(metric.target)} {'met' if met else 'MISSED'}"
+    met = ours >= target if metric.better == "higher" else ours <= target
+    return f"{sign}{shown} {'met' if met else 'MISSED'}"
 
 
 BASELINE_NAMES = {"raw": "raw gRPC", "autogen": "AutoGen"}
@@ -48,11 +56,18 @@ def table(
     *,
     smoke: bool = False,
 ) -> str:
-    """One row per metric: median [min, max], target, and ratios to baselines."""
-    rows = [("metric", "unit", "median [min, max]", "target", "vs raw gRPC", "vs AutoGen")]
+    """One row per metric: median [min, max], target, and ratios to the
+    baselines and, for a Redis-backed figure, to the embedded backend's."""
+    by_key = {m.key: m for m in metrics}
+    redis = any(m.embedded for m in metrics)
+    head = ("metric", "unit", "median [min, max]", "target", "vs raw gRPC", "vs AutoGen")
+    rows: list[tuple[str, ...]] = [(*head, "vs embedded") if redis else head]
     for m in metrics:
         s = stats(m.values)
-        cells = {"raw": "", "autogen": ""}
+        cells = {"raw": "", "autogen": "", "embedded": ""}
+        if m.embedded:
+            same = by_key.get(m.embedded)
+            cells["embedded"] = f"{ratio(m, statistics.median(same.values)):.2f}x" if same else "n/a"
         for key in m.compare:
             source, _, name = key.partition(".")
             base = baselines.get(source, {}).get(name)
@@ -65,9 +80,10 @@ def table(
                 m.label,
                 m.unit,
                 f"{_fmt(s['median'])} [{_fmt(s['min'])}, {_fmt(s['max'])}]",
-                _target_cell(m, smoke),
+                _target_cell(m, smoke, by_key),
                 cells["raw"],
                 cells["autogen"],
+                *([cells["embedded"]] if redis else []),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -75,6 +91,11 @@ def table(
     lines.insert(1, "-" * len(lines[0]))
     lines.append("")
     lines.append("x: carsvc's median against the baseline's median (in brackets), > 1 means carsvc is better.")
+    if redis:
+        lines.append(
+            "vs embedded: the Redis-backed median against the embedded backend's in this run, > 1 means Redis is "
+            "better; with 2 replicas the workers are on one and the client on the other."
+        )
     lines.extend(f"{name}: {why}" for name, why in notes.items())
     return "\n".join(lines)
 
@@ -107,7 +128,7 @@ def plot(path: Path, metrics: dict[str, Metric], baselines: dict[str, dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours, raw, autogen = "#1f77b4", "#7f7f7f", "#d62728"
+    ours, redis, raw, autogen = "#1f77b4", "#17becf", "#7f7f7f", "#d62728"
     through: list[tuple[str, tuple[float, float, float], str]] = []
     latency: list[tuple[str, tuple[float, float, float], str]] = []
 
@@ -123,16 +144,24 @@ def plot(path: Path, metrics: dict[str, Metric], baselines: dict[str, dict[str, 
     raw_b, ag_b = baselines.get("raw", {}), baselines.get("autogen", {})
     add(through, "carsvc dispatch, 4 workers", mine("dispatch_4w_runs_per_s"), ours)
     add(through, "carsvc dispatch, 1 worker", mine("dispatch_1w_runs_per_s"), ours)
+    add(through, "carsvc on Redis, 4 workers", mine("dispatch_4w_redis1_runs_per_s"), redis)
+    add(through, "carsvc on Redis, 1 worker", mine("dispatch_1w_redis1_runs_per_s"), redis)
+    add(through, "carsvc on Redis x2, 4 workers", mine("dispatch_4w_redis2_runs_per_s"), redis)
+    add(through, "carsvc on Redis x2, 1 worker", mine("dispatch_1w_redis2_runs_per_s"), redis)
     add(through, "raw gRPC, 64 in flight", raw_b.get("pipelined_msgs_per_s"), raw)
     add(through, "AutoGen, 64 concurrent", ag_b.get("concurrent64_msgs_per_s"), autogen)
     add(latency, "carsvc single agent p50", mine("latency_p50_us"), ours)
+    add(latency, "carsvc on Redis p50", mine("latency_redis1_p50_us"), redis)
+    add(latency, "carsvc on Redis x2 p50", mine("latency_redis2_p50_us"), redis)
     add(latency, "raw gRPC ping-pong p50", raw_b.get("pingpong_p50_us"), raw)
     add(latency, "AutoGen request p50", ag_b.get("sequential_p50_us"), autogen)
     add(latency, "carsvc single agent p99", mine("latency_p99_us"), ours)
+    add(latency, "carsvc on Redis p99", mine("latency_redis1_p99_us"), redis)
+    add(latency, "carsvc on Redis x2 p99", mine("latency_redis2_p99_us"), redis)
     add(latency, "raw gRPC ping-pong p99", raw_b.get("pingpong_p99_us"), raw)
     add(latency, "AutoGen request p99", ag_b.get("sequential_p99_us"), autogen)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6))
     _bar(
         left, [r[0] for r in through], [r[1] for r in through], [r[2] for r in through], "per second (higher is better)"
     )

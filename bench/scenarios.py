@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import grpc
 
-from bench.procs import Sidecar, WorkerProcess, cluster
+from bench.procs import EMBEDDED, Backend, Sidecar, WorkerProcess, cluster, deploy
 from carsvc._proto.car.v1 import runs_pb2, runs_pb2_grpc, types_pb2
 from carsvc.client import Client, agent, map_reduce, single
 
@@ -38,6 +38,11 @@ class Metric:
     # this figure is compared with.
     compare: list[str] = field(default_factory=list)
     note: str = ""
+    # A Redis-backed figure: the key of the embedded backend's figure of the same
+    # run it is compared with ("vs embedded"), and a target relative to it (a
+    # factor of the embedded median: ≤ 2.0 for a latency at most twice as long).
+    embedded: str = ""
+    target_x: float | None = None
 
 
 @dataclass
@@ -58,6 +63,9 @@ class Sizes:
     worker_connections: int = 1_000
     in_flight: int = 10_000
     worker_processes: int = 4
+    # The sidecars' --heartbeat-interval-ms (None: their default, 5 s). Replicas
+    # read the cluster directory that often, so a smoke run shortens it.
+    heartbeat_ms: int | None = None
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -76,6 +84,7 @@ class Sizes:
             worker_connections=8,
             in_flight=80,
             worker_processes=2,
+            heartbeat_ms=500,
         )
 
 
@@ -102,29 +111,45 @@ async def _map_reduce(client: Client, mapper: str, items: list[str], max_concurr
 # -- 1. dispatch throughput -------------------------------------------------------------
 
 
-async def dispatch(sizes: Sizes, workers: int, progress: Progress) -> list[Metric]:
+async def dispatch(sizes: Sizes, workers: int, progress: Progress, backend: Backend = EMBEDDED) -> list[Metric]:
+    w = f"{workers}w"
     rate = Metric(
-        f"dispatch_{workers}w_runs_per_s",
-        f"dispatch, {workers} worker process{'es' if workers > 1 else ''}",
+        f"dispatch_{w}{backend.key}_runs_per_s",
+        f"dispatch, {workers} worker process{'es' if workers > 1 else ''}{backend.label}",
         "agent runs/s",
         "higher",
-        target=20_000 if workers == 4 else None,
+        target=(10_000 if backend.replicas else 20_000 if workers == 4 else None),
         compare=["raw.pipelined_msgs_per_s", "autogen.concurrent64_msgs_per_s"],
+        embedded=f"dispatch_{w}_runs_per_s" if backend.replicas else "",
     )
-    cpu = Metric(f"dispatch_{workers}w_sidecar_cpu_us", f"dispatch, {workers}w: sidecar CPU per agent", "µs", "lower")
+    if backend.replicas:
+        cpu = Metric(
+            f"dispatch_{w}{backend.key}_cpu_us",
+            f"dispatch, {w}{backend.label}: sidecars + Redis CPU per agent",
+            "µs",
+            "lower",
+            embedded=f"dispatch_{w}_sidecar_cpu_us",
+        )
+        redis_cpu = [Metric(f"dispatch_{w}{backend.key}_redis_cpu_us", "  of which Redis", "µs", "lower")]
+    else:
+        cpu = Metric(f"dispatch_{w}_sidecar_cpu_us", f"dispatch, {w}: sidecar CPU per agent", "µs", "lower")
+        redis_cpu = []
+    name = f"dispatch {w}{backend.label}"
     items = [str(i) for i in range(sizes.dispatch_items)]
-    with cluster(workers, max_in_flight=sizes.max_concurrent) as (sidecar, _):
-        async with Client(sidecar.address) as client:
-            progress(f"dispatch {workers}w: warm-up")
+    with deploy(backend, workers, max_in_flight=sizes.max_concurrent, heartbeat_ms=sizes.heartbeat_ms) as deployed:
+        async with Client(deployed.address) as client:
+            progress(f"{name}: warm-up")
             await _map_reduce(client, "noop", items[: max(len(items) // 4, 10)], sizes.max_concurrent)
             for i in range(sizes.runs):
-                progress(f"dispatch {workers}w: run {i + 1}/{sizes.runs}")
-                cpu0 = sidecar.cpu_seconds()
+                progress(f"{name}: run {i + 1}/{sizes.runs}")
+                cpu0, redis0 = deployed.cpu_seconds(), deployed.redis_cpu_seconds()
                 elapsed = await _map_reduce(client, "noop", items, sizes.max_concurrent)
                 agents = len(items) + 1  # the mappers and the reducer
                 rate.values.append(agents / elapsed)
-                cpu.values.append((sidecar.cpu_seconds() - cpu0) / agents * 1e6)
-    return [rate, cpu]
+                cpu.values.append((deployed.cpu_seconds() - cpu0) / agents * 1e6)
+                for m in redis_cpu:
+                    m.values.append((deployed.redis_cpu_seconds() - redis0) / agents * 1e6)
+    return [rate, cpu, *redis_cpu]
 
 
 # -- 1b. dispatch with a journal --------------------------------------------------------
@@ -166,34 +191,52 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-async def latency(sizes: Sizes, progress: Progress) -> list[Metric]:
+async def latency(sizes: Sizes, progress: Progress, backend: Backend = EMBEDDED) -> list[Metric]:
     """Single-agent runs over one run stream (Client.run_stream): one at a
     time for the round trip, then 64 at once for the rate."""
+    k, where = backend.key, backend.label
+
+    def versus(key: str) -> str:
+        return key if backend.replicas else ""
+
     p50 = Metric(
-        "latency_p50_us",
-        "single-agent round trip p50",
+        f"latency{k}_p50_us",
+        f"single-agent round trip p50{where}",
         "µs",
         "lower",
-        target=300,
+        target=None if backend.replicas else 300,
         compare=["raw.pingpong_p50_us", "autogen.sequential_p50_us"],
+        embedded=versus("latency_p50_us"),
+        target_x=2.0 if backend.replicas else None,
     )
     p99 = Metric(
-        "latency_p99_us",
-        "single-agent round trip p99",
+        f"latency{k}_p99_us",
+        f"single-agent round trip p99{where}",
         "µs",
         "lower",
-        target=1_000,
+        target=None if backend.replicas else 1_000,
         compare=["raw.pingpong_p99_us", "autogen.sequential_p99_us"],
+        embedded=versus("latency_p99_us"),
     )
+    cpu = Metric(
+        f"latency{k}_cpu_us",
+        f"single-agent run{where}: {'sidecars + Redis' if backend.replicas else 'sidecar'} CPU",
+        "µs",
+        "lower",
+        embedded=versus("latency_cpu_us"),
+    )
+    redis_cpu = [Metric(f"latency{k}_redis_cpu_us", "  of which Redis", "µs", "lower")] if backend.replicas else []
     rate = Metric(
-        "single_runs_64_per_s",
-        "single-agent runs, 64 in flight",
+        f"single_runs_64{k}_per_s",
+        f"single-agent runs, 64 in flight{where}",
         "runs/s",
         "higher",
         compare=["raw.pipelined_msgs_per_s", "autogen.concurrent64_msgs_per_s"],
+        embedded=versus("single_runs_64_per_s"),
     )
-    with cluster(1, max_in_flight=64) as (sidecar, _):
-        async with Client(sidecar.address) as client, client.run_stream() as stream:
+    name = f"latency{where}"
+    with deploy(backend, 1, max_in_flight=64, heartbeat_ms=sizes.heartbeat_ms) as deployed:
+        async with Client(deployed.address) as client, client.run_stream() as stream:
 
             async def one() -> float:
                 started = time.perf_counter()
@@ -207,19 +250,23 @@ async def latency(sizes: Sizes, progress: Progress) -> list[Metric]:
                 for _ in range(count):
                     await one()
 
-            progress("latency: warm-up")
+            progress(f"{name}: warm-up")
             for _ in range(max(sizes.latency_runs // 5, 10)):
                 await one()
             for i in range(sizes.runs):
-                progress(f"latency: run {i + 1}/{sizes.runs}")
+                progress(f"{name}: run {i + 1}/{sizes.runs}")
+                cpu0, redis0 = deployed.cpu_seconds(), deployed.redis_cpu_seconds()
                 samples = sorted([await one() for _ in range(sizes.latency_runs)])
+                cpu.values.append((deployed.cpu_seconds() - cpu0) / sizes.latency_runs * 1e6)
+                for m in redis_cpu:
+                    m.values.append((deployed.redis_cpu_seconds() - redis0) / sizes.latency_runs * 1e6)
                 p50.values.append(_percentile(samples, 0.50))
                 p99.values.append(_percentile(samples, 0.99))
                 per_lane = max(sizes.latency_runs // 8, 1)
                 started = time.perf_counter()
                 await asyncio.gather(*(lane(per_lane) for _ in range(64)))
                 rate.values.append(64 * per_lane / (time.perf_counter() - started))
-    return [p50, p99, rate]
+    return [p50, p99, cpu, *redis_cpu, rate]
 
 
 # -- 3. runtime calls ----------------------------------------------------------------------
@@ -262,18 +309,37 @@ async def runtime_calls(sizes: Sizes, progress: Progress) -> list[Metric]:
 # -- 4. fan-out -----------------------------------------------------------------------------
 
 
-async def fan_out(sizes: Sizes, progress: Progress) -> list[Metric]:
-    delivered = Metric("fanout_events_per_s", f"events delivered to {sizes.watchers} watchers", "events/s", "higher")
-    alone = Metric("fanout_run_alone_runs_per_s", "watched run's throughput, no watchers", "agent runs/s", "higher")
-    watched = Metric(
-        "fanout_run_watched_runs_per_s",
-        f"watched run's throughput, {sizes.watchers} watchers",
+async def fan_out(sizes: Sizes, progress: Progress, backend: Backend = EMBEDDED) -> list[Metric]:
+    k, where = backend.key, backend.label
+
+    def versus(key: str) -> str:
+        return key if backend.replicas else ""
+
+    delivered = Metric(
+        f"fanout{k}_events_per_s",
+        f"events delivered to {sizes.watchers} watchers{where}",
+        "events/s",
+        "higher",
+        embedded=versus("fanout_events_per_s"),
+    )
+    alone = Metric(
+        f"fanout{k}_run_alone_runs_per_s",
+        f"watched run's throughput, no watchers{where}",
         "agent runs/s",
         "higher",
+        embedded=versus("fanout_run_alone_runs_per_s"),
     )
+    watched = Metric(
+        f"fanout{k}_run_watched_runs_per_s",
+        f"watched run's throughput, {sizes.watchers} watchers{where}",
+        "agent runs/s",
+        "higher",
+        embedded=versus("fanout_run_watched_runs_per_s"),
+    )
+    name = f"fan-out{where}"
     items = [str(i) for i in range(sizes.fanout_items)]
-    with cluster(1, max_in_flight=sizes.max_concurrent) as (sidecar, _):
-        async with Client(sidecar.address) as client:
+    with deploy(backend, 1, max_in_flight=sizes.max_concurrent, heartbeat_ms=sizes.heartbeat_ms) as deployed:
+        async with Client(deployed.address) as client:
 
             async def watch_all(run_id: str) -> int:
                 count = 0
@@ -281,10 +347,10 @@ async def fan_out(sizes: Sizes, progress: Progress) -> list[Metric]:
                     count += 1
                 return count
 
-            progress("fan-out: warm-up")
+            progress(f"{name}: warm-up")
             await _map_reduce(client, "noop", items[: max(len(items) // 4, 10)], sizes.max_concurrent)
             for i in range(sizes.runs):
-                progress(f"fan-out: run {i + 1}/{sizes.runs}")
+                progress(f"{name}: run {i + 1}/{sizes.runs}")
                 alone.values.append((len(items) + 1) / await _map_reduce(client, "noop", items, sizes.max_concurrent))
                 started = time.perf_counter()
                 handle = await client.start_run(
