@@ -8,11 +8,12 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from carsvc._proto.car.v1 import state_pb2, types_pb2
 from carsvc._proto.car.v1.registry_pb2 import ListAgentsRequest
-from carsvc.client import Client, agent, map_reduce, single
+from carsvc.client import Client, agent, map_reduce, resume, single, swarm
 from carsvc.server import Sidecar
 from carsvc.worker import AgentContext
 from tests.conftest import TEST_SETTINGS, Workers
@@ -163,3 +164,62 @@ async def test_a_restarted_replica_reads_the_state_others_wrote(redis_url: str) 
             assert await client.get_state("kept", "n") == 41
     finally:
         await second.stop(grace=0.5)
+
+
+async def test_a_decision_sent_to_any_replica_reaches_the_agent_waiting_on_another(replicas: list[Sidecar]) -> None:
+    """The run is on b, its agent's worker on a, the client decides through a."""
+    a, b = replicas
+    pool = Workers(a.address)
+
+    async def careful(ctx: AgentContext) -> str:
+        decision = await ctx.suspend_tool_call("call-1", "shell", {"cmd": "deploy"})
+        return f"deployed: {decision.result}" if decision.approved else "held back"
+
+    await pool.start({"deployer": careful})
+    try:
+        await until_peers_see(replicas, "deployer")
+        async with Client(b.address) as on_b, Client(a.address) as on_a:
+            handle = await on_b.start_run(single(agent("deployer", tools=["shell"]), "ship it"), agent_id="alice")
+            async with asyncio.timeout(10):
+                while (await on_a.get_run(handle.run_id)).status != types_pb2.RUN_STATUS_WAITING:
+                    await asyncio.sleep(0.05)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # the owner check holds on the other replica
+                await on_a.submit_decisions(resume("call-1", "ok"), run_id=handle.run_id, agent_id="mallory")
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            answer = await on_a.submit_decisions(resume("call-1", "ok"), run_id=handle.run_id, agent_id="alice")
+            assert answer.applied_decision_ids
+            run = await on_a.wait(handle.run_id)
+        assert run.status == SUCCEEDED and run.result.single.output.answer == "deployed: ok"
+    finally:
+        await pool.stop_all()
+
+
+async def test_agents_on_workers_at_different_replicas_exchange_mailbox_messages(replicas: list[Sidecar]) -> None:
+    """A swarm on b whose two agents' workers sit on a and on b: each one's
+    message reaches the other through the run's mailbox on b."""
+    a, b = replicas
+    pools = [Workers(a.address), Workers(b.address)]
+    arrived: set[str] = set()
+    both = asyncio.Event()
+
+    async def talker(ctx: AgentContext) -> str:
+        arrived.add(ctx.name)
+        if len(arrived) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 10)
+        await ctx.send("b" if ctx.name == "a" else "a", f"hello from {ctx.name}")
+        message = await ctx.recv(timeout=10)
+        return f"{ctx.name} heard {message.payload.string_value}"
+
+    await pools[0].start({"a": talker})
+    await pools[1].start({"b": talker})
+    try:
+        await until_peers_see(replicas, "a")
+        async with Client(b.address) as client:
+            run = await client.run(swarm([agent("a"), agent("b")], "talk"))
+        assert run.status == SUCCEEDED, run.termination_detail
+        answers = sorted(o.answer for o in run.result.swarm.outputs)
+        assert answers == ["a heard hello from b", "b heard hello from a"]
+    finally:
+        for pool in pools:
+            await pool.stop_all()

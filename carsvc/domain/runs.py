@@ -658,6 +658,7 @@ class RunManager:
                 )
             )
         )
+        self._journal_run(record)  # other replicas read its status from the store
 
     def _finish(self, record: RunRecord, status: int, reason: str, detail: str, *, at_once: bool = False) -> None:
         """Ends a run: its run_finished event and final record go to the journal
