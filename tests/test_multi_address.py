@@ -44,7 +44,7 @@ async def _wait_connected_to(worker: Worker, address: str, timeout: float = 20) 
             await asyncio.sleep(0.02)
 
 
-def test_addresses_are_one_a_comma_separated_list_or_a_list() -> None:
+async def test_addresses_are_one_a_comma_separated_list_or_a_list() -> None:
     assert addresses("h1:1") == ["h1:1"]
     assert addresses("h1:1,h2:2") == ["h1:1", "h2:2"]
     assert addresses(" h1:1 , h2:2, ") == ["h1:1", "h2:2"]
@@ -54,7 +54,11 @@ def test_addresses_are_one_a_comma_separated_list_or_a_list() -> None:
         with pytest.raises(ValueError, match="no sidecar address"):
             addresses(empty)
     assert Worker("a:1, b:2").targets == ["a:1", "b:2"]
-    assert Client(["a:1", "b:2"]).targets == ["a:1", "b:2"]
+    client = Client(["a:1", "b:2"])
+    try:
+        assert client.targets == ["a:1", "b:2"]
+    finally:
+        await client.close()
 
 
 async def test_a_worker_given_a_dead_address_first_connects_to_the_live_one(
