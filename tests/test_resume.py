@@ -185,6 +185,7 @@ async def test_a_run_that_opted_out_ends_sidecar_restarted(
     async with sidecar_process(port, store, ENV), Client(address) as client:
         ended = await client.get_run(opted_out.run_id)
         assert (ended.status, ended.termination_reason) == (types_pb2.RUN_STATUS_FAILED, "sidecar_restarted")
+        assert ended.budget.agents_started == 1  # its spend as last reported, not an empty budget
         assert (await client.get_run(kept.run_id)).status == types_pb2.RUN_STATUS_RUNNING
         await client.cancel(kept.run_id)
 

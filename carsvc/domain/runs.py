@@ -660,11 +660,21 @@ class RunManager:
         )
         self._journal_run(record)  # other replicas read its status from the store
 
-    def _finish(self, record: RunRecord, status: int, reason: str, detail: str, *, at_once: bool = False) -> None:
+    def _finish(
+        self,
+        record: RunRecord,
+        status: int,
+        reason: str,
+        detail: str,
+        *,
+        at_once: bool = False,
+        budget: types_pb2.BudgetSnapshot | None = None,
+    ) -> None:
         """Ends a run: its run_finished event and final record go to the journal
         first; what shows the end to clients (status, `done`, the thread's next
         run) follows at once, or, in strict mode and while the journal lags,
-        once the journal has committed it."""
+        once the journal has committed it. `budget`: its final budget, when
+        this replica's counters do not know it (a run ended after a restart)."""
         if record.ending:
             return
         record.ending = True
@@ -672,7 +682,7 @@ class RunManager:
         record.termination_reason = reason
         record.termination_detail = detail
         record.finished_ms = now_ms()
-        record.final_budget = snapshot_to_proto(record.infra.budget.snapshot())
+        record.final_budget = budget or snapshot_to_proto(record.infra.budget.snapshot())
         record.events.append(RunEvent(run_finished=record.finished_event(status)))
         record.events.close()
         record.pattern = _Ended(record.pattern.name)  # its request messages can go
@@ -807,7 +817,11 @@ class RunManager:
                     resumed.append(record)
                     continue
                 # Not served yet: a crash before this end is committed ends the run the same way again.
-                self._finish(record, FAILED, "sidecar_restarted", why, at_once=True)
+                # Its spend as last reported (the counters here start from nothing).
+                spent = [e.budget_updated.budget for e in record.events.since(0) if e.HasField("budget_updated")]
+                self._finish(
+                    record, FAILED, "sidecar_restarted", why, at_once=True, budget=spent[-1] if spent else run.budget
+                )
         for record in resumed:
             if await self.threads.acquire(record.thread_id, record.run_id) != record.run_id:
                 record.status = PENDING
