@@ -151,12 +151,12 @@ class WorkerProcess(Child):
 
 @contextlib.contextmanager
 def cluster(
-    workers: int, *, max_in_flight: int, sidecar_args: Sequence[str] = ()
+    workers: int, *, max_in_flight: int, sidecar_args: Sequence[str] = (), env: dict[str, str] | None = None
 ) -> Iterator[tuple[Sidecar, list[WorkerProcess]]]:
     """A sidecar and `workers` worker processes, all stopped on exit."""
     children: list[Child] = []
     try:
-        sidecar = Sidecar(*sidecar_args)
+        sidecar = Sidecar(*sidecar_args, env=env)
         children.append(sidecar)
         procs = []
         for i in range(workers):
@@ -296,9 +296,15 @@ class Deployment:
 
 @contextlib.contextmanager
 def deploy(
-    backend: Backend, workers: int, *, max_in_flight: int, heartbeat_ms: int | None = None
+    backend: Backend,
+    workers: int,
+    *,
+    max_in_flight: int,
+    heartbeat_ms: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Deployment]:
-    """`backend`'s sidecar(s) and `workers` worker processes, all stopped on exit.
+    """`backend`'s sidecar(s) and `workers` worker processes, all stopped on
+    exit; `env`: the sidecars' extra environment (CARSVC_* settings).
     `heartbeat_ms` (default: the sidecar's, 5 s) is also how often replicas
     read the cluster's directory: the first run on replica B waits up to that
     long for B to learn of A's workers."""
@@ -314,7 +320,7 @@ def deploy(
             sidecar_args += ("--backend", redis.url)
         sidecars = []
         for _ in range(max(backend.replicas, 1)):
-            sidecars.append(Sidecar(*sidecar_args))
+            sidecars.append(Sidecar(*sidecar_args, env=env))
             children.append(sidecars[-1])
         procs = []
         for i in range(workers):

@@ -88,6 +88,19 @@ class Sizes:
         )
 
 
+def whole_run_watchable(items: int) -> dict[str, str]:
+    """The sidecar environment of a scenario whose client reads every event of
+    a map-reduce of `items` through Client.run: watcher_buffer (default 4,096)
+    and event_retention (10,000) raised above the run's ~3 events per item.
+    With the defaults, the client (this process, sharing two cores with the
+    sidecar and the workers) falls that far behind a 20,000-item map-reduce:
+    the sidecar ends its Session, and Client.run's fallback watch fails once
+    the events it missed are dropped (BENCHMARKS.md, "Client.run and
+    watcher_buffer")."""
+    events = str(max(10_000, 4 * items + 64))
+    return {"CARSVC_WATCHER_BUFFER": events, "CARSVC_EVENT_RETENTION": events}
+
+
 def _check(run: object, what: str) -> None:
     status = getattr(run, "status", None)
     if status != types_pb2.RUN_STATUS_SUCCEEDED:
@@ -136,7 +149,13 @@ async def dispatch(sizes: Sizes, workers: int, progress: Progress, backend: Back
         redis_cpu = []
     name = f"dispatch {w}{backend.label}"
     items = [str(i) for i in range(sizes.dispatch_items)]
-    with deploy(backend, workers, max_in_flight=sizes.max_concurrent, heartbeat_ms=sizes.heartbeat_ms) as deployed:
+    with deploy(
+        backend,
+        workers,
+        max_in_flight=sizes.max_concurrent,
+        heartbeat_ms=sizes.heartbeat_ms,
+        env=whole_run_watchable(len(items)),
+    ) as deployed:
         async with Client(deployed.address) as client:
             progress(f"{name}: warm-up")
             await _map_reduce(client, "noop", items[: max(len(items) // 4, 10)], sizes.max_concurrent)
@@ -168,8 +187,13 @@ async def dispatch_journal(sizes: Sizes, progress: Progress) -> list[Metric]:
     agents = len(items) + 1  # the mappers and the reducer
     with (
         tempfile.TemporaryDirectory(prefix="carsvc-bench-") as data_dir,
-        cluster(1, max_in_flight=sizes.max_concurrent) as (plain, _),
-        cluster(1, max_in_flight=sizes.max_concurrent, sidecar_args=("--data-dir", data_dir)) as (durable, _),
+        cluster(1, max_in_flight=sizes.max_concurrent, env=whole_run_watchable(len(items))) as (plain, _),
+        cluster(
+            1,
+            max_in_flight=sizes.max_concurrent,
+            sidecar_args=("--data-dir", data_dir),
+            env=whole_run_watchable(len(items)),
+        ) as (durable, _),
     ):
         async with Client(plain.address) as plain_client, Client(durable.address) as durable_client:
             sides = [(none, plain_client), (journaled, durable_client)]
