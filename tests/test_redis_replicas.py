@@ -174,3 +174,36 @@ async def test_a_run_finishes_when_redis_restarts_mid_run(tmp_path: Path, worker
 def _restart(server: RedisServer) -> None:
     server.stop()  # a clean stop: the AOF has everything
     server.start()
+
+
+async def test_a_run_on_a_shared_budget_that_moves_counts_each_agent_once(
+    redis_url: str, workers: list[ScriptedWorker]
+) -> None:
+    """The budget admits each step once, in the same script that records it for
+    the run: the replica that takes the run over asks only for the steps not
+    counted yet, even those that were running when the first replica died."""
+    items = [f"item-{i}" for i in range(200)]
+    async with replicas(redis_url, 3) as ((a, _), (b, b_proc), (c, _)):
+        workers.append(
+            await ScriptedWorker.spawn(
+                a, "--agent", "mapper", "--agent", "reducer", "--sleep", "0.05", "--max-in-flight", "16"
+            )
+        )
+        async with grpc.aio.insecure_channel(a) as channel, Client(b) as on_b, Client(c) as on_c:
+            stub = budget_pb2_grpc.BudgetServiceStub(channel)
+            limits = types_pb2.BudgetLimits(max_agents=10_000)
+            await stub.CreateBudget(budget_pb2.CreateBudgetRequest(budget_id="pool", limits=limits))
+            handle = await on_b.start_run(
+                map_reduce(agent("mapper"), agent("reducer"), "t", items, max_concurrent=16), budget_id="pool"
+            )
+            finished = 0
+            async for event in on_c.watch(handle.run_id):
+                finished += event.WhichOneof("kind") == "agent_finished"
+                if finished == 60:
+                    break
+            b_proc.kill()
+            await b_proc.wait()
+            run = await asyncio.wait_for(on_c.wait(handle.run_id), 60)
+            budget = (await stub.GetBudget(budget_pb2.GetBudgetRequest(budget_id="pool"))).budget
+    assert run.status == SUCCEEDED, run.termination_detail
+    assert budget.agents_started == len(items) + 1 and budget.agents_denied == 0

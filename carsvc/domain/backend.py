@@ -26,7 +26,7 @@ resumes a run rebuilds them from `RunStore.load()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,6 +55,8 @@ class Recovered:
     skipped_rows: dict[str, int] = field(default_factory=dict)
     # Run ordinals kept by the store (a shared store orders every replica's runs).
     ordinals: dict[str, int] = field(default_factory=dict)
+    # Steps a shared budget admitted before the restart (run_id -> step keys).
+    admitted: dict[str, set[str]] = field(default_factory=dict)
 
 
 class RunStore(Protocol):
@@ -128,9 +130,13 @@ class Budget(Protocol):
         this replica spends)."""
         ...
 
-    async def begin_agents(self, count: int) -> list[BudgetError | None]:
+    async def begin_agents(
+        self, count: int, *, run_id: str = "", steps: Sequence[str] = ()
+    ) -> list[BudgetError | None]:
         """Reserves a slot for each of `count` agents, in order, as one step:
-        None for an admitted agent, else why it was refused."""
+        None for an admitted agent, else why it was refused. `steps` (one per
+        agent) are the agents' step keys in run `run_id`: a store that outlives
+        the process keeps the admitted ones, so a resumed run is not counted twice."""
         ...
 
     async def record(self, input_tokens: int, output_tokens: int, cost_usd: float) -> None:

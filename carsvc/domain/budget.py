@@ -9,6 +9,7 @@ are re-exported from :mod:`carsvc.domain.budget_types`. See docs/hot-paths.md.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from carsvc._compat import USE_EXTENSIONS
@@ -90,7 +91,9 @@ class LocalBudget:
     def snapshot(self) -> BudgetSnapshot:
         return self.counters.snapshot()
 
-    async def begin_agents(self, count: int) -> list[BudgetError | None]:
+    async def begin_agents(
+        self, count: int, *, run_id: str = "", steps: Sequence[str] = ()
+    ) -> list[BudgetError | None]:
         verdicts: list[BudgetError | None] = []
         for _ in range(count):
             try:

@@ -88,6 +88,11 @@ class RunInfra:
         # agent_finished event the restored log already holds.
         self.replay: dict[str, AgentOutput] = {}
         self.reported: set[str] = set()
+        # Whether replayed steps' spend counts again: yes for the run's own budget
+        # (rebuilt from nothing); no for a shared one kept in a store, which also
+        # remembers the steps it admitted (`counted`: not asked again).
+        self.recount = True
+        self.counted: set[str] = set()
         # Told about every accepted step output (the journal, for resumable runs).
         self.on_step: Callable[[str, AgentOutput], None] | None = None
         # Work started on behalf of the run outside its own task (runtime calls
@@ -131,17 +136,27 @@ class RunInfra:
 
     # -- the pattern skeleton: gate, run, record -------------------------------------
 
-    async def admit(self, name: str, *, role: str, index: int = 0) -> AgentOutput | None:
-        """Reserves a budget slot for one agent. None means it may run; otherwise
-        the skipped output to put at its position (an AgentSkipped event is emitted)."""
-        (verdict,) = await self.budget.begin_agents(1)
-        return self._admitted(verdict, name, role, index)
+    async def admit(self, name: str, *, role: str, index: int = 0, step: str = "") -> AgentOutput | None:
+        """Reserves a budget slot for one agent (at `step`, its place in the
+        pattern). None means it may run; otherwise the skipped output to put at
+        its position (an AgentSkipped event is emitted)."""
+        (admitted,) = await self.admit_all([(name, role, index, step)])
+        return admitted
 
-    async def admit_all(self, agents: list[tuple[str, str, int]]) -> list[AgentOutput | None]:
-        """`admit` for several agents (name, role, index) in order, with one
-        request to the budget."""
-        verdicts = await self.budget.begin_agents(len(agents))
-        return [self._admitted(v, *agent) for v, agent in zip(verdicts, agents, strict=True)]
+    async def admit_all(self, agents: list[tuple[str, str, int, str]]) -> list[AgentOutput | None]:
+        """`admit` for several agents (name, role, index, step) in order, with
+        one request to the budget. Steps a shared budget admitted before a
+        restart (`counted`) are admitted without asking it again."""
+        asking = [a for a in agents if a[3] not in self.counted]
+        verdicts = iter(
+            await self.budget.begin_agents(len(asking), run_id=self.run_id, steps=[a[3] for a in asking])
+            if asking
+            else []
+        )
+        return [
+            self._admitted(None if step in self.counted else next(verdicts), name, role, index)
+            for name, role, index, step in agents
+        ]
 
     def _admitted(self, denied: BudgetError | None, name: str, role: str, index: int) -> AgentOutput | None:
         if denied is None:
@@ -232,10 +247,12 @@ class RunInfra:
 
     async def _replayed(self, step: str, output: AgentOutput, *, role: str, index: int) -> AgentOutput:
         """A step whose output was journaled before a restart: no worker runs it
-        again. Its spend counts again (the budget is rebuilt by the replay), its
+        again. Its spend counts again (the run's own budget is rebuilt by the
+        replay; a shared one kept in a store counted it already), its
         state writes are already in the scope, and its agent_finished event is
         emitted only if the crash lost it (the step was journaled first)."""
-        await self.record(output)
+        if self.recount:
+            await self.record(output)
         if step not in self.reported:
             self.emit(
                 RunEvent(

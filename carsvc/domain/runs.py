@@ -812,7 +812,7 @@ class RunManager:
                 record.done.set()
                 self._finished_order.append(record.run_id)
             else:
-                why = self._restore_active(record, recovered, rebuild)
+                why = await self._restore_active(record, recovered, rebuild)
                 if not why:
                     resumed.append(record)
                     continue
@@ -833,7 +833,7 @@ class RunManager:
         if resumed:
             log.info("resuming %d run(s) after the restart", len(resumed))
 
-    def _restore_active(self, record: RunRecord, recovered: Recovered, rebuild: Rebuild | None) -> str:
+    async def _restore_active(self, record: RunRecord, recovered: Recovered, rebuild: Rebuild | None) -> str:
         """Makes a restored active run ready to resume; returns why it cannot
         (empty when it can)."""
         data = recovered.requests.get(record.run_id)
@@ -842,6 +842,10 @@ class RunManager:
         try:
             request = runs_pb2.StartRunRequest.FromString(data)
             pattern = rebuild(request)
+            if request.budget_id:  # the shared budget, which counted its admitted steps already
+                record.infra.budget = await self.budget(request.budget_id)
+                record.infra.recount = False
+                record.infra.counted = recovered.admitted.get(record.run_id, set())
         except (DecodeError, CarError) as err:
             log.error("run %s cannot resume: %s", record.run_id, err, extra=ids(run_id=record.run_id))
             return f"the sidecar restarted while the run was active, and it cannot resume: {err}"

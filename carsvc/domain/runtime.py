@@ -108,7 +108,7 @@ async def run_admitted(infra: RunInfra, job: Job) -> AgentOutput:
 
 async def run_gated(infra: RunInfra, job: Job) -> AgentOutput:
     """The budget gate, then the agent: its output, or its skipped output."""
-    skipped = await infra.admit(job.spec.name, role=job.role, index=job.index)
+    skipped = await infra.admit(job.spec.name, role=job.role, index=job.index, step=job.step)
     if skipped is not None:
         return skipped
     return await run_admitted(infra, job)
@@ -118,7 +118,7 @@ async def run_batch(infra: RunInfra, jobs: Sequence[Job]) -> list[AgentOutput]:
     """Runs `jobs` as one parallel batch: every agent is gated in order before
     any starts (a refused one keeps its position as a skipped output), then the
     admitted ones run at once. Outputs are in job order."""
-    outputs = await infra.admit_all([(j.spec.name, j.role, j.index) for j in jobs])
+    outputs = await infra.admit_all([(j.spec.name, j.role, j.index, j.step) for j in jobs])
 
     async def one(i: int) -> None:
         outputs[i] = await run_admitted(infra, jobs[i])

@@ -119,7 +119,7 @@ class Advisor:
             )
             return consultation
 
-        output = await infra.admit(self.agent.name, role="agent")
+        output = await infra.admit(self.agent.name, role="agent", step="agent")
         if output is None:
             async with CallScope(infra) as calls:
                 calls.install("consult_advisor", consult)

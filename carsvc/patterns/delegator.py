@@ -79,7 +79,7 @@ class Delegator:
             output = await run_recorded(infra, job, record, lambda: self._made(infra, record))
             return output
 
-        main_output = await infra.admit(self.main.name, role="main")
+        main_output = await infra.admit(self.main.name, role="main", step="main")
         if main_output is None:
             async with CallScope(infra) as calls:
                 calls.install("delegate", delegate)

@@ -126,7 +126,7 @@ class MapReduce:
             for o in map_outputs
             if succeeded(o)
         ]
-        reducer_output = await infra.admit(self.reducer.name, role="reducer")
+        reducer_output = await infra.admit(self.reducer.name, role="reducer", step="reduce")
         reducer_ran = reducer_output is None
         if reducer_output is None:
             task = reduce_task(self.task, len(map_outputs), lines, self.max_task_bytes)
@@ -158,7 +158,7 @@ class MapReduce:
 
     async def _map_one(self, infra: RunInfra, i: int) -> AgentOutput:
         name = f"{self.mapper.name}_{i}"
-        skipped = await infra.admit(name, role="mapper", index=i)
+        skipped = await infra.admit(name, role="mapper", index=i, step=f"map/{i}")
         if skipped is not None:
             return skipped
         spec = AgentSpec()

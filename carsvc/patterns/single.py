@@ -24,7 +24,7 @@ class Single:
         return cls(agent, msg.task)
 
     async def run(self, infra: RunInfra) -> PatternOutcome:
-        output = await infra.admit(self.agent.name, role="agent")
+        output = await infra.admit(self.agent.name, role="agent", step="single")
         if output is None:
             output = await infra.run_agent(self.agent, self.task, role="agent", step="single")
             reason = "completed" if succeeded(output) else "agent_failed"

@@ -113,7 +113,7 @@ class SpawnSubtask:
             output = await run_recorded(infra, job, record, lambda: self._spawned(infra, record))
             return output
 
-        main_output = await infra.admit(self.main.name, role="main")
+        main_output = await infra.admit(self.main.name, role="main", step="main")
         if main_output is None:
             async with CallScope(infra) as calls:
                 calls.install("spawn_subtask", spawn)

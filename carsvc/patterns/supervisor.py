@@ -98,7 +98,9 @@ class Supervisor:
                 answered = outputs
             if all(is_skipped(o) for o in outputs):
                 break  # nothing to review
-            review = await infra.admit(self.supervisor.name, role="supervisor", index=number - 1)
+            review = await infra.admit(
+                self.supervisor.name, role="supervisor", index=number - 1, step=f"supervisor/round-{number}/review"
+            )
             if review is None:
                 review_task = SUPERVISOR_REVIEW_TASK.format(
                     task=self.task, round=number, max_rounds=self.max_rounds, answers=review_lines(outputs)

@@ -128,14 +128,14 @@ class Swarm:
                 result.final_summary = labelled(outputs)
             return PatternOutcome(result)
         role = "judge" if self.mode == DEBATE else "synthesizer"
-        skipped = await infra.admit(self.synthesizer.name, role=role)
+        step = "debate/judge" if self.mode == DEBATE else "swarm/synthesizer"
+        skipped = await infra.admit(self.synthesizer.name, role=role, step=step)
         if skipped is not None:
             result.synthesizer_output.CopyFrom(skipped)
             result.final_summary = labelled(outputs)
             return PatternOutcome(result)
         template = DEBATE_JUDGE_TASK if self.mode == DEBATE else SYNTHESIZE_TASK
         task = template.format(task=self.task, count=len(outputs), answers=answer_lines(outputs))
-        step = "debate/judge" if self.mode == DEBATE else "swarm/synthesizer"
         job = Job(self.synthesizer, task, role=role, step=step, isolated=self.isolated)
         synth = await run_admitted(infra, job)
         result.synthesizer_output.CopyFrom(synth)

@@ -104,14 +104,14 @@ class Tournament:
     ) -> MatchResult:
         match = MatchResult(round=number, left=left, right=right, winner=left)
         judge = copy_spec(self.judge, name=f"{self.judge.name}_{index}")
-        output = await infra.admit(judge.name, role="judge", index=index)
+        step = f"tournament/round-{number}/match-{index}/judge"
+        output = await infra.admit(judge.name, role="judge", index=index, step=step)
         if output is not None:
             match.note = f"judge refused by the budget ({output.error}); the left candidate wins"
         else:
             task = TOURNAMENT_JUDGE_TASK.format(
                 task=self.task, left=left, left_answer=answers[left], right=right, right_answer=answers[right]
             )
-            step = f"tournament/round-{number}/match-{index}/judge"
             job = Job(judge, task, role="judge", step=step, index=index, agent=self.judge.name)
             output = await run_admitted(infra, job)
             if not succeeded(output):

@@ -72,7 +72,7 @@ class Vote:
             return no_output(result, votes)
         if self.synthesizer is None:
             return PatternOutcome(result)
-        synth = await infra.admit(self.synthesizer.name, role="synthesizer")
+        synth = await infra.admit(self.synthesizer.name, role="synthesizer", step="vote/synthesizer")
         if synth is None:
             task = VOTE_SYNTHESIZE_TASK.format(
                 task=self.task, count=counted, answers=answer_lines(votes), majority=majority, votes=winner_votes

@@ -4,6 +4,7 @@ many race, `max_agents` never over-admits)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio
@@ -34,8 +35,11 @@ redis.call('HSET', KEYS[1], 'max_input', ARGV[1], 'max_output', ARGV[2], 'max_to
 return 1
 """
 
-# ARGV[1]: how many agents ask. Returns {counters..., verdict per agent}: 0
-# admitted, 1 a spend limit is reached, 2 max_agents is reached.
+# ARGV[1]: how many agents ask, then their steps. KEYS[2] (optional): the run's
+# set of admitted steps, where each admitted step is added in the same script
+# (a resumed run does not ask again for a step counted before). Returns
+# {counters..., verdict per agent}: 0 admitted, 1 a spend limit is reached, 2
+# max_agents is reached.
 _BEGIN = """
 local b = redis.call('HMGET', KEYS[1], 'max_input', 'max_output', 'max_total', 'max_cost', 'max_agents',
                      'input', 'output', 'cost', 'started', 'denied')
@@ -51,7 +55,10 @@ local verdicts = {}
 for i = 1, tonumber(ARGV[1]) do
   if spent then denied = denied + 1; verdicts[i] = 1
   elseif reached(lim[5], started) then denied = denied + 1; verdicts[i] = 2
-  else started = started + 1; verdicts[i] = 0 end
+  else
+    started = started + 1; verdicts[i] = 0
+    if KEYS[2] and ARGV[1 + i] then redis.call('SADD', KEYS[2], ARGV[1 + i]) end
+  end
 end
 redis.call('HSET', KEYS[1], 'started', started, 'denied', denied)
 local out = {input, output, cost, started, denied}
@@ -111,8 +118,13 @@ class RedisBudget:
             budget_id=self._budget_id,
         )
 
-    async def begin_agents(self, count: int) -> list[BudgetError | None]:
-        reply = await self._budgets.begin(keys=[keys.budget(self._budget_id)], args=[count])
+    async def begin_agents(
+        self, count: int, *, run_id: str = "", steps: Sequence[str] = ()
+    ) -> list[BudgetError | None]:
+        names = [keys.budget(self._budget_id)]
+        if run_id and steps:
+            names.append(keys.admitted(run_id))
+        reply = await self._budgets.begin(keys=names, args=[count, *steps])
         if reply is None:
             raise NotFound(f"no budget '{self._budget_id}'", field="budget_id")
         counters = [int(v) for v in reply[:5]]

@@ -116,6 +116,7 @@ class RedisRunDirectory:
         request = await r.get(keys.request(run_id))
         if request is not None:
             got.requests[run_id] = request
+        got.admitted[run_id] = {s.decode() for s in await r.smembers(keys.admitted(run_id))}
         for step, blob in (await r.hgetall(keys.steps(run_id))).items():
             try:
                 got.steps.setdefault(run_id, {})[step.decode()] = types_pb2.AgentOutput.FromString(blob)

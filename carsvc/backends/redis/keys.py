@@ -33,6 +33,11 @@ def steps(run_id: str) -> str:
     return f"{PREFIX}run:{run_id}:steps"
 
 
+def admitted(run_id: str) -> str:
+    """A set: the run's steps a shared budget admitted (counted once, across a take-over)."""
+    return f"{PREFIX}run:{run_id}:admitted"
+
+
 def events(run_id: str) -> str:
     """A stream: entry id <seq>-0, field `e` -> serialized RunEvent."""
     return f"{PREFIX}run:{run_id}:events"

@@ -150,7 +150,7 @@ class RedisRunStore:
     def run_ended(self, run_id: str) -> None:
         def op(p: Any) -> None:
             p.srem(keys.RESUMABLE, run_id)
-            p.delete(keys.request(run_id), keys.steps(run_id))
+            p.delete(keys.request(run_id), keys.steps(run_id), keys.admitted(run_id))
 
         self.put(op)
 
