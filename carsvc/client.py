@@ -491,6 +491,8 @@ def advisor(
 
 # watch() retries every this many seconds at most while the sidecar is away.
 WATCH_RETRY_MAX_DELAY_S = 1.0
+# A run in one of these states has ended.
+_ENDED = frozenset({types_pb2.RUN_STATUS_SUCCEEDED, types_pb2.RUN_STATUS_FAILED, types_pb2.RUN_STATUS_CANCELLED})
 
 
 class Client:
@@ -760,10 +762,24 @@ class Client:
                 delay = min(delay * 2, WATCH_RETRY_MAX_DELAY_S)
 
     async def wait(self, run_id: str) -> runs_pb2.Run:
-        """Waits until the run has finished and returns it (with its result)."""
-        async for _ in self.watch(run_id):
-            pass
-        return await self.get_run(run_id)
+        """Waits until the run has finished and returns it (with its result).
+
+        It follows the run from its newest event, not its first: a run with
+        more events than the sidecar retains (or a reader slower than the run)
+        is still waited for."""
+        while True:
+            run = await self.get_run(run_id)
+            if run.status in _ENDED:
+                return run
+            try:
+                async for _ in self.watch(run_id, max(run.last_seq - 1, 0)):
+                    pass
+            except grpc.aio.AioRpcError as err:
+                # Fell behind the events retained, or asked past the last one
+                # (a restart): look at the run again.
+                if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE):
+                    raise
+                await asyncio.sleep(0.05)
 
     async def run(self, pattern: Message, **options: Any) -> runs_pb2.Run:
         """Starts a run and waits for it to finish.
