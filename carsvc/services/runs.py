@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -99,6 +99,16 @@ def _check_decision(decision: types_pb2.ToolCallDecision, field: str, max_depth:
         check_value(decision.result, f"{field}.result", max_depth)
 
 
+EVENT_KINDS = frozenset(f.name for f in events_pb2.RunEvent.DESCRIPTOR.oneofs_by_name["kind"].fields)
+
+
+def check_kinds(kinds: Sequence[str]) -> None:
+    """ReadEvents' kind filter names only kinds of RunEvent."""
+    for i, kind in enumerate(kinds):
+        if kind not in EVENT_KINDS:
+            raise InvalidArgument(f"unknown event kind '{kind}'", field=f"kinds[{i}]")
+
+
 def _undecodable(err: DecodeError) -> CarError:
     return InvalidArgument(
         f"is not a valid {runs_pb2.SessionRequest.DESCRIPTOR.full_name} ({err})", field="request"
@@ -173,13 +183,75 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
             request=request,
         )
 
+    # The unary RPCs, without gRPC: each raises CarError, which the handler
+    # below it (and the HTTP API, carsvc/http/) turns into its status.
+
+    async def start_run(self, request: runs_pb2.StartRunRequest) -> runs_pb2.StartRunResponse:
+        record = await self.start(request)
+        await self.runs.acknowledged()  # strict journal: the run's record is on disk
+        return runs_pb2.StartRunResponse(run=record.handle())
+
+    async def get_run(self, request: runs_pb2.GetRunRequest) -> runs_pb2.GetRunResponse:
+        try:
+            record = self.runs.locate(request.run_id, request.thread_id)
+        except NotFound:
+            if self.remote is None:
+                raise
+            return runs_pb2.GetRunResponse(run=await self.remote.locate(request.run_id, request.thread_id))
+        return runs_pb2.GetRunResponse(run=record.to_proto())
+
+    async def list_runs(self, request: runs_pb2.ListRunsRequest, *, pattern: str = "") -> runs_pb2.ListRunsResponse:
+        """A page of runs, newest first; `pattern` (the HTTP API's filter) keeps
+        only runs of that pattern."""
+        if request.page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"must be at most {MAX_PAGE_SIZE}", field="page_size")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        before = 0
+        if request.page_token:
+            token = request.page_token
+            if not (token.isascii() and token.isdigit() and len(token) <= _MAX_TOKEN_DIGITS):
+                raise InvalidArgument("is not a token from a previous ListRuns", field="page_token")
+            before = int(token)
+        response = runs_pb2.ListRunsResponse()
+        last = 0
+        used = 0
+        async for ordinal, run in self._listed(request, before):
+            if pattern and run.pattern != pattern:
+                continue
+            cost = run.ByteSize() + 8
+            # A page ends at page_size runs, or before it would outgrow what a
+            # client with default settings can receive (at least one run per page).
+            if len(response.runs) == size or (response.runs and used + cost > CLIENT_MESSAGE_BYTES):
+                response.next_page_token = str(last) if last else ""
+                break
+            response.runs.append(run)
+            used += cost
+            last = ordinal
+        return response
+
+    async def cancel_run(self, request: runs_pb2.CancelRunRequest) -> runs_pb2.CancelRunResponse:
+        try:
+            record = self.runs.locate(request.run_id, request.thread_id)
+        except NotFound:
+            if self.remote is None:
+                raise
+            return await self.remote.cancel(await self.remote.locate(request.run_id, request.thread_id), request)
+        return await self._cancel(record, request)
+
+    async def submit_decisions(self, request: runs_pb2.SubmitDecisionsRequest) -> runs_pb2.SubmitDecisionsResponse:
+        try:
+            record = self.runs.locate(request.run_id, request.thread_id)
+        except NotFound:
+            if self.remote is None:
+                raise
+            return await self.remote.decide(await self.remote.locate(request.run_id, request.thread_id), request)
+        return self._decide(record, request)
+
     @unary
     async def StartRun(
         self, request: runs_pb2.StartRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.StartRunResponse:
-        record = await self.start(request)
-        await self.runs.acknowledged()  # strict journal: the run's record is on disk
-        return runs_pb2.StartRunResponse(run=record.handle())
+        return await self.start_run(request)
 
     @streaming
     async def WatchRun(  # type: ignore[override]
@@ -202,41 +274,13 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def GetRun(
         self, request: runs_pb2.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.GetRunResponse:
-        try:
-            record = self.runs.locate(request.run_id, request.thread_id)
-        except NotFound:
-            if self.remote is None:
-                raise
-            return runs_pb2.GetRunResponse(run=await self.remote.locate(request.run_id, request.thread_id))
-        return runs_pb2.GetRunResponse(run=record.to_proto())
+        return await self.get_run(request)
 
     @unary
     async def ListRuns(
         self, request: runs_pb2.ListRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.ListRunsResponse:
-        if request.page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"must be at most {MAX_PAGE_SIZE}", field="page_size")
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        before = 0
-        if request.page_token:
-            token = request.page_token
-            if not (token.isascii() and token.isdigit() and len(token) <= _MAX_TOKEN_DIGITS):
-                raise InvalidArgument("is not a token from a previous ListRuns", field="page_token")
-            before = int(token)
-        response = runs_pb2.ListRunsResponse()
-        last = 0
-        used = 0
-        async for ordinal, run in self._listed(request, before):
-            cost = run.ByteSize() + 8
-            # A page ends at page_size runs, or before it would outgrow what a
-            # client with default settings can receive (at least one run per page).
-            if len(response.runs) == size or (response.runs and used + cost > CLIENT_MESSAGE_BYTES):
-                response.next_page_token = str(last) if last else ""
-                break
-            response.runs.append(run)
-            used += cost
-            last = ordinal
-        return response
+        return await self.list_runs(request)
 
     async def _listed(self, request: runs_pb2.ListRunsRequest, before: int) -> AsyncIterator[tuple[int, runs_pb2.Run]]:
         """Runs newest first: this replica's, or with other replicas every stored
@@ -277,13 +321,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def CancelRun(
         self, request: runs_pb2.CancelRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.CancelRunResponse:
-        try:
-            record = self.runs.locate(request.run_id, request.thread_id)
-        except NotFound:
-            if self.remote is None:
-                raise
-            return await self.remote.cancel(await self.remote.locate(request.run_id, request.thread_id), request)
-        return await self._cancel(record, request)
+        return await self.cancel_run(request)
 
     async def _cancel(self, record: RunRecord, request: runs_pb2.CancelRunRequest) -> runs_pb2.CancelRunResponse:
         record.check_owner(request.agent_id)
@@ -319,13 +357,7 @@ class RunService(runs_pb2_grpc.RunServiceServicer):
     async def SubmitDecisions(
         self, request: runs_pb2.SubmitDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> runs_pb2.SubmitDecisionsResponse:
-        try:
-            record = self.runs.locate(request.run_id, request.thread_id)
-        except NotFound:
-            if self.remote is None:
-                raise
-            return await self.remote.decide(await self.remote.locate(request.run_id, request.thread_id), request)
-        return self._decide(record, request)
+        return await self.submit_decisions(request)
 
     async def Session(  # type: ignore[override]
         self,
@@ -470,10 +502,7 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         self, request: events_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         """Serialized ReadEventsResponses (registered with a pass-through serializer)."""
-        known = {f.name for f in events_pb2.RunEvent.DESCRIPTOR.oneofs_by_name["kind"].fields}
-        for i, kind in enumerate(request.kinds):
-            if kind not in known:
-                raise InvalidArgument(f"unknown event kind '{kind}'", field=f"kinds[{i}]")
+        check_kinds(request.kinds)
         if self.remote is not None and request.run_id not in self.runs.runs:
             kinds = frozenset(request.kinds)
             async for read in self.remote.events(request.run_id, request.after_seq, follow=request.follow):
