@@ -30,6 +30,10 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (default INFO)")
     parser.add_argument("--log-format", choices=("text", "json"), help="text (default) or json, one object per line")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
+    parser.add_argument(
+        "--console-port", type=int, help="serve the web console and HTTP/JSON API on this port (default off)"
+    )
+    parser.add_argument("--console-host", help="address the console binds (default 127.0.0.1)")
     parser.add_argument("--data-dir", help="journal state, runs and events here so a restart recovers them")
     parser.add_argument(
         "--backend", metavar="URL", help="redis://HOST:PORT/DB keeps runs, state and budgets in Redis (default: memory)"

@@ -102,6 +102,10 @@ class Settings:
     # "text" for people, "json" (one object per line, with run_id, assignment_id,
     # worker_id fields where they apply) for log pipelines.
     log_format: str = "text"
+    # OpenTelemetry traces (docs/operations.md, "Traces"; pip install 'carsvc[otel]'):
+    # "auto" traces when the standard OTEL_* variables ask for it (an exporter
+    # or an OTLP endpoint), "on" always, "off" never.
+    tracing: str = "auto"
     # Keep state, run records and events in <data_dir>/carsvc.sqlite3 so a restart
     # recovers them; empty keeps everything in memory only.
     data_dir: str = ""
@@ -129,6 +133,10 @@ class Settings:
     # Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics; 0 turns them off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # The HTTP/JSON API and web console at http://<console_host>:<console_port>/
+    # (docs/console.md); 0 turns them off.
+    console_port: int = 0
+    console_host: str = "127.0.0.1"
     # Largest gRPC message accepted or sent, in bytes.
     max_message_bytes: int = 16 * 1024 * 1024
     # Largest single text or value field (a task, an item, a state value), in bytes.
@@ -285,7 +293,7 @@ class Settings:
                 raise SettingError(f.name, f"{f.name} must be positive, not {value}")
             if value < 0:
                 raise SettingError(f.name, f"{f.name} must not be negative, not {value}")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "console_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingError(name, f"{name} must be within 0..65535, not {getattr(self, name)}")
         self._check_choices_and_pairs()
@@ -304,6 +312,7 @@ class Settings:
             ("log_format", ("text", "json")),
             ("journal_sync", ("normal", "full", "strict")),
             ("metrics_tls", ("off", "grpc")),
+            ("tracing", ("auto", "on", "off")),
         ):
             if getattr(self, name) not in choices:
                 listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"

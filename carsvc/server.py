@@ -9,6 +9,7 @@ import errno
 import logging
 import signal
 import socket
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -49,6 +50,10 @@ from carsvc.services.runs import EventService, RunService
 from carsvc.services.state import StateService
 from carsvc.services.watchers import add_servicer
 from carsvc.services.worker import WorkerService
+from carsvc.telemetry import Telemetry, start_telemetry
+
+if TYPE_CHECKING:  # aiohttp is imported only when the console is on
+    from carsvc.http import Console
 
 log = logging.getLogger("carsvc")
 
@@ -101,7 +106,15 @@ def check_address_free(host: str, port: int) -> None:
 class Sidecar:
     """One sidecar: the embedded in-memory backend plus its gRPC server."""
 
-    def __init__(self, settings: Settings | None = None, security: ServerSecurity | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        security: ServerSecurity | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        """`telemetry`: traces to make (tests, an embedding program); by default
+        the `tracing` setting and the OTEL_* variables decide (carsvc/telemetry)."""
         self.settings = s = settings or Settings()
         # Tokens and TLS, loaded now so a bad file fails before anything starts.
         self.security = security or ServerSecurity.from_settings(s)
@@ -113,6 +126,10 @@ class Sidecar:
             RunSettings.from_settings(s),
             self.backend,
         )
+        # Traces: None (and nothing of OpenTelemetry imported) unless tracing is on.
+        self.telemetry = telemetry if telemetry is not None else start_telemetry(s)
+        if self.telemetry is not None:
+            self.runs.tracer = self.telemetry.tracer
         self.limits = limits = Limits(
             max_field_bytes=s.max_field_bytes,
             max_items=s.max_items,
@@ -132,6 +149,7 @@ class Sidecar:
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = Metrics(self.dispatcher, self.runs)
         self._metrics_http: WSGIServer | None = None
+        self._console: Console | None = None
         self.port = 0
 
     @property
@@ -149,6 +167,8 @@ class Sidecar:
             *self.security.interceptors(),
             RequestGuard(s.receive_timeout_s),
         ]
+        if self.telemetry is not None:  # a client's traceparent: the parent of the run it starts
+            interceptors.insert(0, self.telemetry.interceptor())
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -195,23 +215,19 @@ class Sidecar:
             server,
             ("ReadEvents",),
         )
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
-            RegistryService(self.registry, self.dispatcher, self.limits), server
+        registry = RegistryService(self.registry, self.dispatcher, self.limits)
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(registry, server)
+        state = StateService(
+            self.runs,
+            s.max_field_bytes,
+            s.watcher_buffer,
+            max_value_depth=s.max_value_depth,
+            max_state_keys=s.max_state_keys,
+            watcher_max_bytes=s.watcher_max_bytes,
         )
-        add_servicer(
-            state_pb2_grpc.add_StateServiceServicer_to_server,
-            StateService(
-                self.runs,
-                s.max_field_bytes,
-                s.watcher_buffer,
-                max_value_depth=s.max_value_depth,
-                max_state_keys=s.max_state_keys,
-                watcher_max_bytes=s.watcher_max_bytes,
-            ),
-            server,
-            ("Watch",),
-        )
-        budget_pb2_grpc.add_BudgetServiceServicer_to_server(BudgetService(self.runs), server)
+        add_servicer(state_pb2_grpc.add_StateServiceServicer_to_server, state, server, ("Watch",))
+        budget = BudgetService(self.runs)
+        budget_pb2_grpc.add_BudgetServiceServicer_to_server(budget, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -253,16 +269,34 @@ class Sidecar:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
+        if s.console_port:  # the HTTP/JSON API and web console (carsvc/http/, docs/console.md)
+            from carsvc.http import Api, Console
+
+            api = Api(self.run_service, state, budget, registry, receive_timeout=s.receive_timeout_s)
+            console = Console(s, self.security, api)
+            try:
+                await console.start()
+            except OSError as err:
+                await server.stop(None)
+                where = f"{s.console_host}:{s.console_port}"
+                raise OSError(f"carsvc could not serve the console on {where}: {err}") from None
+            self._console = console
         if s.metrics_port:
             try:
                 self._metrics_http = serve_metrics(self.metrics.registry, s)
             except OSError as err:
                 await server.stop(None)
+                if self._console is not None:
+                    await self._console.stop()
                 raise OSError(f"carsvc could not serve metrics on {s.metrics_host}:{s.metrics_port}: {err}") from None
             log.info("metrics on %s", metrics_url(s, self._metrics_http.server_port))
         log.info("carsvc listening on %s:%d", s.host, port)
         self.security.log_startup(s.host)
         return port
+
+    @property
+    def console_port(self) -> int:
+        return self._console.port if self._console is not None else 0
 
     @property
     def metrics_port(self) -> int:
@@ -295,6 +329,9 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         server, self._server = self._server, None
+        if self._console is not None:
+            await self._console.stop()
+            self._console = None
         await server.stop(1.0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -307,6 +344,8 @@ class Sidecar:
             with contextlib.suppress(Exception):  # Redis away: the leases lapse instead
                 await self.ownership.release_parked()
         await self.backend.close()
+        if self.telemetry is not None:  # the last spans (runs that just ended) go out
+            await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
         log.info("carsvc stopped")
 
     async def wait_for_termination(self) -> None:
