@@ -413,6 +413,7 @@ class ScriptedDispatcher:
         observer: AssignmentObserver | None = None,
         timeout: float | None = None,
         assignment_id: str = "",
+        trace_context: Mapping[str, str] | None = None,
     ) -> AgentOutput:
         """Dispatcher.execute with the script as the worker: never raises for
         the agent's trouble (a raising script, a lost worker, a timeout come

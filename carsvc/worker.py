@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -637,6 +638,8 @@ class Worker:
     async def _execute(self, link: _Link, ctx: AgentContext) -> None:
         started = time.perf_counter()
         handler = self._handler_for(ctx.agent)
+        span = _AgentSpan.start(ctx, self.worker_id)  # None unless the program uses OpenTelemetry
+        output = None
         try:
             if handler is None:
                 raise LookupError(f"this worker has no handler for agent '{ctx.agent}'")
@@ -650,6 +653,8 @@ class Worker:
             output.duration_ms = (time.perf_counter() - started) * 1000
         finally:
             self._running.pop(ctx.assignment_id, None)
+            if span is not None:
+                span.end(output)
         self.completed += 1
         if not link.outbox.closed:
             link.outbox.add_result(
@@ -657,6 +662,63 @@ class Worker:
             )
             if link.draining and not self._running:
                 link.outbox.close()
+
+
+class _AgentSpan:
+    """The agent's span on this worker, when the program uses OpenTelemetry
+    (it imported opentelemetry and, to export, set up a tracer provider): a
+    child of the sidecar's step span (the assignment's trace_context), and the
+    current span while the handler runs, so the spans of the handler's own
+    work (model calls, tools) are its children. This SDK never imports
+    OpenTelemetry itself: a program that does not use it pays nothing."""
+
+    __slots__ = ("otel", "span", "token")
+
+    def __init__(self, otel: Any, span: Any, token: Any) -> None:
+        self.otel = otel
+        self.span = span
+        self.token = token
+
+    @classmethod
+    def start(cls, ctx: AgentContext, worker_id: str) -> _AgentSpan | None:
+        otel = sys.modules.get("opentelemetry.trace")
+        if otel is None:
+            return None
+        from opentelemetry import context as otel_context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        carrier = ctx.assignment.trace_context
+        parent = TraceContextTextMapPropagator().extract(dict(carrier)) if carrier else None
+        span = otel.get_tracer("carsvc.worker", __version__).start_span(
+            f"invoke_agent {ctx.name}",
+            context=parent,
+            kind=otel.SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.name": ctx.name,
+                "gen_ai.conversation.id": ctx.thread_id,
+                "carsvc.run.id": ctx.run_id,
+                "carsvc.assignment.id": ctx.assignment_id,
+                "carsvc.attempt": ctx.attempt,
+                "carsvc.worker.id": worker_id,
+            },
+        )
+        return cls(otel, span, otel_context.attach(otel.set_span_in_context(span)))
+
+    def end(self, output: AgentOutput | None) -> None:
+        from opentelemetry import context as otel_context
+
+        span = self.span
+        if output is not None and span.is_recording():
+            if output.HasField("tokens"):
+                span.set_attribute("gen_ai.usage.input_tokens", output.tokens.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", output.tokens.output_tokens)
+                span.set_attribute("carsvc.usage.cost_usd", output.tokens.cost_usd)
+            if output.HasField("error"):
+                span.set_status(self.otel.Status(self.otel.StatusCode.ERROR, output.error))
+                span.set_attribute("error.type", "cancelled" if output.error.startswith("cancelled") else "agent_error")
+        span.end()
+        otel_context.detach(self.token)
 
 
 def handler_output(value: Any, name: str, duration_ms: float) -> AgentOutput:

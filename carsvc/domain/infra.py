@@ -17,7 +17,8 @@ from carsvc.domain.decisions import DecisionBox
 from carsvc.domain.eventlog import RunEventLog
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import Overlay, StateStore
-from carsvc.domain.workers import Assignment, Dispatcher
+from carsvc.domain.tracing import NO_AGENT, NO_RUN, AgentSpan, RunSpan, parent_of
+from carsvc.domain.workers import Assignment, Dispatcher, cancelled_output
 
 AgentOutput = types_pb2.AgentOutput
 AgentSpec = types_pb2.AgentSpec
@@ -103,6 +104,8 @@ class RunInfra:
         # Why the run is being cancelled (set by RunManager before it cancels the
         # run's task): what workers read in AssignmentCancel.reason.
         self.cancel_reason = ""
+        # The run's span (carsvc/domain/tracing.py; a no-op unless tracing is on).
+        self.span: RunSpan = NO_RUN
 
     async def _suspend_tool_call(
         self, ctx: RunningAgent, call: worker_pb2.SuspendToolCall
@@ -164,6 +167,7 @@ class RunInfra:
             return None
         self.on_denied()
         out = skipped_output(name, denied)
+        self.span.skipped(name, str(denied))
         self.emit(RunEvent(agent_skipped=events_pb2.AgentSkipped(output=out, role=role, index=index)))
         self.budget_updated()
         return out
@@ -203,6 +207,7 @@ class RunInfra:
         base: StateStore | Overlay = parent_state if parent_state is not None else self.state
         view: StateStore | Overlay = Overlay(base, spec.name) if isolated else base
         ctx = RunningAgent(self, spec, view, role=role, step=step, index=index)
+        ctx.span = span = parent_of(self.span).agent(spec, step=step, role=role, index=index)
         self.mailbox.register(spec.name)
         if timeout is None:
             timeout = spec_timeout(spec) or self.agent_timeout
@@ -217,11 +222,16 @@ class RunInfra:
                 observer=ctx,
                 timeout=timeout,
                 assignment_id=f"{self.run_id}:{step}",
+                trace_context=span.carrier(),
             )
+        except asyncio.CancelledError:
+            span.end(cancelled_output(spec.name, self.cancel_reason or "cancelled"))
+            raise
         finally:
             self.mailbox.unregister(spec.name)
         if not output.duration_ms:
             output.duration_ms = (time.perf_counter() - started) * 1000.0
+        span.end(output)
         if isinstance(view, Overlay):
             if succeeded(output):
                 view.merge_to_parent()
@@ -290,6 +300,7 @@ class RunningAgent:
         "infra",
         "name",
         "role",
+        "span",
         "spec",
         "state",
         "step",
@@ -318,6 +329,8 @@ class RunningAgent:
         self.assignment_id = ""
         self.worker_id = ""
         self.attempt = 1
+        # Its step's span (a no-op unless tracing is on); runtime calls are its children.
+        self.span: AgentSpan = NO_AGENT
 
     # -- AssignmentObserver ------------------------------------------------------
 
@@ -338,8 +351,10 @@ class RunningAgent:
     def on_placed(self, a: Assignment, worker_id: str) -> None:
         self.worker_id = worker_id
         self.attempt = a.attempt
+        self.span.placed(worker_id, a.attempt)
 
     def on_redispatched(self, a: Assignment, reason: str, previous_worker_id: str) -> None:
+        self.span.redispatched(reason, previous_worker_id, a.attempt)
         self.infra.emit(
             RunEvent(
                 agent_redispatched=events_pb2.AgentRedispatched(
@@ -354,6 +369,7 @@ class RunningAgent:
 
     def on_unplaced(self, a: Assignment, notice: str) -> None:
         # A progress event without a fraction: the agent is waiting for a worker.
+        self.span.unplaced(notice)
         self.infra.emit(
             RunEvent(progress=events_pb2.AgentProgress(agent=self.name, assignment_id=a.assignment_id, message=notice))
         )

@@ -40,6 +40,7 @@ from carsvc.domain.infra import RunInfra
 from carsvc.domain.mailbox import Mailbox
 from carsvc.domain.overlay import StateStore
 from carsvc.domain.runtime import Pattern, PatternOutcome, run_result
+from carsvc.domain.tracing import EMPTY, NO_TRACER, Tracer, incoming
 from carsvc.domain.workers import Dispatcher
 from carsvc.logs import ids
 
@@ -281,6 +282,8 @@ class RunManager:
         self.budget_denials = 0
         # Applying another replica's state write: not stored again.
         self._copying = False
+        # Spans of runs and their agents (carsvc/telemetry when tracing is on).
+        self.tracer: Tracer = NO_TRACER
 
     # -- shared resources -----------------------------------------------------------
 
@@ -515,6 +518,9 @@ class RunManager:
             ordinal=ordinal,
         )
         self._hook(record)
+        record.infra.span = self.tracer.run(
+            run_id=run_id, thread_id=thread_id, pattern=pattern.name, owner=agent_id, parent=incoming.get()
+        )
         if initial_decisions:
             record.infra.decisions.submit(initial_decisions)
         self.runs[run_id] = record
@@ -566,6 +572,7 @@ class RunManager:
         record.parked = True
         record.infra.cancel_reason = "the sidecar is restarting; the run resumes after it"
         record.infra.end()
+        record.infra.span.end("RUN_STATUS_RUNNING", "parked", record.infra.cancel_reason, None)
         if record.task is not None:
             record.task.cancel(record.infra.cancel_reason)
 
@@ -683,6 +690,7 @@ class RunManager:
         record.termination_detail = detail
         record.finished_ms = now_ms()
         record.final_budget = budget or snapshot_to_proto(record.infra.budget.snapshot())
+        record.infra.span.end(status_name(status), reason, detail, record.final_budget)
         record.events.append(RunEvent(run_finished=record.finished_event(status)))
         record.events.close()
         record.pattern = _Ended(record.pattern.name)  # its request messages can go
@@ -852,6 +860,10 @@ class RunManager:
         record.pattern = pattern
         record.timeout = request.timeout_ms / 1000 if request.timeout_ms else None
         self._hook(record)
+        record.infra.span = self.tracer.run(
+            run_id=record.run_id, thread_id=record.thread_id, pattern=pattern.name, owner=record.agent_id,
+            parent=EMPTY, resumed=True,
+        )
         if request.initial_decisions:
             record.infra.decisions.submit(list(request.initial_decisions))
         self._make_resumable(record, None, dict(recovered.steps.get(record.run_id, {})))

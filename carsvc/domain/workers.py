@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -135,6 +135,7 @@ class Assignment:
         "task",
         "thread_id",
         "timer",
+        "trace_context",
         "unplaced_timer",
     )
 
@@ -148,6 +149,7 @@ class Assignment:
         thread_id: str,
         observer: AssignmentObserver | None,
         future: asyncio.Future[AgentOutput],
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
         self.assignment_id = assignment_id
         self.agent = agent
@@ -164,6 +166,8 @@ class Assignment:
         self.timer: asyncio.TimerHandle | None = None  # the agent's deadline
         self.unplaced_timer: asyncio.TimerHandle | None = None  # "no worker serves it"
         self.ack_timer: asyncio.TimerHandle | None = None  # waiting for a cancel's answer
+        # The agent step's W3C trace context, sent to the worker (empty: not traced).
+        self.trace_context = trace_context
 
 
 class WorkerSession:
@@ -503,10 +507,12 @@ class Dispatcher:
         observer: AssignmentObserver | None = None,
         timeout: float | None = None,
         assignment_id: str = "",
+        trace_context: Mapping[str, str] | None = None,
     ) -> AgentOutput:
         """Runs `spec` on `task` on some worker and returns its output.
         `assignment_id`: a stable id (a run's step keeps its id across a restart);
-        one is made when empty.
+        one is made when empty. `trace_context`: the step's trace context,
+        handed to the worker with every attempt.
 
         Never raises for worker trouble: lost workers, timeouts and refusals
         come back as an output with `error` set. Cancelling the caller cancels
@@ -514,7 +520,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         a = Assignment(
             assignment_id or next(self._ids), agent or spec.name, spec, task, run_id, thread_id, observer,
-            loop.create_future(),
+            loop.create_future(), trace_context,
         )
         self._active[a.assignment_id] = a
         if run_id:

@@ -21,6 +21,7 @@ from carsvc._proto.car.v1 import events_pb2, patterns_pb2, types_pb2, worker_pb2
 from carsvc.domain.bounds import check_key, check_room, check_value_size
 from carsvc.domain.errors import CarError, Code, FailedPrecondition, InvalidArgument
 from carsvc.domain.infra import CallAnswer, RunningAgent
+from carsvc.domain.tracing import NO_CALL, CallSpan, serving
 from carsvc.domain.workers import Dispatcher, WorkerSession
 from carsvc.services.errors import frame_error, shown
 
@@ -97,6 +98,7 @@ class CallHandler:
                 )
             return
         op = call.WhichOneof("op")
+        span: CallSpan = NO_CALL
         try:
             if op is None:
                 raise InvalidArgument("must set one operation", field=f"{field}.op")
@@ -118,17 +120,20 @@ class CallHandler:
             arg = getattr(call, op)
             if op == "suspend_tool_call" and arg.HasField("arguments"):
                 self._value(arg.arguments, f"{field}.{op}.arguments")
+            span = ctx.span.call(op, arg)
             if op in _HOOKED:
-                self._spawn(session, call, field, self._hooked(ctx, op, arg, field), ctx)
+                self._spawn(session, call, field, self._hooked(ctx, op, arg, field), ctx, span)
                 return
             if op == "mailbox_recv":
                 timeout = arg.timeout_ms / 1000 if arg.timeout_ms else ctx.infra.mailbox_recv_timeout
-                self._spawn(session, call, field, self._recv(ctx, timeout), ctx)
+                self._spawn(session, call, field, self._recv(ctx, timeout), ctx, span)
                 return
             result = self._quick(ctx, op, arg, f"{field}.{op}")
         except CarError as err:
+            span.end(str(err))
             self._fail(session, call, field, err)
             return
+        span.end()
         if call.call_id:
             result.call_id = call.call_id
             session.reply(result)
@@ -220,19 +225,27 @@ class CallHandler:
         field: str,
         work: Awaitable[CallResult],
         ctx: RunningAgent,
+        span: CallSpan = NO_CALL,
     ) -> None:
         tasks = self._tasks.setdefault(session, set())
 
         async def run() -> None:
+            serving(span)  # agents the call runs (delegate, spawn, advisor) are its children
             try:
                 result = await work
             except CarError as err:
+                span.end(str(err))
                 self._fail(session, call, field, err)
                 return
+            except asyncio.CancelledError:
+                span.end("cancelled: " + (ctx.infra.cancel_reason or "the call's session or run ended"))
+                raise
             except Exception as err:
                 log.exception("runtime call %s failed", field)
+                span.end(f"internal error: {err!r}")
                 self._fail(session, call, field, CarError(f"internal error: {err!r}", code=Code.INTERNAL))
                 return
+            span.end(decision=result.decision if result.HasField("decision") else None)
             if call.call_id and not session.closed:
                 result.call_id = call.call_id
                 session.reply(result)

@@ -323,6 +323,7 @@ class PeerLinks:
             output = await self.dispatcher.execute(
                 a.spec, a.task, agent=a.agent or a.spec.name, run_id=a.run_id, thread_id=a.thread_id,
                 observer=agent, timeout=timeout, assignment_id=f"{a.assignment_id}@{agent.owner}",
+                trace_context=dict(a.trace_context),  # the owner's step span: the worker's span is its child
             )
         except asyncio.CancelledError:
             # Cancelled by its owner: the answer acknowledges the cancel there.

@@ -311,4 +311,5 @@ def _assignment(a: Assignment) -> worker_pb2.Assignment:
         task=a.task,
         deadline_unix_ms=a.deadline_ms,
         agent=a.agent,
+        trace_context=a.trace_context or None,
     )

@@ -225,6 +225,22 @@ class Assignment(google.protobuf.message.Message):
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
+    @typing.final
+    class TraceContextEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.str
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.str = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
     ASSIGNMENT_ID_FIELD_NUMBER: builtins.int
     ATTEMPT_FIELD_NUMBER: builtins.int
     RUN_ID_FIELD_NUMBER: builtins.int
@@ -233,6 +249,7 @@ class Assignment(google.protobuf.message.Message):
     TASK_FIELD_NUMBER: builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: builtins.int
     AGENT_FIELD_NUMBER: builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: builtins.int
     assignment_id: builtins.str
     """Stays the same across re-dispatches; with `attempt` it names one try."""
     attempt: builtins.int
@@ -258,6 +275,16 @@ class Assignment(google.protobuf.message.Message):
     """
     @property
     def spec(self) -> carsvc._proto.car.v1.types_pb2.AgentSpec: ...
+    @property
+    def trace_context(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
+        """The agent step's trace context when the sidecar traces
+        (docs/operations.md, "Traces"): W3C Trace Context keys and values,
+        `traceparent` and, when there is one, `tracestate`. The same for every
+        attempt. A worker that traces starts the agent's span as a child of it,
+        so the client's, the sidecar's and the worker's spans form one trace.
+        Empty when the sidecar does not trace.
+        """
+
     def __init__(
         self,
         *,
@@ -269,9 +296,10 @@ class Assignment(google.protobuf.message.Message):
         task: builtins.str = ...,
         deadline_unix_ms: builtins.int = ...,
         agent: builtins.str = ...,
+        trace_context: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["spec", b"spec"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["agent", b"agent", "assignment_id", b"assignment_id", "attempt", b"attempt", "deadline_unix_ms", b"deadline_unix_ms", "run_id", b"run_id", "spec", b"spec", "task", b"task", "thread_id", b"thread_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent", b"agent", "assignment_id", b"assignment_id", "attempt", b"attempt", "deadline_unix_ms", b"deadline_unix_ms", "run_id", b"run_id", "spec", b"spec", "task", b"task", "thread_id", b"thread_id", "trace_context", b"trace_context"]) -> None: ...
 
 global___Assignment = Assignment
 

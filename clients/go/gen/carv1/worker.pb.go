@@ -420,7 +420,14 @@ type Assignment struct {
 	// matching this name against its own names and globs (an exact name first).
 	// A pattern may rename the instance (mapper `i` runs as `{mapper}_{i}` in
 	// `spec.name`), so pick the handler by this field, not by `spec.name`.
-	Agent         string `protobuf:"bytes,8,opt,name=agent,proto3" json:"agent,omitempty"`
+	Agent string `protobuf:"bytes,8,opt,name=agent,proto3" json:"agent,omitempty"`
+	// The agent step's trace context when the sidecar traces
+	// (docs/operations.md, "Traces"): W3C Trace Context keys and values,
+	// `traceparent` and, when there is one, `tracestate`. The same for every
+	// attempt. A worker that traces starts the agent's span as a child of it,
+	// so the client's, the sidecar's and the worker's spans form one trace.
+	// Empty when the sidecar does not trace.
+	TraceContext  map[string]string `protobuf:"bytes,9,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -509,6 +516,13 @@ func (x *Assignment) GetAgent() string {
 		return x.Agent
 	}
 	return ""
+}
+
+func (x *Assignment) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
 }
 
 // The output of one assignment.
@@ -2093,7 +2107,7 @@ const file_car_v1_worker_proto_rawDesc = "" +
 	"\rmax_in_flight\x18\x03 \x01(\rR\vmaxInFlight\x12*\n" +
 	"\x11max_message_bytes\x18\x04 \x01(\x04R\x0fmaxMessageBytes\x12)\n" +
 	"\x10heartbeat_misses\x18\x05 \x01(\rR\x0fheartbeatMisses\"\v\n" +
-	"\tHeartbeat\"\xfa\x01\n" +
+	"\tHeartbeat\"\x86\x03\n" +
 	"\n" +
 	"Assignment\x12#\n" +
 	"\rassignment_id\x18\x01 \x01(\tR\fassignmentId\x12\x18\n" +
@@ -2103,7 +2117,11 @@ const file_car_v1_worker_proto_rawDesc = "" +
 	"\x04spec\x18\x05 \x01(\v2\x11.car.v1.AgentSpecR\x04spec\x12\x12\n" +
 	"\x04task\x18\x06 \x01(\tR\x04task\x12(\n" +
 	"\x10deadline_unix_ms\x18\a \x01(\x03R\x0edeadlineUnixMs\x12\x14\n" +
-	"\x05agent\x18\b \x01(\tR\x05agent\"~\n" +
+	"\x05agent\x18\b \x01(\tR\x05agent\x12I\n" +
+	"\rtrace_context\x18\t \x03(\v2$.car.v1.Assignment.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"~\n" +
 	"\x10AssignmentResult\x12#\n" +
 	"\rassignment_id\x18\x01 \x01(\tR\fassignmentId\x12\x18\n" +
 	"\aattempt\x18\x02 \x01(\rR\aattempt\x12+\n" +
@@ -2222,7 +2240,7 @@ func file_car_v1_worker_proto_rawDescGZIP() []byte {
 	return file_car_v1_worker_proto_rawDescData
 }
 
-var file_car_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_car_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_car_v1_worker_proto_goTypes = []any{
 	(*ConnectRequest)(nil),      // 0: car.v1.ConnectRequest
 	(*ConnectResponse)(nil),     // 1: car.v1.ConnectResponse
@@ -2253,13 +2271,14 @@ var file_car_v1_worker_proto_goTypes = []any{
 	(*StateWriteResult)(nil),    // 26: car.v1.StateWriteResult
 	(*StateKeysResult)(nil),     // 27: car.v1.StateKeysResult
 	nil,                         // 28: car.v1.WorkerHello.LabelsEntry
-	(*AgentSpec)(nil),           // 29: car.v1.AgentSpec
-	(*AgentOutput)(nil),         // 30: car.v1.AgentOutput
-	(*structpb.Value)(nil),      // 31: google.protobuf.Value
-	(*Message)(nil),             // 32: car.v1.Message
-	(*emptypb.Empty)(nil),       // 33: google.protobuf.Empty
-	(*AdvisorConsultation)(nil), // 34: car.v1.AdvisorConsultation
-	(*ToolCallDecision)(nil),    // 35: car.v1.ToolCallDecision
+	nil,                         // 29: car.v1.Assignment.TraceContextEntry
+	(*AgentSpec)(nil),           // 30: car.v1.AgentSpec
+	(*AgentOutput)(nil),         // 31: car.v1.AgentOutput
+	(*structpb.Value)(nil),      // 32: google.protobuf.Value
+	(*Message)(nil),             // 33: car.v1.Message
+	(*emptypb.Empty)(nil),       // 34: google.protobuf.Empty
+	(*AdvisorConsultation)(nil), // 35: car.v1.AdvisorConsultation
+	(*ToolCallDecision)(nil),    // 36: car.v1.ToolCallDecision
 }
 var file_car_v1_worker_proto_depIdxs = []int32{
 	2,  // 0: car.v1.ConnectRequest.hello:type_name -> car.v1.WorkerHello
@@ -2273,41 +2292,42 @@ var file_car_v1_worker_proto_depIdxs = []int32{
 	8,  // 8: car.v1.ConnectResponse.drain:type_name -> car.v1.Drain
 	9,  // 9: car.v1.ConnectResponse.errors:type_name -> car.v1.FrameError
 	28, // 10: car.v1.WorkerHello.labels:type_name -> car.v1.WorkerHello.LabelsEntry
-	29, // 11: car.v1.Assignment.spec:type_name -> car.v1.AgentSpec
-	30, // 12: car.v1.AssignmentResult.output:type_name -> car.v1.AgentOutput
-	11, // 13: car.v1.RuntimeCall.state_get:type_name -> car.v1.StateGetCall
-	12, // 14: car.v1.RuntimeCall.state_set:type_name -> car.v1.StateSetCall
-	13, // 15: car.v1.RuntimeCall.state_delete:type_name -> car.v1.StateDeleteCall
-	14, // 16: car.v1.RuntimeCall.state_keys:type_name -> car.v1.StateKeysCall
-	15, // 17: car.v1.RuntimeCall.mailbox_send:type_name -> car.v1.MailboxSendCall
-	16, // 18: car.v1.RuntimeCall.mailbox_recv:type_name -> car.v1.MailboxRecvCall
-	17, // 19: car.v1.RuntimeCall.emit:type_name -> car.v1.EmitEventCall
-	18, // 20: car.v1.RuntimeCall.progress:type_name -> car.v1.ProgressCall
-	19, // 21: car.v1.RuntimeCall.delegate:type_name -> car.v1.DelegateCall
-	20, // 22: car.v1.RuntimeCall.spawn_subtask:type_name -> car.v1.SpawnSubtaskCall
-	21, // 23: car.v1.RuntimeCall.consult_advisor:type_name -> car.v1.ConsultAdvisorCall
-	22, // 24: car.v1.RuntimeCall.suspend_tool_call:type_name -> car.v1.SuspendToolCall
-	31, // 25: car.v1.StateSetCall.value:type_name -> google.protobuf.Value
-	32, // 26: car.v1.MailboxSendCall.message:type_name -> car.v1.Message
-	31, // 27: car.v1.EmitEventCall.payload:type_name -> google.protobuf.Value
-	31, // 28: car.v1.SuspendToolCall.arguments:type_name -> google.protobuf.Value
-	24, // 29: car.v1.CallResult.error:type_name -> car.v1.CallError
-	25, // 30: car.v1.CallResult.state_get:type_name -> car.v1.StateGetResult
-	26, // 31: car.v1.CallResult.state_write:type_name -> car.v1.StateWriteResult
-	27, // 32: car.v1.CallResult.state_keys:type_name -> car.v1.StateKeysResult
-	33, // 33: car.v1.CallResult.ack:type_name -> google.protobuf.Empty
-	32, // 34: car.v1.CallResult.message:type_name -> car.v1.Message
-	30, // 35: car.v1.CallResult.agent_output:type_name -> car.v1.AgentOutput
-	34, // 36: car.v1.CallResult.consultation:type_name -> car.v1.AdvisorConsultation
-	35, // 37: car.v1.CallResult.decision:type_name -> car.v1.ToolCallDecision
-	31, // 38: car.v1.StateGetResult.value:type_name -> google.protobuf.Value
-	0,  // 39: car.v1.WorkerService.Connect:input_type -> car.v1.ConnectRequest
-	1,  // 40: car.v1.WorkerService.Connect:output_type -> car.v1.ConnectResponse
-	40, // [40:41] is the sub-list for method output_type
-	39, // [39:40] is the sub-list for method input_type
-	39, // [39:39] is the sub-list for extension type_name
-	39, // [39:39] is the sub-list for extension extendee
-	0,  // [0:39] is the sub-list for field type_name
+	30, // 11: car.v1.Assignment.spec:type_name -> car.v1.AgentSpec
+	29, // 12: car.v1.Assignment.trace_context:type_name -> car.v1.Assignment.TraceContextEntry
+	31, // 13: car.v1.AssignmentResult.output:type_name -> car.v1.AgentOutput
+	11, // 14: car.v1.RuntimeCall.state_get:type_name -> car.v1.StateGetCall
+	12, // 15: car.v1.RuntimeCall.state_set:type_name -> car.v1.StateSetCall
+	13, // 16: car.v1.RuntimeCall.state_delete:type_name -> car.v1.StateDeleteCall
+	14, // 17: car.v1.RuntimeCall.state_keys:type_name -> car.v1.StateKeysCall
+	15, // 18: car.v1.RuntimeCall.mailbox_send:type_name -> car.v1.MailboxSendCall
+	16, // 19: car.v1.RuntimeCall.mailbox_recv:type_name -> car.v1.MailboxRecvCall
+	17, // 20: car.v1.RuntimeCall.emit:type_name -> car.v1.EmitEventCall
+	18, // 21: car.v1.RuntimeCall.progress:type_name -> car.v1.ProgressCall
+	19, // 22: car.v1.RuntimeCall.delegate:type_name -> car.v1.DelegateCall
+	20, // 23: car.v1.RuntimeCall.spawn_subtask:type_name -> car.v1.SpawnSubtaskCall
+	21, // 24: car.v1.RuntimeCall.consult_advisor:type_name -> car.v1.ConsultAdvisorCall
+	22, // 25: car.v1.RuntimeCall.suspend_tool_call:type_name -> car.v1.SuspendToolCall
+	32, // 26: car.v1.StateSetCall.value:type_name -> google.protobuf.Value
+	33, // 27: car.v1.MailboxSendCall.message:type_name -> car.v1.Message
+	32, // 28: car.v1.EmitEventCall.payload:type_name -> google.protobuf.Value
+	32, // 29: car.v1.SuspendToolCall.arguments:type_name -> google.protobuf.Value
+	24, // 30: car.v1.CallResult.error:type_name -> car.v1.CallError
+	25, // 31: car.v1.CallResult.state_get:type_name -> car.v1.StateGetResult
+	26, // 32: car.v1.CallResult.state_write:type_name -> car.v1.StateWriteResult
+	27, // 33: car.v1.CallResult.state_keys:type_name -> car.v1.StateKeysResult
+	34, // 34: car.v1.CallResult.ack:type_name -> google.protobuf.Empty
+	33, // 35: car.v1.CallResult.message:type_name -> car.v1.Message
+	31, // 36: car.v1.CallResult.agent_output:type_name -> car.v1.AgentOutput
+	35, // 37: car.v1.CallResult.consultation:type_name -> car.v1.AdvisorConsultation
+	36, // 38: car.v1.CallResult.decision:type_name -> car.v1.ToolCallDecision
+	32, // 39: car.v1.StateGetResult.value:type_name -> google.protobuf.Value
+	0,  // 40: car.v1.WorkerService.Connect:input_type -> car.v1.ConnectRequest
+	1,  // 41: car.v1.WorkerService.Connect:output_type -> car.v1.ConnectResponse
+	41, // [41:42] is the sub-list for method output_type
+	40, // [40:41] is the sub-list for method input_type
+	40, // [40:40] is the sub-list for extension type_name
+	40, // [40:40] is the sub-list for extension extendee
+	0,  // [0:40] is the sub-list for field type_name
 }
 
 func init() { file_car_v1_worker_proto_init() }
@@ -2349,7 +2369,7 @@ func file_car_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_car_v1_worker_proto_rawDesc), len(file_car_v1_worker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

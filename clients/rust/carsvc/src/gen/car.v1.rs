@@ -2001,6 +2001,17 @@ pub struct Assignment {
     /// `spec.name`), so pick the handler by this field, not by `spec.name`.
     #[prost(string, tag = "8")]
     pub agent: ::prost::alloc::string::String,
+    /// The agent step's trace context when the sidecar traces
+    /// (docs/operations.md, "Traces"): W3C Trace Context keys and values,
+    /// `traceparent` and, when there is one, `tracestate`. The same for every
+    /// attempt. A worker that traces starts the agent's span as a child of it,
+    /// so the client's, the sidecar's and the worker's spans form one trace.
+    /// Empty when the sidecar does not trace.
+    #[prost(map = "string, string", tag = "9")]
+    pub trace_context: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 /// The output of one assignment.
 #[allow(clippy::all)]

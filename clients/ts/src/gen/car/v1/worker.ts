@@ -143,6 +143,20 @@ export interface Assignment {
    * `spec.name`), so pick the handler by this field, not by `spec.name`.
    */
   agent: string;
+  /**
+   * The agent step's trace context when the sidecar traces
+   * (docs/operations.md, "Traces"): W3C Trace Context keys and values,
+   * `traceparent` and, when there is one, `tracestate`. The same for every
+   * attempt. A worker that traces starts the agent's span as a child of it,
+   * so the client's, the sidecar's and the worker's spans form one trace.
+   * Empty when the sidecar does not trace.
+   */
+  traceContext: { [key: string]: string };
+}
+
+export interface Assignment_TraceContextEntry {
+  key: string;
+  value: string;
 }
 
 /** The output of one assignment. */
@@ -1101,6 +1115,7 @@ function createBaseAssignment(): Assignment {
     task: "",
     deadlineUnixMs: 0,
     agent: "",
+    traceContext: {},
   };
 }
 
@@ -1130,6 +1145,9 @@ export const Assignment: MessageFns<Assignment> = {
     if (message.agent !== "") {
       writer.uint32(66).string(message.agent);
     }
+    globalThis.Object.entries(message.traceContext).forEach(([key, value]: [string, string]) => {
+      Assignment_TraceContextEntry.encode({ key: key as any, value }, writer.uint32(74).fork()).join();
+    });
     return writer;
   },
 
@@ -1210,6 +1228,17 @@ export const Assignment: MessageFns<Assignment> = {
             message.agent = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            const entry9 = Assignment_TraceContextEntry.decode(reader, reader.uint32());
+            if (entry9.value !== undefined) {
+              message.traceContext[entry9.key] = entry9.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1248,6 +1277,33 @@ export const Assignment: MessageFns<Assignment> = {
         ? globalThis.Number(object.deadline_unix_ms)
         : 0,
       agent: isSet(object.agent) ? globalThis.String(object.agent) : "",
+      traceContext: isObject(object.traceContext)
+        ? (globalThis.Object.entries(object.traceContext) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.trace_context)
+        ? (globalThis.Object.entries(object.trace_context) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -1277,6 +1333,15 @@ export const Assignment: MessageFns<Assignment> = {
     if (message.agent !== "") {
       obj.agent = message.agent;
     }
+    if (message.traceContext) {
+      const entries = globalThis.Object.entries(message.traceContext) as [string, string][];
+      if (entries.length > 0) {
+        obj.traceContext = {};
+        entries.forEach(([k, v]) => {
+          obj.traceContext[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -1293,6 +1358,100 @@ export const Assignment: MessageFns<Assignment> = {
     message.task = object.task ?? "";
     message.deadlineUnixMs = object.deadlineUnixMs ?? 0;
     message.agent = object.agent ?? "";
+    message.traceContext = (globalThis.Object.entries(object.traceContext ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseAssignment_TraceContextEntry(): Assignment_TraceContextEntry {
+  return { key: "", value: "" };
+}
+
+export const Assignment_TraceContextEntry: MessageFns<Assignment_TraceContextEntry> = {
+  encode(message: Assignment_TraceContextEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Assignment_TraceContextEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAssignment_TraceContextEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Assignment_TraceContextEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: Assignment_TraceContextEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Assignment_TraceContextEntry>, I>>(base?: I): Assignment_TraceContextEntry {
+    return Assignment_TraceContextEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Assignment_TraceContextEntry>, I>>(object: I): Assignment_TraceContextEntry {
+    const message = createBaseAssignment_TraceContextEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
     return message;
   },
 };
