@@ -30,6 +30,7 @@ OTHER_VARIABLES = {
     "CARSVC_BUF_AGAINST": "the baseline of clients/buf-breaking.sh",
     "CARSVC_TEST_LOOP": "the tests' event loop",
     "CARSVC_CHAOS_ITEMS": "the chaos tests' size",
+    "CARSVC_SCREENSHOTS": "where tests/test_console_browser.py saves the console's screenshots (docs/console)",
 }
 # gRPC's default receive limit in every language is 4 MiB; one field or agent
 # output must fit in it with room for the envelope around it.

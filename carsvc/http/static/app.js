@@ -70,7 +70,7 @@ onUnauthenticated((error) => {
 // -- the count of runs waiting for a decision, in the navigation ------------------------
 
 const waiting = document.getElementById("waiting-count");
-every(5000, async () => {
+async function countWaiting() {
   try {
     const page = await get("/runs", { status: "WAITING", page_size: 100 });
     const count = (page.runs || []).length;
@@ -80,8 +80,9 @@ every(5000, async () => {
   } catch {
     waiting.hidden = true;
   }
-});
+}
 
 showConnection();
-window.addEventListener("hashchange", show);
+window.addEventListener("hashchange", () => { show(); countWaiting(); });
 show();
+every(5000, countWaiting);
