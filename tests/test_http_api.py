@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import ssl
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from carsvc.server import Sidecar
 from carsvc.worker import AgentContext
 from tests.certs import CertificateAuthority
 from tests.conftest import TEST_SETTINGS, Workers
-from tests.procs import free_port
+from tests.procs import ROOT, free_port
 
 API = "/api/v1"
 JSON = {"Content-Type": "application/json"}
@@ -527,3 +528,15 @@ async def test_another_replicas_run_is_read_watched_decided_and_cancelled_over_h
         await pool.stop_all()
         for replica in replicas:
             await replica.stop(grace=0.5)
+
+
+def test_a_non_editable_install_ships_the_console_files() -> None:
+    """pyproject's package data takes carsvc/http/static/ whole (a wheel built from
+    it holds every file listed here), and nothing there is excluded."""
+    setuptools = tomllib.loads(Path(ROOT, "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "http/static/*" in setuptools["package-data"]["carsvc"]
+    excluded = [pattern for key, patterns in setuptools["exclude-package-data"].items()
+                if key in ("*", "carsvc", "carsvc.http") for pattern in patterns]
+    static = sorted(p.name for p in Path(ROOT, "carsvc", "http", "static").iterdir())
+    assert {"index.html", "app.js", "style.css"} <= set(static)
+    assert not [name for name in static for pattern in excluded if Path(name).match(pattern)], excluded
