@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs each language's dependencies (pinned by go.sum, package-lock.json and
 # Cargo.lock) and builds the helpers and example programs:
-#   go    clients/go/bin/{summarizer-worker,mapreduce-client}
+#   go    clients/go/bin/{summarizer-worker,mapreduce-client,otel-worker}
 #   ts    clients/ts/dist/{src,examples}/*.js
 #   rust  clients/rust/target/debug/examples/{summarizer_worker,mapreduce_client}
 # Nothing is generated here: the generated code is checked in (clients/gen.sh).
@@ -20,6 +20,8 @@ for lang in "${langs[@]}"; do
     go)
       step "go: $(go version)"
       (cd "$CLIENTS/go" && timed go build -trimpath -o bin/ ./cmd/...)
+      # A module of its own (it needs the OpenTelemetry SDK; the SDK module needs only the API).
+      (cd "$CLIENTS/go/examples/otel-worker" && timed go build -trimpath -o ../../bin/ .)
       ;;
     ts)
       step "ts: node $(node --version), npm $(npm --version 2>/dev/null)"

@@ -30,9 +30,10 @@ section "generated code is up to date (clients/gen.sh --check)"
 bash "$CLIENTS/gen.sh" --check
 
 section "formatting and vet"
-unformatted="$(cd "$CLIENTS/go" && gofmt -l carsvc cmd)"
+unformatted="$(cd "$CLIENTS/go" && gofmt -l carsvc cmd examples)"
 [ -z "$unformatted" ] || { echo "gofmt: not formatted: $unformatted" >&2; exit 1; }
 (cd "$CLIENTS/go" && go vet ./...)
+(cd "$CLIENTS/go/examples/otel-worker" && go vet ./...)
 (cd "$CLIENTS/rust" && cargo fmt --check)
 echo "gofmt, go vet, cargo fmt: clean"
 

@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"carsvc/clients/go/gen/carv1"
 )
 
@@ -200,6 +202,10 @@ type Worker struct {
 	DialOptions []grpc.DialOption
 	// OnConnect, when set, is called with the session id after every welcome.
 	OnConnect func(sessionID string)
+	// TracerProvider makes each agent's span ("invoke_agent {name}", a child
+	// of the sidecar's span of the step); nil uses OpenTelemetry's global
+	// provider, a no-op unless the program set one up (docs/operations.md, "Traces").
+	TracerProvider trace.TracerProvider
 
 	mu       sync.Mutex
 	handlers map[string]Handler
@@ -567,6 +573,8 @@ func (s *session) execute(ctx context.Context, a *carv1.Assignment) (out *carv1.
 	agent := newAgentContext(s, a)
 	started := time.Now()
 	out = &carv1.AgentOutput{Name: agent.Name}
+	ctx, span := s.w.startAgentSpan(ctx, a, agent.Name)
+	defer func() { endAgentSpan(span, out) }() // runs last, with the output complete
 	defer func() {
 		if p := recover(); p != nil {
 			s.w.Logger.Error("carsvc worker: handler panicked", "agent", agent.AgentName, "panic", p, "stack", string(debug.Stack()))

@@ -24,6 +24,7 @@ import { ChannelCredentials, ClientDuplexStream, Metadata, ServiceError, status 
 
 import { AgentOutput, AgentSpec, DecisionAction, Message, MessageKind } from "./gen/car/v1/types";
 import { AdvisorConsultation } from "./gen/car/v1/patterns";
+import { startAgentSpan } from "./tracing";
 import {
   Assignment,
   AssignmentResult,
@@ -671,7 +672,10 @@ export class Worker {
     const ctx = new AgentContext(link, assignment, new AbortController());
     link.running.set(assignment.assignmentId, ctx);
     const started = performance.now();
-    void this.execute(ctx).then((output) => {
+    // The agent's span when the program uses OpenTelemetry (src/tracing.ts), else null.
+    const span = startAgentSpan(assignment, ctx.name, this.workerId);
+    void (span ? span.run(() => this.execute(ctx)) : this.execute(ctx)).then((output) => {
+      span?.end(output);
       if (link.running.get(ctx.assignmentId) !== ctx) return; // cancelled and answered already
       link.running.delete(ctx.assignmentId);
       output.durationMs = performance.now() - started;
