@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -81,7 +82,12 @@ class Page:
 
     async def wait(self, condition: Callable[[webdriver.Chrome], Any], what: str) -> Any:
         waiting = WebDriverWait(self.driver, WAIT_S, poll_frequency=0.05)
-        return await self.do(waiting.until, condition, what)
+        try:
+            return await self.do(waiting.until, condition, what)
+        except TimeoutException:
+            shown = await self.do(self.driver.execute_script, "return document.body.innerText")
+            logs = await self.do(self.driver.get_log, "browser")
+            raise AssertionError(f"{what} within {WAIT_S}s; the page shows:\n{shown[:3000]}\nits log: {logs}") from None
 
     async def element(self, css: str) -> WebElement:
         found: WebElement = await self.wait(ec.visibility_of_element_located((By.CSS_SELECTOR, css)), f"no {css}")
