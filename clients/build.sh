@@ -3,7 +3,8 @@
 # Cargo.lock) and builds the helpers and example programs:
 #   go    clients/go/bin/{summarizer-worker,mapreduce-client,otel-worker}
 #   ts    clients/ts/dist/{src,examples}/*.js
-#   rust  clients/rust/target/debug/examples/{summarizer_worker,mapreduce_client}
+#   rust  clients/rust/target/debug/examples/{summarizer_worker,mapreduce_client},
+#         clients/rust/target/debug/carsvc-otel-worker
 # Nothing is generated here: the generated code is checked in (clients/gen.sh).
 #   clients/build.sh            all three
 #   clients/build.sh go ts      only these
@@ -29,7 +30,7 @@ for lang in "${langs[@]}"; do
       ;;
     rust)
       step "rust: $(cargo --version)"
-      (cd "$CLIENTS/rust" && timed cargo build --locked --examples)
+      (cd "$CLIENTS/rust" && timed cargo build --locked --examples && timed cargo build --locked -p carsvc-otel-worker)
       ;;
     *) echo "build.sh: unknown language '$lang' (go, ts, rust)" >&2; exit 2 ;;
   esac

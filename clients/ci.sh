@@ -41,7 +41,7 @@ section "Go unit tests"
 (cd "$CLIENTS/go" && go test -count=1 ./...)
 
 section "Rust unit tests and doc examples"
-(cd "$CLIENTS/rust" && cargo test --locked -q -p carsvc)
+(cd "$CLIENTS/rust" && cargo test --locked -q -p carsvc --features otel)
 
 section "TypeScript unit tests (npm test)"
 (cd "$CLIENTS/ts" && npm test)

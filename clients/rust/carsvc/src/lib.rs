@@ -38,6 +38,9 @@ pub mod carv1 {
 }
 
 mod client;
+/// Traces: the agent's span as a child of the sidecar's (the `otel` feature).
+#[cfg(feature = "otel")]
+pub mod otel;
 mod values;
 mod worker;
 

@@ -400,13 +400,20 @@ impl Worker {
         let ctx = AgentContext::new(link.clone(), &assignment);
         let handler = self.handler_for(&ctx.agent);
         let (id, attempt, name) = (assignment.assignment_id.clone(), assignment.attempt, ctx.name.clone());
+        #[cfg(feature = "otel")]
+        let span = crate::otel::start(&ctx, &self.worker_id);
         let mut st = link.state.lock().unwrap();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let result = match handler {
-                Some(h) => h(ctx.clone()).await,
-                None => Err(format!("this worker has no handler for agent '{}'", ctx.agent).into()),
+            let work = async {
+                match handler {
+                    Some(h) => h(ctx.clone()).await,
+                    None => Err(format!("this worker has no handler for agent '{}'", ctx.agent).into()),
+                }
             };
+            #[cfg(feature = "otel")]
+            let work = opentelemetry::trace::FutureExt::with_context(work, span.clone());
+            let result = work.await;
             let mut output = AgentOutput { name: ctx.name.clone(), ..Default::default() };
             match result {
                 Ok(answer) => {
@@ -420,6 +427,8 @@ impl Worker {
                 output.tokens = Some(usage);
             }
             output.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            #[cfg(feature = "otel")]
+            crate::otel::end(&span, &output);
             output
         });
         st.running.insert(id.clone(), Running { abort: task.abort_handle(), attempt, name: name.clone() });
@@ -615,6 +624,10 @@ pub struct AgentContext {
     pub task: String,
     pub spec: AgentSpec,
     pub deadline_unix_ms: i64,
+    /// The step's W3C trace context from the sidecar (`traceparent`,
+    /// `tracestate`; empty when it does not trace). With the `otel` feature the
+    /// SDK makes the agent's span its child; without it, hand it to any tracer.
+    pub trace_context: HashMap<String, String>,
     link: Arc<Link>,
     usage: Arc<Mutex<carv1::TokenAccounting>>,
 }
@@ -633,6 +646,7 @@ impl AgentContext {
             task: a.task.clone(),
             spec,
             deadline_unix_ms: a.deadline_unix_ms,
+            trace_context: a.trace_context.clone(),
             link,
             usage: Arc::default(),
         }
