@@ -5,6 +5,8 @@ the call, the worker's span under the step, and nothing imported when off."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from carsvc.server import Sidecar
 from carsvc.telemetry import start_telemetry, wanted
 from carsvc.telemetry.otel import OtelTelemetry, exporters
 from carsvc.worker import AgentContext, Result
-from tests.conftest import Workers
+from tests.conftest import TEST_SETTINGS, Workers
 
 ROOT = Path(__file__).resolve().parents[1]
 SUCCEEDED = types_pb2.RUN_STATUS_SUCCEEDED
@@ -336,3 +338,41 @@ def test_off_imports_no_opentelemetry() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "loaded: []" in done.stdout
 
+
+
+async def test_a_step_relayed_to_another_replicas_worker_keeps_its_context(
+    redis_url: str, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """Replica b runs the run (traced); the only worker is on replica a, which
+    relays the assignment with the same trace_context, and forwards the agent's
+    runtime calls to b, where they are children of b's step span."""
+    settings = dataclasses.replace(TEST_SETTINGS, backend=redis_url)
+    a, b = Sidecar(settings), Sidecar(settings, telemetry=OtelTelemetry(provider))
+    for replica in (a, b):
+        await replica.start()
+    pool = Workers(a.address)
+    seen: list[dict[str, str]] = []
+
+    async def writer(ctx: AgentContext) -> str:
+        seen.append(dict(ctx.assignment.trace_context))
+        await ctx.state.set("k", 1)
+        return "ok"
+
+    try:
+        await pool.start({"writer": writer})
+        async with asyncio.timeout(10):
+            while not any(s.remote and s.serves("writer") for s in b.dispatcher.sessions.values()):
+                await asyncio.sleep(0.05)
+        async with Client(b.address) as client:
+            run_id = await start_traced(client, single(agent("writer"), "t"))
+            assert (await client.wait(run_id)).status == SUCCEEDED
+    finally:
+        await pool.stop_all()
+        for replica in (a, b):
+            await replica.stop(grace=0.5)
+    spans = list(exporter.get_finished_spans())
+    step = named(spans, "invoke_agent writer")
+    assert seen == [{"traceparent": f"00-{CLIENT_TRACE:032x}-{span_id(step):016x}-01"}]
+    assert (step.attributes or {})["carsvc.worker.id"] == f"replica {a.peers.replica_id if a.peers else ''}"
+    call = named(spans, "state_set")
+    assert parent_id(call) == span_id(step)
