@@ -266,3 +266,36 @@ async def test_a_20000_item_map_reduce_streams_into_its_page_without_freezing_it
     finally:
         await pool.stop_all()
         await sidecar.stop(grace=0.5)
+
+
+async def test_with_tokens_the_console_asks_for_one_and_sends_it_on_every_request(
+    browser: webdriver.Chrome,
+) -> None:
+    settings = dataclasses.replace(
+        TEST_SETTINGS, console_port=free_port(), worker_tokens="w-token-0123456789", client_tokens="c-token-0123456789"
+    )
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    pool = Workers(sidecar.address)
+    try:
+        async def ops(ctx: AgentContext) -> str:
+            await ctx.suspend_tool_call("call-2", "shell", {"cmd": "ls"})
+            return "done"
+
+        await pool.start({"ops": ops}, token="w-token-0123456789")
+        async with Client(sidecar.address, token="c-token-0123456789") as client:
+            handle = await client.start_run(single(agent("ops", tools=["shell"]), "look"))
+        page = Page(browser, f"http://127.0.0.1:{sidecar.console_port}/")
+        await page.open("#/runs")
+        await page.text("#notice", "This sidecar needs a client token")
+        token = await page.element("#token")  # the form opened by itself, the field focused
+        assert await page.do(lambda: browser.switch_to.active_element == token)
+        await page.do(token.send_keys, "c-token-0123456789", Keys.ENTER)
+        await page.text(f'tr[data-run-id="{handle.run_id}"]', "WAITING")
+        await page.open(f"#/runs/{handle.run_id}")  # a new page load: the token is kept in the tab
+        await page.text("table.events", "tool_call_suspended")  # the event stream carries it too
+        stored = await page.do(browser.execute_script, "return Object.keys(localStorage).length")
+        assert stored == 0  # sessionStorage only
+    finally:
+        await pool.stop_all()
+        await sidecar.stop(grace=0.5)
