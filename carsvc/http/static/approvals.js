@@ -5,7 +5,7 @@
 // only when its last seq moved.
 
 import { get, post, readEvents, runPath, settings } from "./api.js";
-import { ago, announce, cut, errorText, every, h, json, pager, replace, setText, time } from "./ui.js";
+import { ago, announce, cut, errorText, every, h, json, pager, setText, time } from "./ui.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 2000;
@@ -167,7 +167,6 @@ export function approvalsView(main) {
       }
     }
     empty.hidden = cards.size > 0;
-    if (!runs.length && page > 0) replace(list);
   }
 
   const stop = every(REFRESH_MS, refresh);
