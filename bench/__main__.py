@@ -1,7 +1,7 @@
 """The benchmark suite: carsvc side by side with the raw gRPC ceiling and AutoGen.
 
-    python -m bench                      # the full suite (a few minutes)
-    python -m bench --quick              # a seconds-long smoke run (CI runs this)
+    python -m bench                      # the full suite (about 16 minutes, 4 without Redis)
+    python -m bench --quick              # a smoke run of under a minute (CI runs this)
     python -m bench --only dispatch latency --skip autogen
     python -m bench --only journal --skip autogen raw hotpaths   # dispatch with and without --data-dir
     python -m bench --backends embedded  # without the Redis variants (no redis-server needed)
@@ -104,7 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (harness check, not speed)")
+    parser.add_argument("--quick", action="store_true", help="smoke run on tiny sizes (harness check, not speed)")
     parser.add_argument("--runs", type=int, help="measured runs per scenario (default 5, quick 2)")
     parser.add_argument("--only", nargs="+", choices=sorted(SCENARIOS), help="run just these scenarios")
     parser.add_argument("--skip", nargs="+", default=[], choices=BASELINES, help="leave out these baselines")
