@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from carsvc._version import __version__
 from carsvc.commands import register as register_operator_commands
@@ -141,6 +142,8 @@ def _print_config(overrides: dict[str, Any], as_json: bool) -> int:
         value = getattr(settings, f.name)
         if f.name in SECRET_SETTINGS:
             value = f"({len([t for t in value.split(',') if t.strip()])} tokens)" if value else ""
+        elif f.name == "backend":
+            value = without_password(value)
         rows.append((f.name, value, where[f.name], env_name(f.name)))
     if as_json:
         print(json.dumps({name: {"value": value, "source": source, "env": env} for name, value, source, env in rows}))
@@ -151,3 +154,13 @@ def _print_config(overrides: dict[str, Any], as_json: bool) -> int:
     # One write: a reader that stops early (`| head`) gets no half table.
     sys.stdout.write("".join(f"{name:<{width}}  {value:<{value_width}}  {source}\n" for name, value, source in shown))
     return 0
+
+
+def without_password(url: str) -> str:
+    """A backend URL as it may be shown: its password replaced by ***."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))

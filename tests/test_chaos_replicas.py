@@ -4,7 +4,7 @@ while a driver SIGKILLs and restarts replicas (the run's own among them) and
 workers at random. The run must succeed with every item accepted exactly once
 and its budget exact.
 
-The default run is short (300 items, CI); `-m slow` runs 2,000 items with more
+The default run is short (500 items, CI); `-m slow` runs 2,000 items with more
 kills. CARSVC_CHAOS_ITEMS overrides the size."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ async def _chaos(url: str, items: int, kill_every: float, seed: int) -> None:
                     pause = rng.uniform(0.5, 1.5) * kill_every
                     if watching.done():
                         break
-                    if (replica_kills + worker_kills) % 2:  # a replica first, then a worker, and so on
+                    if (replica_kills + worker_kills) % 2 == 0:  # a worker first, then a replica, and so on
                         victim = rng.choice(names)
                         workers[victim].kill()
                         await workers[victim].wait()
@@ -121,7 +121,7 @@ async def _chaos(url: str, items: int, kill_every: float, seed: int) -> None:
 
 
 async def test_replica_chaos_short(redis_url: str) -> None:
-    items = int(os.environ.get("CARSVC_CHAOS_ITEMS", "300"))
+    items = int(os.environ.get("CARSVC_CHAOS_ITEMS", "500"))
     await _chaos(redis_url, items, kill_every=0.4, seed=random.randrange(1 << 30))
 
 

@@ -185,3 +185,10 @@ def test_a_port_in_use_is_one_line_and_exit_2() -> None:
     assert done.stderr == (
         f"carsvc: 127.0.0.1:{port} is already in use (another sidecar? choose a port with --port or CARSVC_PORT)\n"
     )
+
+
+def test_config_shows_a_backend_url_without_its_password() -> None:
+    done = _carsvc("config", "--json", "--backend", "redis://:s3cret@redis.example:6379/2")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)["backend"]
+    assert shown["value"] == "redis://:***@redis.example:6379/2" and "s3cret" not in done.stdout

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import redis
 
 from carsvc._proto.car.v1 import state_pb2, types_pb2
 from carsvc._proto.car.v1.registry_pb2 import ListAgentsRequest
+from carsvc.backends.redis import keys
 from carsvc.client import Client, agent, map_reduce, resume, single, swarm
 from carsvc.server import Sidecar
 from carsvc.worker import AgentContext
@@ -223,3 +225,27 @@ async def test_agents_on_workers_at_different_replicas_exchange_mailbox_messages
     finally:
         for pool in pools:
             await pool.stop_all()
+
+
+@pytest.mark.parametrize("retention", [3])
+async def test_ended_runs_beyond_retention_leave_redis(redis_url: str, retention: int) -> None:
+    """finished_run_retention holds across the cluster: the oldest ended runs go
+    from Redis too, with their events, whichever replica ran them."""
+    settings = dataclasses.replace(TEST_SETTINGS, backend=redis_url, finished_run_retention=retention)
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    try:
+        pool = Workers(sidecar.address)
+        await pool.start({"echo": lambda ctx: asyncio.sleep(0, "ok")})
+        async with Client(sidecar.address) as client:
+            ids = [(await client.run(single(agent("echo"), str(i)))).run_id for i in range(8)]
+        await pool.stop_all()
+        with redis.Redis.from_url(redis_url) as r:
+            async with asyncio.timeout(10):
+                while r.zcard(keys.RUNS) > retention:
+                    await asyncio.sleep(0.05)
+            kept = {m.decode() for m in r.zrange(keys.RUNS, 0, -1)}
+            assert kept == set(ids[-retention:])
+            assert not r.exists(keys.run(ids[0]), keys.events(ids[0]))
+    finally:
+        await sidecar.stop(grace=0.5)

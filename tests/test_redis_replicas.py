@@ -95,7 +95,8 @@ async def test_a_run_whose_replica_is_killed_moves_to_another_and_finishes(
     assert all(finished[f"map/{i}"] == 1 for i in range(len(items))), finished.most_common(3)
     seqs = [e.seq for e in seen]
     assert seqs == sorted(set(seqs)) and seen[-1].WhichOneof("kind") == "run_finished"
-    assert any("resumed" in e.status_changed.reason for e in seen if e.WhichOneof("kind") == "status_changed")
+    taken = [e.status_changed.reason for e in seen if e.WhichOneof("kind") == "status_changed"]
+    assert any(r.startswith("resumed by replica ") and "taken over" in r for r in taken), taken
 
 
 async def test_three_replicas_racing_20_starts_on_one_thread_start_exactly_one(redis_url: str) -> None:

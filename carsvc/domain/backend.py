@@ -247,8 +247,9 @@ class RunDirectory(Protocol):
         """Renews this replica's leases; returns the runs another replica holds now."""
         ...
 
-    async def claimable(self) -> list[str]:
-        """Active runs whose lease lapsed, or is this replica's (from before a restart)."""
+    async def claimable(self) -> list[tuple[str, bool]]:
+        """Active runs whose lease lapsed, or is this replica's (from before a
+        restart): (run id, whether the lease is this replica's own)."""
         ...
 
     async def claim(self, run_id: str, lease_ms: int) -> bool: ...
@@ -281,6 +282,11 @@ class RunDirectory(Protocol):
 
     async def next_ordinal(self) -> int:
         """A run ordinal no replica has used (ListRuns' order and page tokens)."""
+        ...
+
+    async def trim(self, keep: int) -> int:
+        """Drops the oldest ended runs beyond the newest `keep`, whichever
+        replica ran them (finished_run_retention across the cluster)."""
         ...
 
 

@@ -66,6 +66,9 @@ log = logging.getLogger("carsvc.runs")
 # Rebuilds a journaled run's pattern from its request (RunService.pattern_of).
 Rebuild = Callable[[runs_pb2.StartRunRequest], Pattern]
 
+# What a resumed run's status_changed event says, after a restart.
+RESUMED = "resumed after the sidecar restarted"
+
 # Reads of another replica's run record before giving up (50 ms apart).
 REMOTE_RECORD_TRIES = 40
 
@@ -576,10 +579,10 @@ class RunManager:
         if record.task is not None:
             record.task.cancel(record.infra.cancel_reason)
 
-    def _resume(self, record: RunRecord) -> None:
+    def _resume(self, record: RunRecord, why: str = RESUMED) -> None:
         """Runs a restored run's pattern again from the top (journaled steps replay)."""
         resumed = events_pb2.RunStatusChanged(
-            status=types_pb2.RUN_STATUS_RUNNING, reason="resumed after the sidecar restarted"
+            status=types_pb2.RUN_STATUS_RUNNING, reason=why
         )
         self._run(record, RunEvent(status_changed=resumed))
 
@@ -767,7 +770,9 @@ class RunManager:
 
     # -- recovery -------------------------------------------------------------------------
 
-    async def restore(self, recovered: Recovered, rebuild: Rebuild | None = None) -> None:
+    async def restore(
+        self, recovered: Recovered, rebuild: Rebuild | None = None, *, because: str = RESUMED
+    ) -> None:
         """Puts back what a journal held: state scopes, and runs with their
         events. Runs that were active when the sidecar stopped resume (their
         pattern rebuilt from the journaled request by `rebuild`; docs/runs.md),
@@ -837,7 +842,7 @@ class RunManager:
             elif record.status == PENDING:
                 self._launch(record)
             else:
-                self._resume(record)
+                self._resume(record, because)
         if resumed:
             log.info("resuming %d run(s) after the restart", len(resumed))
 

@@ -10,11 +10,11 @@ one of its runs' leases stops that run without ending it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from carsvc.domain.backend import RunDirectory
-from carsvc.domain.runs import Rebuild, RunManager
+from carsvc.domain.runs import RESUMED, Rebuild, RunManager
+from carsvc.services.background import cancel_and_wait
 
 log = logging.getLogger("carsvc.runs")
 
@@ -40,10 +40,7 @@ class RunOwnership:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="carsvc-run-leases")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def release_parked(self) -> None:
         """After a graceful stop: the runs it parked are free for another replica."""
@@ -56,6 +53,7 @@ class RunOwnership:
                 await self._renew()
                 await self._claim()
                 await self.runs.take_freed_threads()
+                await self.directory.trim(self.runs.settings.finished_run_retention)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # Redis away: runs go on; leases are renewed once it is back
@@ -67,14 +65,15 @@ class RunOwnership:
 
     async def _claim(self) -> int:
         resumed = 0
-        for run_id in await self.directory.claimable():
+        for run_id, own in await self.directory.claimable():
             if run_id in self.runs.runs or not await self.directory.claim(run_id, self.lease_ms):
                 continue
             recovered = await self.directory.load(run_id)
             if not recovered.runs:
                 continue
             log.info("run %s: taken over by replica %s", run_id, self.directory.replica_id)
-            await self.runs.restore(recovered, self.rebuild)
+            taken = f"resumed by replica {self.directory.replica_id}, taken over from a replica that stopped"
+            await self.runs.restore(recovered, self.rebuild, because=RESUMED if own else taken)
             resumed += 1
         self.claimed += resumed
         return resumed

@@ -36,6 +36,7 @@ from carsvc.domain.backend import ClusterBus, Peer
 from carsvc.domain.clock import now_ms
 from carsvc.domain.errors import CarError, Code, Unavailable
 from carsvc.domain.workers import Assignment, Dispatcher, WorkerSession, cancelled_output
+from carsvc.services.background import cancel_and_wait
 from carsvc.services.calls import CallHandler, ForwardedCalls
 from carsvc.services.worker import WorkerService
 
@@ -135,11 +136,9 @@ class PeerLinks:
         log.info("replica %s joined the cluster", self.replica_id)
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._writers.values()]:
-            task.cancel()
-        for task in [*self._tasks, *self._writers.values()]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Relayed agents are left to the stop: their owners hand them out again
+        # once this replica has left the directory (a cancel would answer them).
+        await cancel_and_wait([*self._tasks, *self._writers.values()])
         for peer, session in list(self.sessions.items()):
             self._drop(peer, session, "this replica is stopping")
         with contextlib.suppress(Exception):

@@ -8,7 +8,6 @@ within a round trip (docs/operations.md, "What is kept where")."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from google.protobuf import struct_pb2
@@ -17,6 +16,7 @@ from carsvc._proto.car.v1 import types_pb2
 from carsvc.domain.backend import Change, ChangeFeed
 from carsvc.domain.registry import AgentRegistry
 from carsvc.domain.runs import RunManager
+from carsvc.services.background import cancel_and_wait
 
 log = logging.getLogger("carsvc.replication")
 
@@ -37,10 +37,7 @@ class Replication:
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="carsvc-replication")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def _follow(self) -> None:
         async for change in self.feed.changes():

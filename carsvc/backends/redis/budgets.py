@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio
 
 from carsvc.backends.redis import keys
+from carsvc.backends.redis.errors import reachable
 from carsvc.domain.budget_types import (
     INT64_MAX,
     AgentLimitReached,
@@ -118,6 +119,7 @@ class RedisBudget:
             budget_id=self._budget_id,
         )
 
+    @reachable
     async def begin_agents(
         self, count: int, *, run_id: str = "", steps: Sequence[str] = ()
     ) -> list[BudgetError | None]:
@@ -140,6 +142,7 @@ class RedisBudget:
                 verdicts.append(AgentLimitReached(self._limits.max_agents or 0, counters[3]))
         return verdicts
 
+    @reachable
     async def record(self, input_tokens: int, output_tokens: int, cost_usd: float) -> None:
         args = [checked_tokens("input_tokens", input_tokens), checked_tokens("output_tokens", output_tokens)]
         args.append(checked_cost_micros(cost_usd))
@@ -147,6 +150,7 @@ class RedisBudget:
         if reply is not None:
             self._counters = [int(v) for v in reply]
 
+    @reachable
     async def refresh(self) -> RedisBudget:
         data: list[Any] = await self._budgets.redis.hmget(keys.budget(self._budget_id), list(_COUNTERS))
         if data[0] is None:
@@ -164,12 +168,14 @@ class RedisBudgets:
         self.begin = client.register_script(_BEGIN)
         self.record = client.register_script(_RECORD)
 
+    @reachable
     async def create(self, limits: BudgetLimits, budget_id: str) -> RedisBudget:
         created = await self._create(keys=[keys.budget(budget_id)], args=_encode(limits))
         if not created:
             raise AlreadyExists(f"budget '{budget_id}' already exists", field="budget_id")
         return RedisBudget(self, budget_id, limits, [0, 0, 0, 0, 0])
 
+    @reachable
     async def get(self, budget_id: str) -> RedisBudget:
         data: list[Any] = await self.redis.hmget(keys.budget(budget_id), [*_LIMITS, *_COUNTERS])
         if data[0] is None:

@@ -13,6 +13,7 @@ from google.protobuf import message
 
 from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
 from carsvc.backends.redis import keys
+from carsvc.backends.redis.errors import reachable
 from carsvc.backends.redis.store import ENDED, RedisRunStore
 from carsvc.domain.backend import Recovered
 
@@ -32,21 +33,30 @@ end
 return lost
 """
 
-# KEYS[1] lease; ARGV: this replica, PX. Takes a lapsed lease, or its own.
+# KEYS[1] lease; ARGV: this replica, PX. Takes a lapsed or released lease, or its own.
 _CLAIM = """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
+if holder and holder ~= ARGV[1] and string.sub(holder, 1, 9) ~= 'released:' then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# KEYS: leases; ARGV[1]: this replica. Lets go of those still this replica's.
+# KEYS: leases; ARGV[1]: this replica, ARGV[2]: PX. Lets go of those still
+# this replica's: any replica may claim them now, and this one (restarted)
+# knows them for its own.
 _RELEASE = """
 for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+  if redis.call('GET', key) == ARGV[1] then redis.call('SET', key, 'released:' .. ARGV[1], 'PX', ARGV[2]) end
 end
 return 0
 """
+
+# How long a released lease says whose it was (a replica restarting within it
+# knows the run for its own).
+RELEASED_MS = 60_000
+
+# Ended runs dropped at most per trim.
+TRIM_BATCH = 1_000
 
 # How long a blocking read of a run's events waits before it looks again (ms).
 EVENTS_BLOCK_MS = 1_000
@@ -64,6 +74,7 @@ class RedisRunDirectory:
 
     # -- ownership -------------------------------------------------------------------
 
+    @reachable
     async def renew(self, run_ids: list[str], lease_ms: int) -> list[str]:
         """Renews this replica's leases on `run_ids`; returns those it lost."""
         if not run_ids:
@@ -71,7 +82,8 @@ class RedisRunDirectory:
         lost: list[int] = await self._renew(keys=[keys.lease(r) for r in run_ids], args=[self.replica_id, lease_ms])
         return [run_ids[i - 1] for i in lost]
 
-    async def claimable(self) -> list[str]:
+    @reachable
+    async def claimable(self) -> list[tuple[str, bool]]:
         """Active runs whose lease lapsed (their replica stopped renewing it),
         or is this replica's own (it restarted under the same id)."""
         members: Any = await self._redis.smembers(keys.ACTIVE)
@@ -79,23 +91,58 @@ class RedisRunDirectory:
         if not run_ids:
             return []
         holders: Any = await self._redis.mget([keys.lease(r) for r in run_ids])
-        mine = self.replica_id.encode()
-        return [r for r, h in zip(run_ids, holders, strict=True) if h is None or h == mine]
+        mine, released = self.replica_id.encode(), b"released:"
+        return [
+            (r, h in (mine, released + mine))
+            for r, h in zip(run_ids, holders, strict=True)
+            if h is None or h == mine or h.startswith(released)
+        ]
 
+    @reachable
     async def claim(self, run_id: str, lease_ms: int) -> bool:
         return bool(await self._claim(keys=[keys.lease(run_id)], args=[self.replica_id, lease_ms]))
 
+    @reachable
     async def release(self, run_ids: list[str]) -> None:
         if run_ids:
-            await self._release(keys=[keys.lease(r) for r in run_ids], args=[self.replica_id])
+            await self._release(keys=[keys.lease(r) for r in run_ids], args=[self.replica_id, RELEASED_MS])
 
+    @reachable
+    async def trim(self, keep: int) -> int:
+        """Drops the oldest ended runs (record, events and all) beyond the newest
+        `keep` ended ones, whichever replica ran them; returns how many went."""
+        async with self._redis.pipeline(transaction=False) as p:
+            p.zcard(keys.RUNS)
+            p.scard(keys.ACTIVE)
+            total, active = await p.execute()
+        excess = min(total - active - keep, TRIM_BATCH)
+        if excess <= 0:
+            return 0
+        oldest: Any = await self._redis.zrange(keys.RUNS, 0, excess - 1)
+        still: Any = await self._redis.smismember(keys.ACTIVE, oldest)
+        gone = [m.decode() for m, a in zip(oldest, still, strict=True) if not a]
+        if not gone:
+            return 0
+        async with self._redis.pipeline(transaction=True) as p:
+            p.zrem(keys.RUNS, *gone)
+            for run_id in gone:
+                p.delete(
+                    keys.run(run_id), keys.events(run_id), keys.request(run_id), keys.steps(run_id),
+                    keys.admitted(run_id),
+                )
+            await p.execute()
+        return len(gone)
+
+    @reachable
     async def next_ordinal(self) -> int:
         return int(await self._redis.incr(keys.ORDINAL))
 
+    @reachable
     async def owner(self, run_id: str) -> str:
         holder: Any = await self._redis.get(keys.lease(run_id))
-        return holder.decode() if holder else ""
+        return holder.decode() if holder and not holder.startswith(b"released:") else ""
 
+    @reachable
     async def load(self, run_id: str) -> Recovered:
         """One run as the store holds it (record, events, request, steps)."""
         got = Recovered()
@@ -126,6 +173,7 @@ class RedisRunDirectory:
 
     # -- reading any run -------------------------------------------------------------------
 
+    @reachable
     async def record(self, run_id: str) -> runs_pb2.Run | None:
         """The run's record as last written, with last_seq from its event stream."""
         async with self._redis.pipeline(transaction=False) as p:
@@ -142,11 +190,13 @@ class RedisRunDirectory:
             run.last_seq = max(run.last_seq, int(last[0][0].decode().split("-", 1)[0]))
         return run
 
+    @reachable
     async def thread_run(self, thread_id: str) -> str:
         """The run holding the thread now, if any."""
         holder: Any = await self._redis.get(keys.thread(thread_id))
         return holder.decode() if holder else ""
 
+    @reachable
     async def newest(self, before: int, count: int) -> list[tuple[int, runs_pb2.Run]]:
         """Up to `count` runs with an ordinal below `before` (0: any), newest first."""
         top = f"({before}" if before else "+inf"

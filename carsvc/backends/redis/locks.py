@@ -9,6 +9,7 @@ from typing import Any
 import redis.asyncio
 
 from carsvc.backends.redis import keys
+from carsvc.backends.redis.errors import reachable
 from carsvc.backends.redis.store import RedisRunStore
 
 # KEYS[1] thread key; ARGV[1] run id. Returns the holder (ARGV[1] when taken).
@@ -29,6 +30,7 @@ class RedisThreadLocks:
         self._acquire = client.register_script(_ACQUIRE)
         self._store = store
 
+    @reachable
     async def acquire(self, thread_id: str, run_id: str) -> str:
         # A hand-over or release this replica queued goes first.
         await self._store.barrier()

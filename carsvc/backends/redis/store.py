@@ -36,6 +36,35 @@ ENDED = frozenset({types_pb2.RUN_STATUS_SUCCEEDED, types_pb2.RUN_STATUS_FAILED, 
 
 Op = Callable[[Any], None]  # queues its commands on a pipeline
 
+# A run record, written only by the replica that holds the run's lease (or
+# when nobody does): a replica that was cut off from Redis and lost the run to
+# another cannot overwrite it when it reconnects (fencing). KEYS: run, runs,
+# active, lease; ARGV: record, ordinal, run id, ended (0/1), this replica, PX.
+_RUN = """
+local holder = redis.call('GET', KEYS[4])
+if holder and ARGV[5] ~= '' and holder ~= ARGV[5] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('SREM', KEYS[3], ARGV[3])
+  redis.call('DEL', KEYS[4])
+else
+  redis.call('SADD', KEYS[3], ARGV[3])
+  if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6]) end
+end
+return 1
+"""
+
+# A run's end drops what it needed to resume, unless another replica holds it
+# now. KEYS: lease, resumable, request, steps, admitted; ARGV: run id, this replica.
+_RUN_ENDED = """
+local holder = redis.call('GET', KEYS[1])
+if holder and ARGV[2] ~= '' and holder ~= ARGV[2] then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+return 1
+"""
+
 # Retry delays while Redis cannot be reached (seconds; the last repeats).
 BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 # How long close() waits for the last batch.
@@ -100,18 +129,9 @@ class RedisRunStore:
         run_id, data = record.run_id, record.SerializeToString()
         ended = record.status in ENDED
 
-        def op(p: Any) -> None:
-            p.set(keys.run(run_id), data)
-            p.zadd(keys.RUNS, {run_id: ordinal})
-            if ended:
-                p.srem(keys.ACTIVE, run_id)
-                p.delete(keys.lease(run_id))
-            else:
-                p.sadd(keys.ACTIVE, run_id)
-                if self.replica_id:
-                    p.set(keys.lease(run_id), self.replica_id, px=self.lease_ms)
-
-        self.put(op)
+        names = [keys.run(run_id), keys.RUNS, keys.ACTIVE, keys.lease(run_id)]
+        args = [data, ordinal, run_id, int(ended), self.replica_id, self.lease_ms]
+        self.put(lambda p: p.eval(_RUN, len(names), *names, *args))
 
     def request(self, run_id: str, request: bytes) -> None:
         def op(p: Any) -> None:
@@ -148,11 +168,8 @@ class RedisRunStore:
         self.put(op)
 
     def run_ended(self, run_id: str) -> None:
-        def op(p: Any) -> None:
-            p.srem(keys.RESUMABLE, run_id)
-            p.delete(keys.request(run_id), keys.steps(run_id), keys.admitted(run_id))
-
-        self.put(op)
+        names = [keys.lease(run_id), keys.RESUMABLE, keys.request(run_id), keys.steps(run_id), keys.admitted(run_id)]
+        self.put(lambda p: p.eval(_RUN_ENDED, len(names), *names, run_id, self.replica_id))
 
     def forget(self, run_id: str) -> None:
         def op(p: Any) -> None:
