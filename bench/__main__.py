@@ -1,6 +1,6 @@
 """The benchmark suite: carsvc side by side with the raw gRPC ceiling and AutoGen.
 
-    python -m bench                      # the full suite (about 16 minutes, 4 without Redis)
+    python -m bench                      # the full suite (about 15 minutes, 4 without Redis)
     python -m bench --quick              # a smoke run of under a minute (CI runs this)
     python -m bench --only dispatch latency --skip autogen
     python -m bench --only journal --skip autogen raw hotpaths   # dispatch with and without --data-dir
