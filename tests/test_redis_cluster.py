@@ -249,3 +249,14 @@ async def test_ended_runs_beyond_retention_leave_redis(redis_url: str, retention
             assert not r.exists(keys.run(ids[0]), keys.events(ids[0]))
     finally:
         await sidecar.stop(grace=0.5)
+
+
+async def test_a_thread_let_go_on_a_replica_is_taken_at_once_by_its_next_start(replicas: list[Sidecar]) -> None:
+    """The release of a thread is queued with the run's end; a start on the same
+    thread right after waits for that release, not for a timeout."""
+    a, _ = replicas
+    async with Client(a.address) as client:
+        for i in range(20):
+            handle = await client.start_run(single(agent("nobody"), str(i)), thread_id="busy", agent_id="me")
+            await client.cancel(handle.run_id, agent_id="me", wait=True)
+        assert (await client.get_run(thread_id="busy")).run_id == handle.run_id

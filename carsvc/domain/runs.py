@@ -440,7 +440,7 @@ class RunManager:
         budget = await self.budget(budget_id) if budget_id else LocalBudget.of(limits)
         if initial_decisions:
             check_decisions(initial_decisions, "initial_decisions")
-        holder = await self.threads.acquire(thread_id, run_id)
+        holder, ordinal = await self._take_thread(thread_id, run_id)
         if run_id in self.runs:  # started while this one awaited
             if holder == run_id:
                 self.threads.release(thread_id, run_id)
@@ -449,7 +449,6 @@ class RunManager:
         elsewhere = None
         if holder != run_id and active is None:
             elsewhere = await self._remote_holder(thread_id, holder, need_owner=on_busy == ON_BUSY_INTERRUPT)
-        ordinal = await self.directory.next_ordinal() if self.directory is not None else self._ordinal + 1
         self._ordinal = max(self._ordinal, ordinal)
         try:
             return self._start(
@@ -461,6 +460,23 @@ class RunManager:
             if holder == run_id:
                 self.threads.release(thread_id, run_id)
             raise
+
+    async def _take_thread(self, thread_id: str, run_id: str) -> tuple[str, int]:
+        """The thread's holder after trying to take it for `run_id`, and the new
+        run's ordinal; with a shared store both are asked at once (one round
+        trip), and a thread taken for a start that then fails is let go."""
+        if self.directory is None:
+            return await self.threads.acquire(thread_id, run_id), self._ordinal + 1
+        holder, ordinal = await asyncio.gather(
+            self.threads.acquire(thread_id, run_id), self.directory.next_ordinal(), return_exceptions=True
+        )
+        if isinstance(ordinal, BaseException):
+            if holder == run_id:
+                self.threads.release(thread_id, run_id)
+            raise ordinal
+        if isinstance(holder, BaseException):
+            raise holder
+        return holder, ordinal
 
     async def _remote_holder(self, thread_id: str, holder: str, *, need_owner: bool) -> runs_pb2.Run:
         """The run another replica holds the thread for: its stored record when

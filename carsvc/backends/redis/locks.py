@@ -4,6 +4,7 @@ replica: a run that another replica resumes keeps its thread."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio
@@ -29,11 +30,15 @@ class RedisThreadLocks:
     def __init__(self, client: redis.asyncio.Redis, store: RedisRunStore) -> None:
         self._acquire = client.register_script(_ACQUIRE)
         self._store = store
+        # Threads with a hand-over or release queued here and not yet written:
+        # what a new start on that thread waits for (and only that).
+        self._queued: dict[str, asyncio.Future[None]] = {}
 
     @reachable
     async def acquire(self, thread_id: str, run_id: str) -> str:
-        # A hand-over or release this replica queued goes first.
-        await self._store.barrier()
+        queued = self._queued.get(thread_id)
+        if queued is not None:
+            await queued  # a hand-over or release this replica queued for the thread goes first
         holder = await self._acquire(keys=[keys.thread(thread_id)], args=[run_id])
         return holder.decode() if isinstance(holder, bytes) else str(holder)
 
@@ -48,3 +53,10 @@ class RedisThreadLocks:
             p.eval(_PASS, 1, keys.thread(thread_id), holder, successor)
 
         self._store.put(op)
+        written = self._store.barrier()
+        self._queued[thread_id] = written
+        written.add_done_callback(lambda done: self._forget(thread_id, done))
+
+    def _forget(self, thread_id: str, written: asyncio.Future[None]) -> None:
+        if self._queued.get(thread_id) is written:
+            del self._queued[thread_id]
