@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from carsvc._proto.car.v1 import events_pb2, runs_pb2, types_pb2
 from carsvc.domain.backend import RunDirectory
-from carsvc.domain.errors import CarError, Code, InvalidArgument, NotFound, Unavailable
+from carsvc.domain.errors import CarError, Code, NotFound, Unavailable
 from carsvc.domain.runs import TERMINAL, check_owner
 from carsvc.services.peers import PeerLinks
 
@@ -86,13 +86,15 @@ class RemoteRuns:
             scanned += len(batch)
 
     async def result(self, run_id: str) -> bytes:
-        run = await self.get(run_id)
+        """The whole result, even one too large to send inline (ReadRunResult)."""
+        run = await self.directory.record(run_id)
+        if run is None:
+            raise NotFound(f"no run '{run_id}' (unknown, or no longer retained)", field="run_id")
         if run.status not in TERMINAL:
             raise CarError(f"run '{run_id}' has not finished; it has no result yet", field="run_id")
-        stored = await self.directory.record(run_id)
-        if stored is None or not stored.HasField("result"):
+        if not run.HasField("result"):
             raise CarError(f"run '{run_id}' ended without a result", field="run_id")
-        return stored.result.SerializeToString()
+        return run.result.SerializeToString()
 
     async def events(self, run_id: str, after_seq: int, *, follow: bool) -> AsyncIterator[list[events_pb2.RunEvent]]:
         run = await self.get(run_id, include_result=False)
@@ -149,10 +151,3 @@ class RemoteRuns:
 def _handle(run: runs_pb2.Run) -> types_pb2.RunHandle:
     return types_pb2.RunHandle(run_id=run.run_id, thread_id=run.thread_id, agent_id=run.agent_id, status=run.status)
 
-
-def check_locator(run_id: str, thread_id: str) -> None:
-    """Exactly one of run_id and thread_id (as RunManager.locate)."""
-    if run_id and thread_id:
-        raise InvalidArgument("give run_id or thread_id, not both", field="run_id")
-    if not (run_id or thread_id):
-        raise InvalidArgument("give run_id or thread_id", field="run_id")

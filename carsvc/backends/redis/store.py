@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -80,14 +79,11 @@ class RedisRunStore:
         self._ops: list[Op] = []
         self._enqueued = 0
         self._durable = 0
-        self._oldest = 0.0  # when the oldest uncommitted op was queued (0: none waits)
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
-        self.commits = 0
-        self.failed_commands = 0
         # Set by the backend: this replica's id and how long its run leases last.
         self.replica_id = ""
         self.lease_ms = 0
@@ -181,16 +177,9 @@ class RedisRunStore:
     def put(self, op: Op) -> None:
         """Queues commands for the next batch (the backend's thread hand-overs
         use it too, so they are ordered with the run's records)."""
-        if not self._ops and self._durable == self._enqueued:
-            self._oldest = time.monotonic()
         self._ops.append(op)
         self._enqueued += 1
         self._wake.set()
-
-    @property
-    def lag(self) -> float:
-        """Seconds the oldest unwritten op has waited (0 when none waits)."""
-        return time.monotonic() - self._oldest if self._durable < self._enqueued else 0.0
 
     def barrier(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -214,7 +203,6 @@ class RedisRunStore:
                 upto = self._enqueued
                 await self._commit(batch)
                 self._durable = upto
-                self._oldest = time.monotonic() if self._ops else 0.0
                 while self._waiters and self._waiters[0][0] <= upto:
                     _, fut = self._waiters.popleft()
                     if not fut.done():
@@ -241,12 +229,10 @@ class RedisRunStore:
                 continue
             if attempt:
                 log.warning("redis: reachable again after %d retries; %d writes committed", attempt, len(batch))
-            self.commits += 1
             for result in results:
                 if isinstance(result, Exception):
                     # A replayed write (an event seq already there after a retried
                     # batch) is refused by Redis: the data is there already.
-                    self.failed_commands += 1
                     log.debug("redis: a write was refused: %s", result)
             return
 
